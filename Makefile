@@ -1,0 +1,39 @@
+# cradle — the two set-up commands are `make serve` and `make test`.
+VENV    ?= .venv
+PYTHON  ?= python3
+CONFIG  ?=
+PYTEST_ARGS ?=
+
+.PHONY: install dev serve test test-quick demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip setuptools wheel
+	$(VENV)/bin/pip install --quiet -e '.[postgres]'
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet -e '.[dev,postgres]'
+	touch $@
+
+dev: $(VENV)/.dev-installed
+
+serve: install
+	$(VENV)/bin/cradle serve $(if $(CONFIG),--config $(CONFIG))
+
+test: dev
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-quick: dev
+	$(VENV)/bin/pytest -m "not slow and not browser" $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/cradle demo $(if $(CONFIG),--config $(CONFIG))
+
+bench: dev
+	$(VENV)/bin/python -m benchmarks.ingest
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

@@ -1,0 +1,268 @@
+"""The node's settings: one pydantic-settings model, loaded from YAML, overridden by the environment.
+
+Precedence, highest first: keyword arguments, environment variables
+(``CRADLE_`` prefix, ``__`` between levels, e.g. ``CRADLE_NODE__PORT=11113``), the YAML file,
+the defaults below. Unknown keys are errors (``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import YamlConfigSettingsSource
+
+DEFAULT_CONFIG_PATHS = (Path("/etc/cradle/cradle.yaml"),)
+"""Searched in order when neither ``--config`` nor ``CRADLE_CONFIG`` names a file."""
+
+AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, 16 chars
+
+
+def _check_ae_title(value: str) -> str:
+    if not AE_TITLE_PATTERN.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return value.strip()
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSSettings(Section):
+    """DICOM TLS (BCP 195): TLS 1.2 or newer."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> "TLSSettings":
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("tls.enabled needs tls.certificate and tls.private_key")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("tls.require_client_certificate needs tls.ca_certificates")
+        return self
+
+
+class CallingAE(Section):
+    """An allowed calling AE title, optionally bound to the host addresses it may come from."""
+
+    ae_title: str
+    hosts: list[str] = Field(default_factory=list)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class NodeSettings(Section):
+    ae_title: str = "CRADLE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aets: list[str | CallingAE] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to associate; an empty list means nobody.",
+    )
+    max_associations: int = Field(16, ge=1)
+    max_pdu_size: int = Field(262144, ge=0, description="0 means unlimited")
+    acse_timeout: float = Field(30, gt=0)
+    dimse_timeout: float = Field(60, gt=0)
+    network_timeout: float = Field(60, gt=0)
+    duplicate_policy: Literal["keep_first", "replace", "reject"] = "keep_first"
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_calling(cls, values: list[str | CallingAE]) -> list[str | CallingAE]:
+        return [_check_ae_title(v) if isinstance(v, str) else v for v in values]
+
+    def calling_ae_hosts(self) -> dict[str, list[str]]:
+        """Allowed calling AE title → allowed host addresses (empty: any host)."""
+        allowed: dict[str, list[str]] = {}
+        for entry in self.allowed_calling_aets:
+            if isinstance(entry, str):
+                allowed[entry] = []
+            else:
+                allowed[entry.ae_title] = list(entry.hosts)
+        return allowed
+
+
+class StorageSettings(Section):
+    archive_dir: Path = Path("var/archive")
+    database_url: str = "sqlite:///var/cradle.db"
+    fsync: bool = Field(True, description="fsync file and directory before answering success")
+
+
+class CompletionSettings(Section):
+    quiet_seconds: float = Field(30, ge=0)
+    poll_seconds: float = Field(1.0, gt=0)
+
+
+class RoutingRule(Section):
+    """Tags a complete series must match for ``pipelines`` to run on it. Unset fields match anything."""
+
+    name: str
+    pipelines: list[str]
+    modalities: list[str] = Field(default_factory=list)
+    sop_class_uids: list[str] = Field(default_factory=list)
+    body_parts: list[str] = Field(default_factory=list)
+    series_description_regex: str | None = None
+    min_age_days: int | None = Field(None, ge=0)
+    max_age_days: int | None = Field(None, ge=0)
+
+    @field_validator("series_description_regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+
+def _default_rules() -> list[RoutingRule]:
+    return [
+        RoutingRule(name="neonatal-chest-radiograph", pipelines=["cxr"], modalities=["CR", "DX"],
+                    body_parts=["CHEST", ""], max_age_days=28),
+        RoutingRule(name="neonatal-chest-mri", pipelines=["lung-mri"], modalities=["MR"],
+                    body_parts=["CHEST", "THORAX", "LUNG", ""], max_age_days=28),
+    ]
+
+
+class RoutingSettings(Section):
+    rules: list[RoutingRule] = Field(default_factory=_default_rules)
+
+
+class QueueSettings(Section):
+    broker_url: str = "sqla+sqlite:///var/broker.db"
+    task_time_limit: int = Field(600, gt=0, description="hard time limit of one job, seconds")
+    visibility_timeout: int = Field(3600, gt=0, description="Redis: re-delivery after this many seconds")
+    max_attempts: int = Field(3, ge=1)
+    reconcile_seconds: float = Field(30, gt=0)
+
+    @model_validator(mode="after")
+    def _visibility_above_limit(self) -> "QueueSettings":
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ValueError("queue.visibility_timeout must be above queue.task_time_limit "
+                             "or the broker re-delivers running jobs")
+        return self
+
+
+class Destination(Section):
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class DispatchSettings(Section):
+    max_attempts: int = Field(5, ge=1)
+    backoff_seconds: float = Field(2.0, ge=0)
+    backoff_max_seconds: float = Field(300, ge=0)
+
+
+class InferenceSettings(Section):
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    pneumonia_arch: Literal["regnety_064", "resnetrs50", "efficientnetv2_s"] = "regnety_064"
+    gradcam: bool = True
+    summary_image: bool = False
+
+
+class LoggingSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    audit_file: Path | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CRADLE_", env_nested_delimiter="__", extra="forbid", yaml_file=None
+    )
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    models_dir: Path = Path("var/models")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    def redacted(self) -> dict[str, Any]:
+        """The resolved settings as plain data, with passwords in URLs hidden."""
+        data = self.model_dump(mode="json")
+        for section, key in (("storage", "database_url"), ("queue", "broker_url")):
+            data[section][key] = redact_url(data[section][key])
+        return data
+
+
+class ConfigError(Exception):
+    """The configuration file or environment is invalid; the message names the key and why."""
+
+
+def redact_url(url: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def resolve_config_path(path: str | os.PathLike[str] | None) -> Path | None:
+    """``--config``, else ``$CRADLE_CONFIG``, else the first existing default path, else None."""
+    if path:
+        return Path(path)
+    if os.environ.get("CRADLE_CONFIG"):
+        return Path(os.environ["CRADLE_CONFIG"])
+    return next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Load settings from ``path`` (see :func:`resolve_config_path`); raise ConfigError on bad input."""
+    config_path = resolve_config_path(path)
+    if config_path is not None:
+        if not config_path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        try:
+            content = yaml.safe_load(config_path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config_path}: not valid YAML: {exc}") from exc
+        if content is not None and not isinstance(content, dict):
+            raise ConfigError(f"{config_path}: the top level must be a mapping of keys")
+    bound = type(
+        "Settings", (Settings,),
+        {"model_config": {**Settings.model_config, "yaml_file": str(config_path) if config_path else None}},
+    )
+    try:
+        return bound(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, config_path)) from None
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f"{path}: " if path else ""
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        reason = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        lines.append(f"{where}{key}: {reason}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -1,0 +1,119 @@
+"""``cradle``: the one console script. Each sub-command imports only what it needs
+(the listener never imports torch)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from config.settings import ConfigError, Settings, load_settings
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def _call(target: str) -> Callable[[argparse.Namespace, Settings], int | None]:
+    """A lazily imported command implementation, ``"module:function"``."""
+    module_name, function_name = target.split(":")
+
+    def run(args: argparse.Namespace, settings: Settings) -> int | None:
+        return getattr(importlib.import_module(module_name), function_name)(args, settings)
+
+    return run
+
+
+def _add(subparsers: Any, name: str, target: str, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("--config", metavar="FILE",
+                        help="the node's YAML (default: $CRADLE_CONFIG, else /etc/cradle/cradle.yaml, "
+                             "else built-in defaults)")
+    parser.set_defaults(run=_call(target))
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cradle", description="DICOM-native AI node for neonatal chest imaging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add(sub, "serve", "node.commands:serve", "listener + worker + dispatcher in one process (embedded defaults)")
+    _add(sub, "listen", "node.commands:listen", "the DICOM listener (C-ECHO, C-STORE SCP) and completion")
+    _add(sub, "worker", "inference.commands:worker", "a Celery worker running the pipelines")
+    _add(sub, "dispatch", "node.commands:dispatch", "send results to the configured destinations")
+    status = _add(sub, "status", "node.commands:status", "counts of patients, studies, series, instances, jobs")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
+    _add(config, "check", "node.commands:config_check", "validate and print the resolved config (no secrets)")
+
+    jobs = sub.add_parser("jobs", help="inspect and retry jobs").add_subparsers(dest="action", required=True)
+    jobs_list = _add(jobs, "list", "node.commands:jobs_list", "list jobs")
+    jobs_list.add_argument("--state", help="only jobs in this state")
+    jobs_list.add_argument("--json", action="store_true")
+    _add(jobs, "show", "node.commands:jobs_show", "one job with its sends").add_argument("job_id", type=int)
+    _add(jobs, "retry", "node.commands:jobs_retry", "run a failed job again / send its results again"
+         ).add_argument("job_id", type=int)
+
+    models = sub.add_parser("models", help="the model registry").add_subparsers(dest="action", required=True)
+    models_list = _add(models, "list", "inference.commands:models_list", "registered model versions")
+    models_list.add_argument("--json", action="store_true")
+    models_import = _add(models, "import", "inference.commands:models_import", "register external weights")
+    models_import.add_argument("task")
+    models_import.add_argument("weights")
+    models_import.add_argument("--arch", required=True)
+    models_import.add_argument("--activate", action="store_true")
+    models_import.add_argument("--threshold", type=float, default=None, help="operating threshold (binary tasks)")
+    models_import.add_argument("--image-size", type=int, default=None)
+    promote = _add(models, "promote", "inference.commands:models_promote", "make VERSION the active one")
+    promote.add_argument("task")
+    promote.add_argument("version")
+    _add(models, "rollback", "inference.commands:models_rollback", "re-activate the previous version"
+         ).add_argument("task")
+
+    labels = sub.add_parser("labels", help="training labels").add_subparsers(dest="action", required=True)
+    _add(labels, "import", "training.commands:labels_import", "attach outcomes from a CSV"
+         ).add_argument("file")
+
+    train = _add(sub, "train", "training.commands:train", "train TASK from the archive")
+    train.add_argument("task", choices=["bpd", "pneumonia", "view", "lung-seg"])
+    train.add_argument("--recipe", metavar="FILE", help="YAML recipe (default: config/train/TASK.yaml)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    train.add_argument("--queue", action="store_true", help="send the run to the training queue")
+
+    synth = _add(sub, "synth", "training.commands:synth", "write synthetic neonatal studies (not clinical)")
+    synth.add_argument("outdir")
+    synth.add_argument("--cxr", type=int, default=20)
+    synth.add_argument("--mri", type=int, default=4)
+    synth.add_argument("--seed", type=int, default=0)
+
+    _add(sub, "demo", "training.demo:run", "the guided synthetic demo, end to end")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"cradle: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(level=settings.logging.level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args, settings) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The archive on disk: ``<root>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``, written durably.
+
+A file appears under its final name only complete: it is written to a temporary name in the
+same directory, fsynced, renamed over, and the directory fsynced, before the index row is
+committed and before the sender is told success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+TEMP_SUFFIX = ".part"
+_UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
+
+
+class ArchiveError(OSError):
+    """The archive could not store or find a file (disk full, permissions, bad path)."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    relative_path: str
+    size: int
+    sha256: str
+
+
+def safe_component(value: str) -> str:
+    """A UID (or any string) made safe as one path component: no separators, no dot-dot."""
+    cleaned = _UNSAFE.sub("_", value.strip())[:128]
+    if cleaned in ("", ".", "..") or cleaned.startswith("."):
+        cleaned = "_" + cleaned
+    return cleaned
+
+
+def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    return "/".join((safe_component(study_uid), safe_component(series_uid), safe_component(sop_uid) + ".dcm"))
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Archive:
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root).resolve()
+        self.fsync = fsync
+
+    def ensure_root(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def absolute(self, relative: str) -> Path:
+        """The absolute path of ``relative``; refuses anything that would leave the root."""
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise ArchiveError(f"path outside the archive: {relative!r}")
+        return path
+
+    def put(self, relative: str, data: bytes) -> StoredFile:
+        """Write ``data`` durably under ``relative``, replacing any file there."""
+        target = self.absolute(relative)
+        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
+        try:
+            self._make_dirs(target.parent)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, target)
+            if self.fsync:
+                self._fsync_dir(target.parent)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise ArchiveError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
+        return StoredFile(relative, len(data), content_hash(data))
+
+    def read(self, relative: str) -> bytes:
+        return self.absolute(relative).read_bytes()
+
+    def exists(self, relative: str) -> bool:
+        return self.absolute(relative).is_file()
+
+    def remove(self, relative: str) -> None:
+        self.absolute(relative).unlink(missing_ok=True)
+
+    def files(self) -> list[str]:
+        """Relative paths of every complete ``.dcm`` file under the root."""
+        if not self.root.exists():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*.dcm")
+                      if not p.name.startswith("."))
+
+    def remove_temporaries(self) -> int:
+        """Delete the temporary files an interrupted write left behind; return how many."""
+        if not self.root.exists():
+            return 0
+        removed = 0
+        for temp in self.root.rglob(f"*{TEMP_SUFFIX}"):
+            temp.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def _make_dirs(self, directory: Path) -> None:
+        missing = []
+        while not directory.exists():
+            missing.append(directory)
+            directory = directory.parent
+        for created in reversed(missing):
+            try:
+                created.mkdir(mode=0o700)
+            except FileExistsError:
+                continue
+            if self.fsync:
+                self._fsync_dir(created.parent)
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

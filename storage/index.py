@@ -1,0 +1,215 @@
+"""Recording archived instances in the index, and reading back what routing and status need."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from pydicom import Dataset
+from pydicom.valuerep import DA, DT, TM
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from storage.archive import StoredFile, relative_path
+from storage.models import Instance, Job, Patient, Series, SeriesState, Study, utcnow
+
+
+class MissingIdentifiers(ValueError):
+    """The dataset lacks a Study, Series or SOP Instance UID (or its SOP Class UID)."""
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
+    value = ds.get(keyword, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str) and hasattr(value, "__iter__"):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()[:limit]
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_date(value: object) -> dt.date | None:
+    try:
+        parsed = DA(value) if value else None
+    except (TypeError, ValueError):
+        return None
+    return dt.date(parsed.year, parsed.month, parsed.day) if parsed else None
+
+
+def parse_datetime(date_value: object, time_value: object) -> dt.datetime | None:
+    day = parse_date(date_value)
+    if day is None:
+        return None
+    try:
+        moment = TM(time_value) if time_value else None
+    except (TypeError, ValueError):
+        moment = None
+    return dt.datetime.combine(day, moment.replace(tzinfo=None) if moment else dt.time())
+
+
+def _acquisition_datetime(ds: Dataset) -> dt.datetime | None:
+    if ds.get("AcquisitionDateTime"):
+        try:
+            value = DT(ds.AcquisitionDateTime)
+            return value.replace(tzinfo=None) if value else None
+        except (TypeError, ValueError):
+            return None
+    return parse_datetime(ds.get("AcquisitionDate") or ds.get("ContentDate"),
+                          ds.get("AcquisitionTime") or ds.get("ContentTime"))
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the index keeps of one instance, read from its header (no pixel data)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str = ""
+    birth_date: dt.date | None = None
+    sex: str = ""
+    study_date: dt.date | None = None
+    study_datetime: dt.datetime | None = None
+    accession_number: str = ""
+    study_description: str = ""
+    patient_age: str = ""
+    patient_weight_kg: float | None = None
+    modality: str = ""
+    body_part: str = ""
+    series_description: str = ""
+    protocol_name: str = ""
+    series_number: int | None = None
+    frame_of_reference_uid: str = ""
+    expected_count: int | None = None
+    instance_number: int | None = None
+    view_position: str = ""
+    image_type: str = ""
+    acquisition_datetime: dt.datetime | None = None
+    rows: int | None = None
+    columns: int | None = None
+    number_of_frames: int | None = None
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> "InstanceHeader":
+        uids = {k: _text(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
+        missing = [k for k, v in uids.items() if not v]
+        if missing:
+            raise MissingIdentifiers(f"dataset lacks {', '.join(missing)}")
+        return cls(
+            study_uid=uids["StudyInstanceUID"], series_uid=uids["SeriesInstanceUID"],
+            sop_uid=uids["SOPInstanceUID"], sop_class_uid=uids["SOPClassUID"],
+            patient_id=_text(ds, "PatientID"), issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+            patient_name=_text(ds, "PatientName", 324), birth_date=parse_date(ds.get("PatientBirthDate")),
+            sex=_text(ds, "PatientSex", 16), study_date=parse_date(ds.get("StudyDate")),
+            study_datetime=parse_datetime(ds.get("StudyDate"), ds.get("StudyTime")),
+            accession_number=_text(ds, "AccessionNumber"), study_description=_text(ds, "StudyDescription"),
+            patient_age=_text(ds, "PatientAge", 16), patient_weight_kg=_float(ds, "PatientWeight"),
+            modality=_text(ds, "Modality", 16), body_part=_text(ds, "BodyPartExamined").upper(),
+            series_description=_text(ds, "SeriesDescription"), protocol_name=_text(ds, "ProtocolName"),
+            series_number=_int(ds, "SeriesNumber"), frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
+            expected_count=_int(ds, "ImagesInAcquisition"), instance_number=_int(ds, "InstanceNumber"),
+            view_position=_text(ds, "ViewPosition", 16), image_type=_text(ds, "ImageType", 128),
+            acquisition_datetime=_acquisition_datetime(ds), rows=_int(ds, "Rows"), columns=_int(ds, "Columns"),
+            number_of_frames=_int(ds, "NumberOfFrames"),
+        )
+
+    @property
+    def relative_path(self) -> str:
+        return relative_path(self.study_uid, self.series_uid, self.sop_uid)
+
+    @property
+    def patient_key(self) -> str:
+        birth = self.birth_date.isoformat() if self.birth_date else ""
+        return f"{self.issuer_of_patient_id}|{self.patient_id}|{birth}"
+
+
+def find_instance(session: Session, sop_uid: str) -> Instance | None:
+    return session.scalar(select(Instance).where(Instance.sop_uid == sop_uid))
+
+
+def _get_or_create(session: Session, model: type, lookup: dict, values: dict):  # noqa: ANN202
+    """The row matching ``lookup``, created with ``values`` if absent (safe against a concurrent insert)."""
+    row = session.scalar(select(model).filter_by(**lookup))
+    if row is not None:
+        return row
+    try:
+        with session.begin_nested():
+            row = model(**lookup, **values)
+            session.add(row)
+    except IntegrityError:
+        row = session.scalar(select(model).filter_by(**lookup))
+        if row is None:
+            raise
+    return row
+
+
+def record_instance(session: Session, header: InstanceHeader, stored: StoredFile, *,
+                    transfer_syntax_uid: str, calling_ae_title: str = "",
+                    is_result: bool = False) -> tuple[Instance, bool]:
+    """Insert (or refresh) the rows for one archived instance. Returns the instance and whether
+    it re-opened a series that was already complete (a late instance)."""
+    patient = _get_or_create(session, Patient, {"patient_key": header.patient_key}, {
+        "patient_id": header.patient_id, "issuer_of_patient_id": header.issuer_of_patient_id,
+        "patient_name": header.patient_name, "birth_date": header.birth_date, "sex": header.sex})
+    study = _get_or_create(session, Study, {"study_uid": header.study_uid}, {
+        "patient_pk": patient.id, "study_date": header.study_date, "study_datetime": header.study_datetime,
+        "accession_number": header.accession_number, "study_description": header.study_description,
+        "patient_age": header.patient_age, "patient_weight_kg": header.patient_weight_kg})
+    series = _get_or_create(session, Series, {"series_uid": header.series_uid}, {
+        "study_pk": study.id, "modality": header.modality, "body_part": header.body_part,
+        "series_description": header.series_description, "protocol_name": header.protocol_name,
+        "series_number": header.series_number, "frame_of_reference_uid": header.frame_of_reference_uid,
+        "expected_count": header.expected_count, "is_result": is_result})
+    now = utcnow()
+    reopened = series.state == SeriesState.complete
+    series.last_received_at = now
+    if reopened:
+        series.state = SeriesState.receiving
+    if header.expected_count and not series.expected_count:
+        series.expected_count = header.expected_count
+    instance = find_instance(session, header.sop_uid)
+    if instance is None:
+        instance = Instance(sop_uid=header.sop_uid, series_pk=series.id)
+        session.add(instance)
+    for key in ("sop_class_uid", "instance_number", "view_position", "image_type", "acquisition_datetime",
+                "rows", "columns", "number_of_frames"):
+        setattr(instance, key, getattr(header, key))
+    instance.transfer_syntax_uid = transfer_syntax_uid
+    instance.file_path = stored.relative_path
+    instance.file_size = stored.size
+    instance.sha256 = stored.sha256
+    instance.calling_ae_title = calling_ae_title
+    instance.received_at = now
+    session.flush()
+    return instance, reopened
+
+
+def counts(session: Session) -> dict[str, object]:
+    """What ``cradle status --json`` prints."""
+    jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+    return {
+        "patients": session.scalar(select(func.count()).select_from(Patient)),
+        "studies": session.scalar(select(func.count()).select_from(Study)),
+        "series": session.scalar(select(func.count()).select_from(Series)),
+        "instances": session.scalar(select(func.count()).select_from(Instance)),
+        "jobs": {state.value if hasattr(state, "value") else str(state): n for state, n in jobs.items()},
+    }

@@ -1,0 +1,148 @@
+"""Putting one instance into the archive and the index, in the order that loses nothing.
+
+Used by the C-STORE handler (what modalities send) and by the workers (the node's own results).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.archive import Archive, ArchiveError, StoredFile, content_hash
+from storage.db import transaction
+from storage.index import InstanceHeader, find_instance, record_instance
+from storage.models import Instance, Series
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(str, enum.Enum):
+    stored = "stored"
+    duplicate = "duplicate"            # identical bytes already archived
+    conflict_kept = "conflict_kept"    # different dataset under an archived SOP Instance UID, first kept
+    conflict_replaced = "conflict_replaced"
+    conflict_rejected = "conflict_rejected"
+
+
+class TransientStoreError(Exception):
+    """Disk or database trouble: nothing was committed; the sender should retry."""
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    outcome: Outcome
+    sop_uid: str
+    instance_pk: int | None
+    series_pk: int | None
+    reopened: bool = False
+
+
+class Ingest:
+    """The archive and the index together, with the policy for a re-used SOP Instance UID."""
+
+    def __init__(self, archive: Archive, sessions: sessionmaker[Session], *,
+                 duplicate_policy: str = "keep_first") -> None:
+        self.archive = archive
+        self.sessions = sessions
+        self.duplicate_policy = duplicate_policy
+
+    def store(self, encoded: bytes, header: InstanceHeader, *, transfer_syntax_uid: str,
+              calling_ae_title: str = "", is_result: bool = False) -> StoreResult:
+        """Archive ``encoded`` (a complete DICOM file) and commit its index rows.
+
+        Returns only once both are durable; raises TransientStoreError when either failed,
+        leaving no row without its file.
+        """
+        try:
+            existing = self._existing(header.sop_uid)
+            if existing is not None:
+                sha, path = existing
+                if sha == content_hash(encoded) and self.archive.exists(path):
+                    return StoreResult(Outcome.duplicate, header.sop_uid, None, None)
+                if self.archive.exists(path) and self.duplicate_policy != "replace":
+                    outcome = (Outcome.conflict_kept if self.duplicate_policy == "keep_first"
+                               else Outcome.conflict_rejected)
+                    log.warning("SOP Instance UID %s re-sent with different content: %s",
+                                header.sop_uid, outcome.value)
+                    return StoreResult(outcome, header.sop_uid, None, None)
+            stored = self.archive.put(header.relative_path, encoded)
+            with transaction(self.sessions) as session:
+                instance, reopened = record_instance(
+                    session, header, stored, transfer_syntax_uid=transfer_syntax_uid,
+                    calling_ae_title=calling_ae_title, is_result=is_result)
+                instance_pk, series_pk = instance.id, instance.series_pk
+        except ArchiveError as exc:
+            raise TransientStoreError(f"archive: {exc}") from exc
+        except SQLAlchemyError as exc:
+            # The file is on disk under its final name but has no row: the sender retries and
+            # overwrites it, or the startup sweep indexes it. Nothing is lost or half-written.
+            raise TransientStoreError(f"index: {type(exc).__name__}") from exc
+        outcome = Outcome.conflict_replaced if existing is not None else Outcome.stored
+        return StoreResult(outcome, header.sop_uid, instance_pk, series_pk, reopened)
+
+    def store_dataset(self, dataset: Dataset, *, is_result: bool = True) -> StoreResult:
+        """Archive a dataset made here (an SR, SEG or SC result)."""
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return self.store(buffer.getvalue(), InstanceHeader.from_dataset(dataset),
+                          transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID), is_result=is_result)
+
+    def _existing(self, sop_uid: str) -> tuple[str, str] | None:
+        with self.sessions() as session:
+            instance = find_instance(session, sop_uid)
+            return (instance.sha256, instance.file_path) if instance else None
+
+    def sweep(self) -> "SweepReport":
+        """At startup: drop temporary files, index complete files that lack a row (a crash between
+        rename and commit), and drop rows whose file is gone."""
+        temporaries = self.archive.remove_temporaries()
+        on_disk = set(self.archive.files())
+        with self.sessions() as session:
+            indexed = dict(session.query(Instance.file_path, Instance.id).all())
+        reindexed = unreadable = 0
+        for path in sorted(on_disk - indexed.keys()):
+            try:
+                self._reindex(path)
+                reindexed += 1
+            except (InvalidDicomError, ValueError, OSError, AttributeError) as exc:
+                log.warning("archive file %s could not be indexed: %s", path, type(exc).__name__)
+                unreadable += 1
+        missing = [pk for path, pk in indexed.items() if path not in on_disk]
+        if missing:
+            with transaction(self.sessions) as session:
+                session.query(Instance).filter(Instance.id.in_(missing)).delete(synchronize_session=False)
+        return SweepReport(temporaries, reindexed, len(missing), unreadable)
+
+    def _reindex(self, path: str) -> None:
+        data = self.archive.read(path)
+        dataset = dcmread(BytesIO(data), stop_before_pixels=True)
+        header = InstanceHeader.from_dataset(dataset)
+        if header.relative_path != path:
+            raise ValueError("file name does not match its UIDs")
+        with transaction(self.sessions) as session:
+            record_instance(session, header, StoredFile(path, len(data), content_hash(data)),
+                            transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID))
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    temporaries_removed: int
+    files_reindexed: int
+    rows_without_file_removed: int
+    unreadable_files: int
+
+
+def series_pk_of(session: Session, series_uid: str) -> int | None:
+    return session.query(Series.id).filter(Series.series_uid == series_uid).scalar()
+
+
+def dataset_path(archive: Archive, instance: Instance) -> Path:
+    return archive.absolute(instance.file_path)

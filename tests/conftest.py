@@ -1,0 +1,65 @@
+"""Shared fixtures: a node's settings in a temporary directory, a fresh PostgreSQL database, ports."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from config.settings import Settings, load_settings
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def require(tool: str) -> str:
+    """The path of a command-line peer (DCMTK, dicom3tools), or skip saying which is missing."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (apt-get install dcmtk dicom3tools)")
+    return path
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def node_settings(tmp_path: Path, port: int) -> Settings:
+    """Embedded defaults rooted in tmp_path, listening on a free loopback port."""
+    return load_settings(None, **{
+        "node": {"ae_title": "CRADLE", "host": "127.0.0.1", "port": port,
+                 "allowed_calling_aets": ["STORESCU", "ECHOSCU", "MODALITY", "TESTSCU"]},
+        "storage": {"archive_dir": str(tmp_path / "archive"),
+                    "database_url": f"sqlite:///{tmp_path / 'cradle.db'}"},
+        "queue": {"broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}"},
+        "models_dir": str(tmp_path / "models"),
+        "completion": {"quiet_seconds": 2, "poll_seconds": 0.2},
+    })
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A new, empty PostgreSQL database on the local server, dropped afterwards."""
+    name = f"cradle_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001 - any connection failure means no server
+        pytest.skip(f"local PostgreSQL not reachable: {type(exc).__name__}")
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add(sub, "serve", "node.commands:serve", "listener + worker + dispatcher in one process (embedded defaults)")
     _add(sub, "listen", "node.commands:listen", "the DICOM listener (C-ECHO, C-STORE SCP) and completion")
-    _add(sub, "worker", "inference.commands:worker", "a Celery worker running the pipelines")
+    worker = _add(sub, "worker", "inference.commands:worker", "a Celery worker running the pipelines")
+    worker.add_argument("--queue", dest="queues", action="append", default=[], metavar="NAME",
+                        help="consume this queue too (e.g. gpu0 for the worker bound to GPU 0)")
     _add(sub, "dispatch", "node.commands:dispatch", "send results to the configured destinations")
     status = _add(sub, "status", "node.commands:status", "counts of patients, studies, series, instances, jobs")
     status.add_argument("--json", action="store_true", help="print one JSON object")

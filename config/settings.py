@@ -179,6 +179,22 @@ class InferenceSettings(Section):
     summary_image: bool = False
 
 
+class TrainingSettings(Section):
+    """``cradle train`` and ``cradle labels import`` (see training/)."""
+
+    reviewer_aets: list[str] = Field(
+        default_factory=list,
+        description="SEGs received from these calling AE titles count as person-made ground truth "
+                    "even when their SegmentAlgorithmType says AUTOMATIC (a reviewer's corrections)")
+    runs_dir: Path = Field(Path("var/training"), description="run directories: manifest, checkpoints, report")
+    cache_dir: Path = Field(Path("var/cache/preprocessed"), description="preprocessed images, keyed by content")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    time_limit_hours: float = Field(24, gt=0, description="hard limit of a queued training run")
+
+    _aes = field_validator("reviewer_aets")(lambda values: [_check_ae_title(v) for v in values])
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     audit_file: Path | None = None
@@ -197,6 +213,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     models_dir: Path = Path("var/models")
 

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cradle", description="DICOM-native AI node for neonatal chest imaging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    _add(sub, "serve", "node.commands:serve", "listener + worker + dispatcher in one process (embedded defaults)")
+    _add(sub, "serve", "node.serve:serve", "listener + worker + dispatcher in one process (embedded defaults)")
     _add(sub, "listen", "node.commands:listen", "the DICOM listener (C-ECHO, C-STORE SCP) and completion")
     worker = _add(sub, "worker", "inference.commands:worker", "a Celery worker running the pipelines")
     worker.add_argument("--queue", dest="queues", action="append", default=[], metavar="NAME",

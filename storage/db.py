@@ -25,17 +25,22 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DBAPI 
 
 
 def create_db_engine(url: str) -> Engine:
-    """An engine for ``url``; a SQLite file's directory is created (owner-only) when missing."""
+    """An engine for ``url``; a SQLite file's directory is created (owner-only) when missing.
+
+    ``hide_parameters``: SQLAlchemy puts bound values (patient names, IDs, birth dates) into its
+    exception messages, and those end up in logs.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
 
 
 def migrate(engine: Engine) -> None:
@@ -53,9 +58,25 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A session that commits on success and rolls back on any error."""
+    """A session that commits on success and rolls back on any error.
+
+    On SQLite the transaction is opened with ``BEGIN IMMEDIATE``: pysqlite would otherwise start it
+    only at the first INSERT/UPDATE, so a SAVEPOINT issued before that (``begin_nested``) opened and,
+    on RELEASE, committed a transaction of its own, and the rows written under it survived a later
+    rollback. Taking the write lock up front also makes read-then-write inside the block consistent
+    and lets concurrent writers wait (``busy_timeout``) instead of failing.
+    """
     with factory() as session, session.begin():
+        _begin_immediate_on_sqlite(session)
         yield session
+
+
+def _begin_immediate_on_sqlite(session: Session) -> None:
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        return
+    if not connection.connection.dbapi_connection.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def open_index(url: str) -> sessionmaker[Session]:

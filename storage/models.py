@@ -36,6 +36,15 @@ class JobState(str, enum.Enum):
     skipped = "skipped"
 
 
+class DispatchState(str, enum.Enum):
+    """Where a job's results are on their way to the destinations (see node/dispatch.py)."""
+
+    none = "none"          # nothing to send (yet): no output, or no destination configured
+    pending = "pending"    # due at dispatch_due_at
+    sent = "sent"          # every result instance acknowledged by every destination
+    failed = "failed"      # gave up after dispatch.max_attempts; the job is failed too
+
+
 class Patient(Base):
     __tablename__ = "patient"
 
@@ -143,6 +152,13 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    dispatch_state: Mapped[DispatchState] = mapped_column(
+        Enum(DispatchState, native_enum=False, length=16), default=DispatchState.none, index=True)
+    dispatch_round: Mapped[int] = mapped_column(Integer, default=0,
+                                                doc="bumped for each new output or forced re-send")
+    dispatch_attempts: Mapped[int] = mapped_column(Integer, default=0, doc="attempts in this round")
+    dispatch_due_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    dispatched_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     sends: Mapped[list[Send]] = relationship(back_populates="job")
@@ -157,6 +173,7 @@ class Send(Base):
     job_pk: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
     sop_uid: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int] = mapped_column(Integer, default=1, doc="the job's dispatch_round when sent")
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     status: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="DIMSE status, None when no answer")
     error: Mapped[str] = mapped_column(Text, default="")

@@ -1,0 +1,119 @@
+"""Pipelines by name (timm style): ``get_pipeline("cxr").run(sources, context)``.
+
+A pipeline turns one complete series into result datasets (SR, SEG) with the active, validated
+model versions of its tasks. When a task it cannot do without has no such version, ``run`` raises
+:class:`NoActiveModel` before any model runs: the job is skipped, never answered with untrained
+weights.
+
+This module is light (no torch at import), so routing and the CLI can list pipeline names; the
+pipelines themselves are imported when first asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from pydicom import Dataset
+
+    from config.settings import Settings
+    from inference.registry import LoadedModel, ModelCache, ModelRegistry, ModelVersion
+
+__all__ = [
+    "PIPELINES",
+    "NoActiveModel",
+    "Pipeline",
+    "PipelineContext",
+    "PipelineInputError",
+    "PipelineOutput",
+    "get_pipeline",
+]
+
+PIPELINES: dict[str, str] = {
+    "cxr": "inference.pipelines.cxr:CxrPipeline",
+    "lung-mri": "inference.pipelines.lung_mri:LungMriPipeline",
+}
+"""Pipeline name → ``module:class`` (imported on first use)."""
+
+
+class NoActiveModel(Exception):
+    """A task has no active, validated model: the job produces no clinical output.
+
+    ``str(e)`` is ``"no active model for <task>"`` (tasks joined by ", " when several are missing).
+    """
+
+    def __init__(self, *tasks: str) -> None:
+        self.tasks = tasks
+        super().__init__(f"no active model for {', '.join(tasks)}")
+
+
+class PipelineInputError(ValueError):
+    """The series cannot be processed by the pipeline (wrong kind, inconsistent geometry ...).
+    Retrying does not help."""
+
+
+@dataclass
+class PipelineOutput:
+    """What a run produced. ``model_version`` names every model version behind the result."""
+
+    model_version: str
+    datasets: list[Dataset]
+    summary: dict[str, Any]
+    artefacts: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineContext:
+    """What a worker process hands every run: the registry, the device, the settings and its own
+    :class:`~inference.registry.ModelCache`. ``device`` may be given as the ``inference.device``
+    setting (``"auto"``, ``"cpu"``, ``"cuda:0"``); it is resolved on construction."""
+
+    registry: ModelRegistry
+    device: torch.device | str
+    settings: Settings
+    models: ModelCache
+
+    def __post_init__(self) -> None:
+        import torch
+
+        from inference.models import resolve_device
+
+        if not isinstance(self.device, torch.device):
+            self.device = resolve_device(str(self.device))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, num_threads: int | None = None) -> "PipelineContext":
+        """A context for one worker process; ``num_threads`` sets torch's intra-op threads (CPU)."""
+        import torch
+
+        from inference.registry import ModelCache, ModelRegistry
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        return cls(ModelRegistry(settings.models_dir), settings.inference.device, settings, ModelCache())
+
+    def model(self, task: str) -> LoadedModel:
+        """The task's active, validated model, loaded once per process (NoActiveModel otherwise)."""
+        return self.models.get(task, self.registry, self.device)
+
+    def active(self, task: str) -> ModelVersion | None:
+        """The task's active, validated version without loading it (None if there is none)."""
+        return self.models.active(task, self.registry)
+
+
+class Pipeline(Protocol):
+    name: str
+    tasks: tuple[str, ...]
+
+    def run(self, sources: list[Dataset], context: PipelineContext) -> PipelineOutput: ...
+
+
+def get_pipeline(name: str) -> Pipeline:
+    """A new pipeline object by name (``cxr``, ``lung-mri``)."""
+    if name not in PIPELINES:
+        raise KeyError(f"unknown pipeline {name!r}; known: {', '.join(PIPELINES)}")
+    module_name, class_name = PIPELINES[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)()

@@ -127,11 +127,17 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('started_at', sa.DateTime(), nullable=True),
     sa.Column('finished_at', sa.DateTime(), nullable=True),
+    sa.Column('dispatch_state', sa.Enum('none', 'pending', 'sent', 'failed', name='dispatchstate', native_enum=False, length=16), nullable=False),
+    sa.Column('dispatch_round', sa.Integer(), nullable=False),
+    sa.Column('dispatch_attempts', sa.Integer(), nullable=False),
+    sa.Column('dispatch_due_at', sa.DateTime(), nullable=True),
+    sa.Column('dispatched_at', sa.DateTime(), nullable=True),
     sa.ForeignKeyConstraint(['series_pk'], ['series.id'], ),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('series_pk', 'pipeline')
     )
     with op.batch_alter_table('job', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_job_dispatch_state'), ['dispatch_state'], unique=False)
         batch_op.create_index(batch_op.f('ix_job_series_pk'), ['series_pk'], unique=False)
         batch_op.create_index(batch_op.f('ix_job_state'), ['state'], unique=False)
 
@@ -140,6 +146,7 @@ def upgrade() -> None:
     sa.Column('job_pk', sa.Integer(), nullable=False),
     sa.Column('destination', sa.String(length=64), nullable=False),
     sa.Column('sop_uid', sa.String(length=64), nullable=False),
+    sa.Column('round', sa.Integer(), nullable=False),
     sa.Column('attempt', sa.Integer(), nullable=False),
     sa.Column('status', sa.Integer(), nullable=True),
     sa.Column('error', sa.Text(), nullable=False),
@@ -162,6 +169,7 @@ def downgrade() -> None:
     with op.batch_alter_table('job', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_job_state'))
         batch_op.drop_index(batch_op.f('ix_job_series_pk'))
+        batch_op.drop_index(batch_op.f('ix_job_dispatch_state'))
 
     op.drop_table('job')
     with op.batch_alter_table('instance', schema=None) as batch_op:

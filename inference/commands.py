@@ -1,0 +1,177 @@
+"""``cradle models ...`` and ``cradle worker``: the inference side of the command line."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from config.settings import Settings
+
+EXIT_FAILURE = 1
+
+# --------------------------------------------------------------------------- cradle models ...
+
+DEFAULT_IMAGE_SIZE = {"view": 512, "bpd": 512, "pneumonia": 512, "lung-seg": 256}
+"""Input size of an imported model when ``--image-size`` is not given (the papers' sizes)."""
+
+
+def _fail(message: str) -> int:
+    print(f"cradle: {message}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _registry(settings: Settings) -> Any:
+    from inference.registry import ModelRegistry
+
+    return ModelRegistry(settings.models_dir)
+
+
+def _row(version: Any) -> dict[str, Any]:
+    return {
+        "task": version.task, "version": version.version, "arch": version.arch, "state": version.state,
+        "validated": version.validated, "image_size": version.input_spec.image_size,
+        "threshold": version.threshold, "temperature": version.temperature, "created_at": version.created_at,
+        "sha256": version.sha256, "source": version.provenance.get("source", ""), "metrics": version.metrics,
+    }
+
+
+def models_list(args: argparse.Namespace, settings: Settings) -> int:
+    """Every registered version of every task, the active one marked."""
+    from node.cli import print_json
+
+    registry = _registry(settings)
+    tasks = {task: {"active": getattr(registry.active(task), "version", None),
+                    "versions": [_row(v) for v in registry.versions(task)]} for task in registry.tasks()}
+    if args.json:
+        print_json(tasks)
+        return 0
+    if not tasks:
+        print(f"no models registered under {settings.models_dir}")
+        return 0
+    print(f"{'':1} {'VERSION':<14} {'ARCH':<24} {'STATE':<9} {'VALID':<5} {'SIZE':>4} {'THRESH':>6}  "
+          f"{'CREATED':<25} SHA256")
+    for task, entry in tasks.items():
+        for row in entry["versions"]:
+            mark = "*" if row["version"] == entry["active"] else " "
+            threshold = "-" if row["threshold"] is None else f"{row['threshold']:.3f}"
+            print(f"{mark} {row['version']:<14} {row['arch']:<24} {row['state']:<9} "
+                  f"{'yes' if row['validated'] else 'no':<5} {row['image_size']:>4} {threshold:>6}  "
+                  f"{row['created_at']:<25} {row['sha256'][:12]}")
+    return 0
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def models_import(args: argparse.Namespace, settings: Settings) -> int:
+    """Register external weights for TASK; ``--activate`` is the admin's validation of them."""
+    from inference.models import TASKS
+    from inference.registry import InputSpec, RegistryError
+
+    if args.task not in TASKS:
+        return _fail(f"unknown task {args.task!r}; known: {', '.join(TASKS)}")
+    weights = Path(args.weights)
+    if not weights.is_file():
+        return _fail(f"weights file not found: {weights}")
+    try:
+        spec = InputSpec(image_size=args.image_size or DEFAULT_IMAGE_SIZE[args.task])
+    except ValueError as exc:
+        return _fail(str(exc))
+    registry = _registry(settings)
+    provenance = {"source": "import", "source_file": weights.name, "source_sha256": _file_sha256(weights)}
+    try:
+        version = registry.register(args.task, args.arch, weights, input_spec=spec, threshold=args.threshold,
+                                    provenance=provenance)
+        print(f"registered {version.version} ({version.arch}, {spec.image_size} px, sha256 {version.sha256[:12]})")
+        if args.activate:
+            registry.activate(args.task, version.version, accept_unvalidated=True,
+                              reason="cradle models import --activate (admin validation)")
+            print(f"{version.version} is now the active {args.task} model (validated by the admin's --activate)")
+    except RegistryError as exc:
+        return _fail(f"cannot import {weights.name} as {args.task} ({args.arch}): {exc}")
+    if version.threshold is None and args.task in ("bpd", "pneumonia"):
+        print(f"note: no --threshold given; {args.task} calls will use 0.5 until a calibrated threshold is set")
+    return 0
+
+
+def models_promote(args: argparse.Namespace, settings: Settings) -> int:
+    """Make VERSION the active model of TASK (an explicit admin act, recorded with who/when)."""
+    from inference.registry import RegistryError
+
+    registry = _registry(settings)
+    try:
+        before = registry.get(args.task, args.version)
+        registry.activate(args.task, args.version, accept_unvalidated=True, reason="cradle models promote")
+    except RegistryError as exc:
+        return _fail(str(exc))
+    if not before.validated:
+        print(f"warning: {args.version} had no validation of its own; the promotion is recorded as the admin's",
+              file=sys.stderr)
+    print(f"{args.version} is now the active {args.task} model")
+    return 0
+
+
+def models_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    """Re-activate the version that was active before the current one."""
+    from inference.registry import RegistryError
+
+    registry = _registry(settings)
+    current = registry.active(args.task) if args.task in registry.tasks() else None
+    try:
+        version = registry.rollback(args.task, reason="cradle models rollback")
+    except RegistryError as exc:
+        return _fail(str(exc))
+    print(f"{args.task}: {getattr(current, 'version', 'none')} -> {version.version}")
+    return 0
+
+
+# --------------------------------------------------------------------------- cradle worker (queue)
+
+
+def worker(args: argparse.Namespace, settings: Settings) -> int:
+    """A Celery worker in the foreground, plus the reconciler.
+
+    Prefork pool with one child: the parent (this process) never imports torch, so the child that
+    runs the jobs may use CUDA after the fork; the child loads each model once and keeps it, and
+    the pool enforces ``queue.task_time_limit`` by replacing a child that overruns. Run one worker
+    per GPU (``inference.device: cuda:N``). The reconciler runs as a thread of the parent.
+    SIGTERM (or Ctrl-C) is Celery's warm shutdown: the running job finishes, then the worker exits.
+    """
+    import os
+    import socket
+    import threading
+
+    from celery.signals import worker_process_init
+
+    from inference.queue import DEFAULT_QUEUE, JobQueue, make_celery
+    from storage.db import open_index
+
+    sessions = open_index(settings.storage.database_url)  # migrations run once, here
+    app = make_celery(settings)
+    queue = JobQueue(settings, sessions, app=app)
+    # the child opens its own engine; pooled connections inherited from the parent are dropped
+    worker_process_init.connect(lambda **_: sessions.kw["bind"].dispose(close=False), weak=False)
+    stop = threading.Event()
+    reconciler = threading.Thread(target=queue.reconciler().run, args=(stop,), name="cradle-reconciler",
+                                  daemon=True)
+    queues = ",".join(dict.fromkeys([DEFAULT_QUEUE, *(getattr(args, "queues", None) or [])]))
+    argv = ["worker", "--pool=prefork", "--concurrency=1", f"--queues={queues}",
+            f"--hostname=cradle-{os.getpid()}@{socket.gethostname()}",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            f"--loglevel={settings.logging.level}"]
+    reconciler.start()
+    try:
+        app.worker_main(argv)
+    finally:
+        stop.set()
+        reconciler.join(timeout=10)
+        queue.close()
+    return 0

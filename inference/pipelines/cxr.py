@@ -1,0 +1,241 @@
+"""``cxr``: a neonatal chest radiograph (CR/DX) → view, BPD risk, pneumonia → TID 1500 SR.
+
+1. Decode (any transfer syntax), Modality LUT, MONOCHROME1 inverted, min-max with 0.5 % clipping,
+   resize keeping aspect (pad) to each model's input size, CLAHE when the model was trained with it.
+2. The view classifier (PedXnet-style, softmax over the taxonomy's classes) answers "is this a
+   frontal chest film?" for every image of the series; the image most likely to be one is reported.
+3. On a frontal chest film, the BPD-risk model (ResNet-50) and the pneumonia model (RegNetY-064 by
+   default) give a probability (sigmoid of the logit over the version's temperature) and the call at
+   the version's operating threshold; each positive call gets a Grad-CAM heat map (PNG artefact) and
+   the outline of its hot spot as the SR region.
+4. The SR always goes out; on anything else than a frontal chest film it states the view and its
+   probability and reports no finding.
+
+Missing models (decided so that no clinical statement comes from untrained weights and no
+statement is implied for a model that did not run):
+
+- no active, validated ``view`` model → :class:`NoActiveModel` ("no active model for view"): without
+  the view gate nothing tells us the image is a chest film at all;
+- neither ``bpd`` nor ``pneumonia`` active → ``NoActiveModel("bpd", "pneumonia")``
+  ("no active model for bpd, pneumonia"): an SR with a view only is no result;
+- one of them active → it runs; the SR carries a group only for the finding that ran, each group
+  names its own model version (TID 4019 algorithm identification), so a missing finding reads as
+  "not assessed", never as negative. The summary lists ``tasks_not_run`` with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from pydicom import Dataset
+
+from inference.gradcam import grad_cam, heat_map_png, hot_spot_polygon, upsample
+from inference.models import frontal_chest_classes
+from inference.pipelines import NoActiveModel, PipelineContext, PipelineInputError, PipelineOutput
+from inference.preprocess import Letterbox, letterbox, modality_values, normalise
+from inference.registry import InputSpec, LoadedModel, ModelVersion
+from inference.writers import (BRONCHOPULMONARY_DYSPLASIA, PNEUMONIA, AlgorithmIdentity, Finding, ViewResult,
+                               cxr_report)
+
+__all__ = ["CxrPipeline", "FINDING_TASKS", "RADIOGRAPH_MODALITIES"]
+
+FINDING_TASKS = ("bpd", "pneumonia")
+RADIOGRAPH_MODALITIES = ("CR", "DX")
+DEFAULT_THRESHOLD = 0.5
+"""Operating threshold of a version registered without one (an import without ``--threshold``)."""
+
+FINDING_CODES = {"bpd": BRONCHOPULMONARY_DYSPLASIA, "pneumonia": PNEUMONIA}
+FINDING_LABELS = {"bpd": "Moderate/severe BPD risk", "pneumonia": "Pneumonia"}
+_LO = 64
+
+
+@dataclass
+class _Radiograph:
+    """One decoded source image and its model inputs, prepared once per input spec."""
+
+    dataset: Dataset
+    values: np.ndarray
+    inputs: dict[InputSpec, tuple[np.ndarray, Letterbox]] = field(default_factory=dict)
+
+    def model_input(self, spec: InputSpec) -> tuple[np.ndarray, Letterbox]:
+        if spec not in self.inputs:
+            normalised = normalise(self.values, spec.normalisation)
+            self.inputs[spec] = letterbox(normalised, spec.image_size, keep_aspect=spec.keep_aspect,
+                                          clahe=spec.clahe)
+        return self.inputs[spec]
+
+
+@dataclass(frozen=True)
+class _ViewCall:
+    label: str
+    probability: float
+    frontal_probability: float
+    is_frontal_chest: bool
+    probabilities: dict[str, float]
+
+
+def algorithm_identity(version: ModelVersion) -> AlgorithmIdentity:
+    return AlgorithmIdentity(name=f"cradle {version.task} {version.arch}"[:_LO], version=version.version)
+
+
+def version_tag(versions: list[ModelVersion]) -> str:
+    """The one string naming every model behind a result, e.g. ``view-2+bpd-3+pneumonia-1``."""
+    return "+".join(v.version for v in versions)
+
+
+class _Timer:
+    """Wall time of the model forwards (with a CUDA sync so that GPU time is counted)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, task: str, function, *args):  # noqa: ANN001, ANN204 - a thin timing wrapper
+        start = time.perf_counter()
+        result = function(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[task] = self.seconds.get(task, 0.0) + time.perf_counter() - start
+        return result
+
+
+def classify(model: torch.nn.Module, batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last-stage activations and logits of a timm classifier for a (N, H, W) batch (inference mode,
+    channels-last)."""
+    x = torch.from_numpy(np.ascontiguousarray(batch[:, None])).to(device, memory_format=torch.channels_last)
+    with torch.inference_mode():
+        features = model.forward_features(x)
+        logits = model.forward_head(features)
+    return features, logits.float().cpu()
+
+
+class CxrPipeline:
+    name = "cxr"
+    tasks = ("view", *FINDING_TASKS)
+
+    # ---- models
+
+    def active_versions(self, context: PipelineContext) -> list[ModelVersion]:
+        """The versions a run would use now; NoActiveModel when the run would be refused."""
+        view = context.active("view")
+        if view is None:
+            raise NoActiveModel("view")
+        findings = [v for v in (context.active(t) for t in FINDING_TASKS) if v is not None]
+        if not findings:
+            raise NoActiveModel(*FINDING_TASKS)
+        return [view, *findings]
+
+    def model_version(self, context: PipelineContext) -> str:
+        return version_tag(self.active_versions(context))
+
+    def _load(self, context: PipelineContext) -> tuple[LoadedModel, dict[str, LoadedModel], dict[str, str]]:
+        view = context.model("view")
+        findings: dict[str, LoadedModel] = {}
+        not_run: dict[str, str] = {}
+        for task in FINDING_TASKS:
+            try:
+                findings[task] = context.model(task)
+            except NoActiveModel as exc:
+                not_run[task] = str(exc)
+        if not findings:
+            raise NoActiveModel(*FINDING_TASKS)
+        return view, findings, not_run
+
+    # ---- the run
+
+    def run(self, sources: list[Dataset], context: PipelineContext) -> PipelineOutput:
+        view_model, finding_models, not_run = self._load(context)
+        images = [_Radiograph(ds, modality_values(ds)) for ds in self._radiographs(sources)]
+        timer = _Timer(context.device)
+        views = self._classify_views(images, view_model, context.device, timer)
+        chosen = max(range(len(images)), key=lambda i: views[i].frontal_probability)
+        image, view = images[chosen], views[chosen]
+        findings: dict[str, Finding] = {}
+        artefacts: dict[str, bytes] = {}
+        if view.is_frontal_chest:
+            for task, loaded in finding_models.items():
+                findings[task] = self._finding(task, loaded, image, context, timer, artefacts)
+        else:
+            not_run.update({task: "not a frontal chest film" for task in finding_models})
+        used = [view_model.version, *(m.version for m in finding_models.values())]
+        tag = version_tag(used)
+        report = cxr_report(
+            image.dataset,
+            ViewResult(view.label, view.probability, view.is_frontal_chest, algorithm_identity(view_model.version)),
+            list(findings.values()),
+            AlgorithmIdentity(name="cradle cxr", version=tag),
+            model_version_tag=tag,
+        )
+        summary = self._summary(tag, image, view, views, findings, finding_models, not_run, timer, context)
+        return PipelineOutput(model_version=tag, datasets=[report], summary=summary, artefacts=artefacts)
+
+    @staticmethod
+    def _radiographs(sources: list[Dataset]) -> list[Dataset]:
+        images = [ds for ds in sources if "PixelData" in ds and str(ds.get("Modality", "")) in RADIOGRAPH_MODALITIES]
+        if not images:
+            raise PipelineInputError(f"the series holds no {'/'.join(RADIOGRAPH_MODALITIES)} image")
+        return images
+
+    def _classify_views(self, images: list[_Radiograph], loaded: LoadedModel, device: torch.device,
+                        timer: _Timer) -> list[_ViewCall]:
+        version = loaded.version
+        classes = list(version.classes or [])
+        frontal = [i for i, c in enumerate(classes) if c in frontal_chest_classes(classes)]
+        if not frontal:
+            raise PipelineInputError(f"view model {version.version} has no frontal chest class among {classes}")
+        batch = np.stack([image.model_input(version.input_spec)[0] for image in images])
+        _, logits = timer("view", classify, loaded.module, batch, device)
+        probabilities = torch.softmax(logits / version.temperature, dim=1).numpy()
+        threshold = version.threshold if version.threshold is not None else DEFAULT_THRESHOLD
+        return [self._view_call(p, classes, frontal, threshold) for p in probabilities]
+
+    @staticmethod
+    def _view_call(p: np.ndarray, classes: list[str], frontal: list[int], threshold: float) -> _ViewCall:
+        best = int(np.argmax(p))
+        frontal_probability = float(min(1.0, p[frontal].sum()))
+        return _ViewCall(classes[best], float(p[best]), frontal_probability, frontal_probability >= threshold,
+                         {c: float(v) for c, v in zip(classes, p)})
+
+    @staticmethod
+    def _finding(task: str, loaded: LoadedModel, image: _Radiograph, context: PipelineContext, timer: _Timer,
+                 artefacts: dict[str, bytes]) -> Finding:
+        version = loaded.version
+        model_input, box = image.model_input(version.input_spec)
+        features, logits = timer(task, classify, loaded.module, model_input[None], context.device)
+        probability = float(torch.sigmoid(logits[0, 0] / version.temperature))
+        threshold = version.threshold if version.threshold is not None else DEFAULT_THRESHOLD
+        positive = probability >= threshold
+        region = None
+        if positive and context.settings.inference.gradcam:
+            heat = upsample(grad_cam(loaded.module, features), box)
+            region = hot_spot_polygon(heat)
+            artefacts[f"gradcam-{task}.png"] = heat_map_png(model_input, heat)
+        return Finding(FINDING_CODES[task], probability, threshold, positive, region=region,
+                       label=FINDING_LABELS[task], algorithm=algorithm_identity(version))
+
+    @staticmethod
+    def _summary(tag: str, image: _Radiograph, view: _ViewCall, views: list[_ViewCall], findings: dict[str, Finding],
+                 models: dict[str, LoadedModel], not_run: dict[str, str], timer: _Timer,
+                 context: PipelineContext) -> dict[str, Any]:
+        return {
+            "pipeline": "cxr",
+            "model_version": tag,
+            "image": str(image.dataset.SOPInstanceUID),
+            "images_classified": len(views),
+            "view": {"label": view.label, "probability": view.probability,
+                     "frontal_chest_probability": view.frontal_probability,
+                     "is_frontal_chest": view.is_frontal_chest},
+            "findings": {task: {"probability": f.probability, "threshold": f.threshold, "positive": f.positive,
+                                "model": models[task].version.version,
+                                "threshold_source": "version" if models[task].version.threshold is not None
+                                else "default", "region": f.region is not None}
+                         for task, f in findings.items()},
+            "tasks_run": ["view", *findings],
+            "tasks_not_run": not_run,
+            "forward_seconds": timer.seconds,
+            "device": str(context.device),
+        }

@@ -1,0 +1,262 @@
+"""``lung-mri``: a neonatal chest MR series → left and right lung → SEG + TID 1500 SR (volumes, mL).
+
+1. Slices sorted by position along the normal (ImageOrientationPatient × ImagePositionPatient),
+   stacked into a volume in Modality LUT units, normalised once per volume.
+2. The 2D U-Net (MONAI FlexibleUNet, ResNet-50 encoder, decoder 256-128-64-32-16) runs on batches of
+   slices, each letterboxed to the model's input size; sigmoid; back onto the source grid;
+   threshold 0.5 (or the version's threshold).
+3. 3D post-processing: keep the two largest connected components, fill holes (in 3D).
+4. Left/right split by geometry, not by the network: patient left is +x in DICOM's LPS patient
+   coordinates. Two components lying side by side are the two lungs (the one further to +x is the
+   left); otherwise (lungs touching, or a spurious second piece) the mask is cut at the sagittal
+   plane where it is thinnest between the lungs.
+5. Each lung's volume: voxel count × PixelSpacing × slice spacing, the slice spacing taken from the
+   positions themselves (each slice stands for half the distance to each neighbour).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydicom import Dataset
+from scipy import ndimage
+
+from inference.pipelines import NoActiveModel, PipelineContext, PipelineInputError, PipelineOutput
+from inference.preprocess import letterbox, modality_values, normalise
+from inference.registry import InputSpec, LoadedModel
+from inference.writers import AlgorithmIdentity, WriterInputError, lung_report, lung_segmentation, sort_series
+
+__all__ = [
+    "LEFT",
+    "RIGHT",
+    "LungMriPipeline",
+    "SliceGeometry",
+    "fill_holes",
+    "keep_largest_components",
+    "lung_volumes_ml",
+    "postprocess",
+    "split_left_right",
+]
+
+LEFT, RIGHT = 1, 2  # label values (and SEG segment numbers) of the writers
+DEFAULT_THRESHOLD = 0.5
+BATCH_SLICES = 16
+SIDE_BY_SIDE_OVERLAP = 0.5
+"""Two components are the two lungs when their left-right extents overlap by less than this
+fraction of the narrower one."""
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Patient-space geometry of a sorted single-frame series (DICOM LPS, mm)."""
+
+    positions: np.ndarray         # (slices, 3) ImagePositionPatient, sorted along the normal
+    row_direction: np.ndarray     # ImageOrientationPatient[:3]: direction of increasing column index
+    column_direction: np.ndarray  # ImageOrientationPatient[3:]: direction of increasing row index
+    row_spacing: float            # PixelSpacing[0]: between adjacent rows
+    column_spacing: float         # PixelSpacing[1]: between adjacent columns
+    fallback_spacing: float       # SpacingBetweenSlices or SliceThickness, for a single slice
+
+    @classmethod
+    def from_series(cls, ordered: list[Dataset]) -> "SliceGeometry":
+        spacings = {tuple(round(float(v), 6) for v in ds.PixelSpacing) for ds in ordered}
+        if len(spacings) != 1:
+            raise PipelineInputError("the slices differ in PixelSpacing")
+        orientation = np.asarray(ordered[0].ImageOrientationPatient, dtype=float)
+        row_spacing, column_spacing = spacings.pop()
+        first = ordered[0]
+        fallback = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 0.0)
+        return cls(np.array([[float(v) for v in ds.ImagePositionPatient] for ds in ordered]),
+                   orientation[:3], orientation[3:], row_spacing, column_spacing, fallback)
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_direction, self.column_direction)
+
+    def slice_extents_mm(self) -> np.ndarray:
+        """Thickness each slice stands for: half the distance to each neighbour (end slices: the
+        distance to their one neighbour). Equals the slice spacing for an evenly spaced series."""
+        offsets = self.positions @ self.normal
+        if len(offsets) == 1:
+            if self.fallback_spacing <= 0:
+                raise PipelineInputError("a single slice without SpacingBetweenSlices or SliceThickness")
+            return np.array([self.fallback_spacing])
+        gaps = np.diff(offsets)
+        before = np.concatenate([gaps[:1], gaps])
+        after = np.concatenate([gaps, gaps[-1:]])
+        return (before + after) / 2.0
+
+    @property
+    def pixel_area_mm2(self) -> float:
+        return self.row_spacing * self.column_spacing
+
+    def patient_x(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """Patient x (LPS: + is the patient's left) of every voxel, (slices, rows, columns) float32."""
+        slices, rows, columns = shape
+        x0 = self.positions[:, 0].astype(np.float32)[:, None, None]
+        along_rows = (self.column_direction[0] * self.row_spacing * np.arange(rows, dtype=np.float32))[None, :, None]
+        along_columns = (self.row_direction[0] * self.column_spacing
+                         * np.arange(columns, dtype=np.float32))[None, None, :]
+        return (x0 + along_rows + along_columns).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
+def keep_largest_components(mask: np.ndarray, keep: int = 2) -> np.ndarray:
+    """The ``keep`` largest 3D connected components (face connectivity) of a boolean volume."""
+    components, count = ndimage.label(mask)
+    if count <= keep:
+        return mask.astype(bool)
+    sizes = np.bincount(components.ravel())[1:]
+    kept = np.argsort(sizes, kind="stable")[::-1][:keep] + 1
+    return np.isin(components, kept)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Holes enclosed in 3D. Not slice by slice: at the lung bases an axial slice shows the lung as a
+    ring around the diaphragm's dome, which a 2D fill would wrongly add to the lung."""
+    return ndimage.binary_fill_holes(mask)
+
+
+def _x_extent(x: np.ndarray) -> tuple[float, float]:
+    return float(x.min()), float(x.max())
+
+
+def _side_by_side(a: np.ndarray, b: np.ndarray) -> bool:
+    (a0, a1), (b0, b1) = _x_extent(a), _x_extent(b)
+    overlap = max(0.0, min(a1, b1) - max(a0, b0))
+    return overlap < SIDE_BY_SIDE_OVERLAP * max(min(a1 - a0, b1 - b0), 1e-6)
+
+
+def _midline_x(x: np.ndarray, bin_mm: float) -> float:
+    """The sagittal plane (x) where the mask is thinnest, between its 30th and 70th x percentiles."""
+    low, high = np.percentile(x, (30, 70))
+    if high - low < bin_mm:
+        return float(np.median(x))
+    edges = np.arange(low, high + bin_mm, bin_mm)
+    counts, _ = np.histogram(x, bins=edges)
+    smoothed = np.convolve(counts, np.ones(3) / 3, mode="same") if len(counts) >= 3 else counts
+    centre = int(np.argmin(smoothed))
+    return float((edges[centre] + edges[centre + 1]) / 2)
+
+
+def split_left_right(lungs: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
+    """Label volume: 0 background, 1 left lung (+x in LPS), 2 right lung."""
+    labels = np.zeros(lungs.shape, dtype=np.uint8)
+    if not lungs.any():
+        return labels
+    x = geometry.patient_x(lungs.shape)
+    components, count = ndimage.label(lungs)
+    if count == 2 and _side_by_side(x[components == 1], x[components == 2]):
+        means = [float(x[components == i].mean()) for i in (1, 2)]
+        left = 1 if means[0] > means[1] else 2
+        labels[components == left] = LEFT
+        labels[(components > 0) & (components != left)] = RIGHT
+        return labels
+    midline = _midline_x(x[lungs], min(geometry.row_spacing, geometry.column_spacing))
+    labels[lungs & (x > midline)] = LEFT
+    labels[lungs & (x <= midline)] = RIGHT
+    return labels
+
+
+def postprocess(mask: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
+    """Thresholded network output → left/right label volume (see the module docstring)."""
+    return split_left_right(fill_holes(keep_largest_components(mask, 2)), geometry)
+
+
+def lung_volumes_ml(labels: np.ndarray, geometry: SliceGeometry) -> dict[str, float]:
+    """Each lung's volume in mL from the voxel counts per slice and the slice geometry."""
+    extents = geometry.slice_extents_mm()
+    volumes = {}
+    for name, value in (("left", LEFT), ("right", RIGHT)):
+        per_slice = (labels == value).reshape(len(labels), -1).sum(axis=1)
+        volumes[name] = float((per_slice * extents).sum() * geometry.pixel_area_mm2 / 1000.0)
+    return volumes
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def segment_slices(model: torch.nn.Module, volume: np.ndarray, spec: InputSpec, device: torch.device,
+                   batch_slices: int = BATCH_SLICES) -> tuple[np.ndarray, float]:
+    """Sigmoid probabilities on the source grid for a normalised (slices, rows, columns) volume, and the
+    seconds spent in the model's forward passes."""
+    boxed = [letterbox(plane, spec.image_size, keep_aspect=spec.keep_aspect, clahe=spec.clahe) for plane in volume]
+    box = boxed[0][1]
+    inputs = np.stack([image for image, _ in boxed])[:, None]
+    outputs, seconds = [], 0.0
+    for start in range(0, len(inputs), batch_slices):
+        x = torch.from_numpy(inputs[start:start + batch_slices]).to(device, memory_format=torch.channels_last)
+        began = time.perf_counter()
+        with torch.inference_mode():
+            probabilities = torch.sigmoid(model(x))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - began
+        outputs.append(probabilities[:, 0].float().cpu().numpy())
+    on_model_grid = np.concatenate(outputs)
+    return np.stack([box.unpad_resize(plane) for plane in on_model_grid]), seconds
+
+
+class LungMriPipeline:
+    name = "lung-mri"
+    tasks = ("lung-seg",)
+
+    def __init__(self, batch_slices: int = BATCH_SLICES) -> None:
+        self.batch_slices = batch_slices
+
+    def model_version(self, context: PipelineContext) -> str:
+        version = context.active("lung-seg")
+        if version is None:
+            raise NoActiveModel("lung-seg")
+        return version.version
+
+    def run(self, sources: list[Dataset], context: PipelineContext) -> PipelineOutput:
+        loaded = context.model("lung-seg")
+        ordered = self._sorted(sources)
+        geometry = SliceGeometry.from_series(ordered)
+        version = loaded.version
+        volume = normalise(np.stack([modality_values(ds) for ds in ordered]), version.input_spec.normalisation)
+        probabilities, seconds = segment_slices(loaded.module, volume, version.input_spec, context.device,
+                                                self.batch_slices)
+        threshold = version.threshold if version.threshold is not None else DEFAULT_THRESHOLD
+        labels = postprocess(probabilities >= threshold, geometry)
+        volumes = lung_volumes_ml(labels, geometry)
+        algorithm = AlgorithmIdentity(name=f"cradle lung-seg {version.arch}"[:64], version=version.version)
+        segmentation = lung_segmentation(ordered, labels, algorithm)
+        report = lung_report(ordered, segmentation, volumes, algorithm)
+        summary = self._summary(loaded, ordered, geometry, volumes, seconds, context)
+        return PipelineOutput(model_version=version.version, datasets=[segmentation, report], summary=summary)
+
+    @staticmethod
+    def _sorted(sources: list[Dataset]) -> list[Dataset]:
+        images = [ds for ds in sources if "PixelData" in ds]
+        if not images:
+            raise PipelineInputError("the series holds no image")
+        try:
+            return sort_series(images)
+        except WriterInputError as exc:
+            raise PipelineInputError(str(exc)) from exc
+
+    @staticmethod
+    def _summary(loaded: LoadedModel, ordered: list[Dataset], geometry: SliceGeometry, volumes: dict[str, float],
+                 seconds: float, context: PipelineContext) -> dict[str, Any]:
+        extents = geometry.slice_extents_mm()
+        return {
+            "pipeline": "lung-mri",
+            "model_version": loaded.version.version,
+            "slices": len(ordered),
+            "rows": int(ordered[0].Rows),
+            "columns": int(ordered[0].Columns),
+            "slice_spacing_mm": float(np.median(extents)),
+            "evenly_spaced": bool(np.allclose(extents, extents[0], rtol=0.01)),
+            "volumes_ml": {**volumes, "total": volumes["left"] + volumes["right"]},
+            "tasks_run": ["lung-seg"],
+            "forward_seconds": {"lung-seg": seconds},
+            "device": str(context.device),
+        }

@@ -1,0 +1,391 @@
+"""The job queue: one Celery app built from the node's settings, and the task that runs a job.
+
+The broker carries job ids only; the ``Job`` row is the truth (``inference.jobs``). Embedded
+default: kombu's SQLAlchemy transport on a SQLite file (``sqla+sqlite:///...``), which survives a
+restart and needs no server; Redis (``redis://host:6379/N``) in production, with its
+``visibility_timeout`` above the hard time limit so a running job is not re-delivered.
+
+There is no module-level app: ``make_celery(settings)`` builds one, ``cradle worker`` runs it in
+the foreground (``inference.commands.worker``), and the prefork pool's child inherits it by fork,
+so nothing needs to import an app by name. ``JobQueue(settings).enqueue(job_id)`` is what the
+listener calls.
+
+Importable without torch: the pipelines (and with them torch) are imported inside the worker's
+task only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from kombu.transport import sqlalchemy as kombu_sqla
+from pydicom import Dataset, dcmread
+from sqlalchemy import Engine, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import Settings
+from inference import jobs
+from storage.archive import Archive, safe_component
+from storage.db import create_db_engine, migrate, session_factory
+from storage.ingest import Ingest
+from storage.models import Instance, Series
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE = "cradle"
+RUN_JOB = "cradle.run_job"
+SQLITE_POLL_SECONDS = 0.1
+"""How often a worker polls the embedded SQLite broker: cheap, and most of a CR's latency budget."""
+RETRY_DELAY_MAX_SECONDS = 60
+
+EMBEDDED_TRANSPORT = "inference.queue:EmbeddedTransport"
+_SQLA_PREFIXES = ("sqla+", "sqlalchemy+")
+_ENGINE_OPTIONS = ("connect_args", "pool_pre_ping", "pool_recycle", "echo")
+
+
+# --- the embedded broker -----------------------------------------------------------------------
+
+
+class _EmbeddedChannel(kombu_sqla.Channel):
+    """kombu's SQLAlchemy channel, but only engine options reach ``create_engine`` (kombu passes
+    every transport option, so ``polling_interval`` would break it), and SQLite runs in WAL mode
+    with a busy timeout so the listener's publishes and the worker's polls wait for each other."""
+
+    def _engine_from_config(self) -> Engine:
+        from sqlalchemy import create_engine, event
+
+        conninfo = self.connection.client
+        options = {k: v for k, v in conninfo.transport_options.items() if k in _ENGINE_OPTIONS}
+        engine = create_engine(conninfo.hostname, **options)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _broker_sqlite_pragmas)
+        return engine
+
+
+def _broker_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+class EmbeddedTransport(kombu_sqla.Transport):
+    Channel = _EmbeddedChannel
+
+
+def _is_sqla(url: str) -> bool:
+    return url.startswith(_SQLA_PREFIXES)
+
+
+def _sqla_database_url(url: str) -> str:
+    return url.split("+", 1)[1]
+
+
+def _prepare_sqlite_broker(url: str) -> None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def broker_options(settings: Settings) -> tuple[str, str | None, dict[str, Any]]:
+    """(broker URL, transport, transport options) for the configured ``queue.broker_url``."""
+    url = settings.queue.broker_url
+    if _is_sqla(url):
+        database = _sqla_database_url(url)
+        _prepare_sqlite_broker(database)
+        return database, EMBEDDED_TRANSPORT, {"polling_interval": SQLITE_POLL_SECONDS,
+                                              "connect_args": {"timeout": 30}}
+    options: dict[str, Any] = {"visibility_timeout": settings.queue.visibility_timeout}
+    return url, None, options
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery settings cradle relies on (see DESIGN.md, 'Celery task design')."""
+    url, transport, transport_options = broker_options(settings)
+    limit = settings.queue.task_time_limit
+    config: dict[str, Any] = {
+        "broker_url": url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": limit,
+        "task_soft_time_limit": max(1, limit - min(30, limit // 10)),
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_publish_retry_policy": {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
+                                      "interval_max": 2},
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,  # the lease stops a double run
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+    }
+    if transport is not None:
+        config["broker_transport"] = transport
+        config["worker_enable_remote_control"] = False  # the SQL transport has no fanout
+    return config
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured from ``settings``, with ``cradle.run_job`` registered.
+
+    The task's collaborators (index sessions, archive, pipelines, model cache) are opened lazily
+    in the process that runs it, once per process (again after a fork).
+    """
+    app = Celery("cradle", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    runner = JobRunner(settings, requeue=lambda job_id, delay: _publish(app, job_id, delay))
+
+    @app.task(name=RUN_JOB, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+    def run_job(job_id: int) -> str:
+        return runner.run(int(job_id)).value
+
+    return app
+
+
+def _publish(app: Celery, job_id: int, countdown: float | None = None) -> None:
+    app.send_task(RUN_JOB, args=[job_id], countdown=countdown, retry=True)
+
+
+# --- the listener's side -----------------------------------------------------------------------
+
+
+class JobQueue:
+    """Puts job ids on the broker and notes when (``Job.enqueued_at``, for the reconciler).
+
+    A broker outage is logged, not raised: the job row is committed, and the reconciler enqueues
+    it again once the broker is back.
+    """
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session] | None = None,
+                 app: Celery | None = None) -> None:
+        self.settings = settings
+        self.app = app if app is not None else make_celery(settings)
+        self.sessions = sessions if sessions is not None else session_factory(
+            create_db_engine(settings.storage.database_url))
+
+    def enqueue(self, job_id: int) -> None:
+        self.publish(job_id)
+
+    def publish(self, job_id: int, countdown: float | None = None) -> bool:
+        try:
+            _publish(self.app, job_id, countdown)
+        except Exception as exc:  # noqa: BLE001 - kombu raises transport-specific errors
+            log.warning("job %d: broker unavailable (%s); the reconciler will enqueue it",
+                        job_id, type(exc).__name__)
+            return False
+        jobs.mark_enqueued(self.sessions, job_id)
+        log.debug("job %d: enqueued", job_id)
+        return True
+
+    def reconciler(self) -> jobs.Reconciler:
+        return jobs.Reconciler(self.sessions, self.enqueue, self.settings.queue)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+# --- the worker's side -------------------------------------------------------------------------
+
+
+@dataclass
+class _ProcessResources:
+    pid: int
+    sessions: sessionmaker[Session]
+    archive: Archive
+    ingest: Ingest
+    pipelines: Any = None  # PipelineHost, opened on the first job (imports torch)
+
+
+class JobRunner:
+    """Runs one job by id: lease, load the series, run its pipeline, archive the results, record
+    the outcome. Idempotent: a job that is not queued (or stale) is left alone."""
+
+    def __init__(self, settings: Settings, requeue: Callable[[int, float | None], None],
+                 pipeline_host: Callable[[Settings], Any] | None = None) -> None:
+        self.settings = settings
+        self.requeue = requeue
+        self.pipeline_host = pipeline_host or _default_pipeline_host
+        self._resources: _ProcessResources | None = None
+
+    def resources(self) -> _ProcessResources:
+        """This process's collaborators; re-opened in a forked child (never share a DB pool)."""
+        if self._resources is None or self._resources.pid != os.getpid():
+            engine = create_db_engine(self.settings.storage.database_url)
+            sessions = session_factory(engine)
+            archive = Archive(self.settings.storage.archive_dir, fsync=self.settings.storage.fsync)
+            ingest = Ingest(archive, sessions, duplicate_policy="replace")  # a re-run replaces its result
+            self._resources = _ProcessResources(os.getpid(), sessions, archive, ingest)
+        return self._resources
+
+    def prepare(self) -> None:
+        """Open the index (running migrations) once, in the worker's main process."""
+        migrate(create_db_engine(self.settings.storage.database_url))
+
+    def run(self, job_id: int) -> jobs.Finish:
+        res = self.resources()
+        lease = jobs.claim(res.sessions, job_id, jobs.process_identity(),
+                           lease_for=jobs.lease_seconds(self.settings.queue),
+                           max_attempts=self.settings.queue.max_attempts)
+        if lease is None:
+            return jobs.Finish.not_run
+        log.info("job %d: %s on series %d, attempt %d", job_id, lease.pipeline, lease.series_pk, lease.attempts)
+        if res.pipelines is None:
+            res.pipelines = self.pipeline_host(self.settings)
+        return self._run_leased(res, lease)
+
+    def _run_leased(self, res: _ProcessResources, lease: jobs.Lease) -> jobs.Finish:
+        host = res.pipelines
+        try:
+            sources = load_sources(res.sessions, res.archive, lease.series_pk)
+            output = host.run(lease.pipeline, sources)
+            if not jobs.still_owned(res.sessions, lease):
+                log.info("job %d: superseded or taken over while running; output discarded", lease.job_id)
+                return self._after_complete(lease, jobs.release_superseded(res.sessions, lease))
+            stored = [store_result(res.ingest, dataset) for dataset in output.datasets]
+            kept = store_artefacts(res, lease, getattr(output, "artefacts", None) or {})
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job row
+            if host.is_no_active_model(exc):
+                log.info("job %d: skipped: %s", lease.job_id, exc)
+                return jobs.skip(res.sessions, lease, str(exc))
+            return self._failed(res, lease, exc, permanent=host.is_permanent(exc))
+        result = result_summary(lease, output, stored, kept)
+        finish = jobs.complete(res.sessions, lease, model_version=str(output.model_version),
+                               result=result, has_output=bool(stored))
+        log.info("job %d: %s (%d result instances, model %s)", lease.job_id, finish.value, len(stored),
+                 output.model_version)
+        return self._after_complete(lease, finish)
+
+    def _after_complete(self, lease: jobs.Lease, finish: jobs.Finish) -> jobs.Finish:
+        if finish == jobs.Finish.requeued:
+            self.requeue(lease.job_id, None)
+        return finish
+
+    def _failed(self, res: _ProcessResources, lease: jobs.Lease, exc: BaseException, *,
+                permanent: bool) -> jobs.Finish:
+        error = describe_error(exc)
+        log.warning("job %d: attempt %d failed: %s", lease.job_id, lease.attempts, error,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
+        finish = jobs.fail_attempt(res.sessions, lease, error, max_attempts=self.settings.queue.max_attempts,
+                                   permanent=permanent)
+        if finish == jobs.Finish.requeued:
+            self.requeue(lease.job_id, float(min(RETRY_DELAY_MAX_SECONDS, 2 ** lease.attempts)))
+        return finish
+
+
+def describe_error(exc: BaseException) -> str:
+    """The error text kept on the job: the exception type and its message, one line."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}"[:jobs.ERROR_LIMIT] if message else type(exc).__name__
+
+
+def load_sources(sessions: sessionmaker[Session], archive: Archive, series_pk: int) -> list[Dataset]:
+    """The series' instances from the archive, sorted by instance number, then SOP Instance UID."""
+    with sessions() as session:
+        rows = session.execute(select(Instance.file_path, Instance.instance_number, Instance.sop_uid)
+                               .where(Instance.series_pk == series_pk)).all()
+        if not rows and session.get(Series, series_pk) is None:
+            raise LookupError(f"series {series_pk} is not in the index")
+    rows = sorted(rows, key=lambda r: (r.instance_number is None, r.instance_number or 0, r.sop_uid))
+    if not rows:
+        raise LookupError(f"series {series_pk} has no archived instances")
+    return [dcmread(archive.absolute(row.file_path)) for row in rows]
+
+
+def store_result(ingest: Ingest, dataset: Dataset) -> dict[str, str]:
+    ingest.store_dataset(dataset, is_result=True)
+    return {"sop_uid": str(dataset.SOPInstanceUID), "sop_class_uid": str(dataset.SOPClassUID),
+            "series_uid": str(dataset.SeriesInstanceUID), "modality": str(dataset.get("Modality", ""))}
+
+
+def store_artefacts(res: _ProcessResources, lease: jobs.Lease, artefacts: dict[str, Any]) -> list[str]:
+    """Keep a run's artefacts (e.g. Grad-CAM heat maps) in the archive beside the source series:
+    ``<study>/<series>/cradle-artefacts/<pipeline>/<name>``; a DICOM artefact is archived and
+    indexed like a result (but not sent). Returns what was kept (paths or SOP Instance UIDs)."""
+    if not artefacts:
+        return []
+    with res.sessions() as session:
+        series = session.get(Series, lease.series_pk)
+        folder = "/".join((safe_component(series.study.study_uid), safe_component(series.series_uid),
+                           "cradle-artefacts", safe_component(lease.pipeline)))
+    kept = []
+    for name, value in artefacts.items():
+        if isinstance(value, Dataset):
+            kept.append(store_result(res.ingest, value)["sop_uid"])
+        elif isinstance(value, (bytes, bytearray)):
+            kept.append(res.archive.put(f"{folder}/{safe_component(str(name))}", bytes(value)).relative_path)
+    return kept
+
+
+def result_summary(lease: jobs.Lease, output: Any, stored: list[dict[str, str]],
+                   archived: list[str]) -> dict[str, Any]:
+    """The job's ``result`` column: what was made, no patient identifiers."""
+    return {"generation": lease.generation, "pipeline": lease.pipeline,
+            "model_version": str(output.model_version), "instances": stored, "artefacts": archived,
+            "summary": _json_safe(getattr(output, "summary", None) or {})}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item"):  # numpy scalars
+        return _json_safe(value.item())
+    return str(value)
+
+
+class PipelineHost:
+    """The pipelines and the model cache of one worker process (imports torch when built)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from inference import pipelines
+
+        self._pipelines = pipelines
+        self.context = pipelines.PipelineContext.from_settings(settings)
+        self._no_model = _no_active_model_types()
+
+    def run(self, pipeline: str, sources: list[Dataset]) -> Any:
+        return self._pipelines.get_pipeline(pipeline).run(sources, self.context)
+
+    def is_no_active_model(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._no_model)
+
+    def is_permanent(self, exc: BaseException) -> bool:
+        """Retrying does not help: the series does not suit the pipeline, or no such pipeline."""
+        return isinstance(exc, (self._pipelines.PipelineInputError, KeyError))
+
+
+def _no_active_model_types() -> tuple[type[BaseException], ...]:
+    from inference import pipelines
+
+    types: list[type[BaseException]] = [pipelines.NoActiveModel]
+    try:
+        from inference import registry
+    except ImportError:
+        return tuple(types)
+    if getattr(registry, "NoActiveModel", None) not in (None, pipelines.NoActiveModel):
+        types.append(registry.NoActiveModel)
+    return tuple(types)
+
+
+def _default_pipeline_host(settings: Settings) -> PipelineHost:
+    return PipelineHost(settings)

@@ -1,0 +1,130 @@
+"""``cradle listen``, ``cradle status`` and ``cradle config check``.
+
+Each function takes the parsed arguments and the loaded settings (``node.cli`` loads them and
+answers exit code 2 with the bad key named when the configuration is invalid) and returns the exit
+code. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import yaml
+
+from config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[int], None]
+
+
+# --- cradle listen ----------------------------------------------------------------------------
+
+def listen(args: argparse.Namespace, settings: Settings) -> int:
+    """The listener and the completion monitor, in the foreground until SIGTERM or SIGINT."""
+    quiet_migrations()
+    from node.server import Listener, protect_logs  # after quieting: importing alembic logs at INFO
+
+    protect_logs()
+    listener = Listener(settings, enqueue=load_enqueue(settings))
+    stopping = threading.Event()
+    with _stop_on_signals(stopping):
+        listener.start()
+        try:
+            while not stopping.wait(1.0):
+                pass
+        finally:
+            listener.stop()
+    return 0
+
+
+def load_enqueue(settings: Settings) -> Enqueue | None:
+    """``inference.queue.JobQueue(settings).enqueue`` when that module exists; otherwise None and the
+    jobs wait in the database (state ``queued``) for the reconciler."""
+    if importlib.util.find_spec("inference.queue") is None:
+        log.info("inference.queue not installed: jobs stay queued in the database for the reconciler")
+        return None
+    try:
+        queue = importlib.import_module("inference.queue").JobQueue(settings)
+    except Exception as exc:  # noqa: BLE001 - a broker that is down must not stop the listener
+        log.warning("job queue unavailable (%s): jobs stay queued for the reconciler", type(exc).__name__)
+        return None
+    return queue.enqueue
+
+
+def quiet_migrations() -> None:
+    """Alembic announces every plugin at INFO; only its warnings matter to an operator."""
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger("alembic").level))
+
+
+@contextmanager
+def _stop_on_signals(stopping: threading.Event) -> Iterator[None]:
+    def handle(signum: int, _frame: object) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# --- cradle status ----------------------------------------------------------------------------
+
+def status(args: argparse.Namespace, settings: Settings) -> int:
+    quiet_migrations()
+    from storage.db import open_index
+    from storage.index import counts
+
+    sessions = open_index(settings.storage.database_url)
+    with sessions() as session:
+        summary = counts(session)
+    if getattr(args, "json", False):
+        from node.cli import print_json
+        print_json(summary)
+    else:
+        print(format_status(summary))
+    return 0
+
+
+def format_status(summary: dict) -> str:
+    rows = [(key, str(summary[key])) for key in ("patients", "studies", "series", "instances")]
+    jobs = summary.get("jobs") or {}
+    rows += [(f"jobs {state}", str(n)) for state, n in sorted(jobs.items())] or [("jobs", "0")]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value:>8}" for key, value in rows)
+
+
+# --- cradle config check ----------------------------------------------------------------------
+
+def config_check(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the resolved configuration (passwords hidden) as YAML; warn about risky choices."""
+    yaml.safe_dump(settings.redacted(), sys.stdout, sort_keys=False, default_flow_style=False)
+    for warning in config_warnings(settings):
+        print(f"cradle: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    warnings = []
+    if not settings.node.allowed_calling_aets:
+        warnings.append("node.allowed_calling_aets is empty: no modality can send to this node")
+    if not settings.storage.fsync:
+        warnings.append("storage.fsync is off: success may be answered before the data is on disk")
+    if settings.completion.quiet_seconds < settings.completion.poll_seconds:
+        warnings.append("completion.quiet_seconds is below completion.poll_seconds")
+    return warnings
+
+
+# --- cradle serve lives in node/serve.py (the lead's): it composes Listener with the worker and
+# --- dispatcher; see Listener.start()/stop() and load_enqueue() above.

@@ -1,0 +1,166 @@
+"""Completion: deciding when a series has fully arrived, then routing it.
+
+- A projection radiograph (CR, DX, mammography and intra-oral SOP classes, or modality CR/DX/MG/IO/PX)
+  is one image: its series completes on arrival.
+- Any other series completes when the index holds its expected count of instances (Images in
+  Acquisition, when the modality sends it) or after ``completion.quiet_seconds`` without a new
+  instance (checked by :class:`CompletionMonitor` every ``completion.poll_seconds``).
+- A late instance re-opens a complete series (``record_instance`` reports it); its next completion
+  routes it again, and the existing jobs are re-queued with ``generation + 1``.
+
+Completing is a state change under a row lock (``receiving`` → ``complete``), so two associations
+finishing the same series at once, or the monitor racing a C-STORE, route it once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pydicom.uid import (
+    ComputedRadiographyImageStorage, DigitalIntraOralXRayImageStorageForPresentation,
+    DigitalIntraOralXRayImageStorageForProcessing, DigitalMammographyXRayImageStorageForPresentation,
+    DigitalMammographyXRayImageStorageForProcessing, DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+)
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import RoutingRule
+from node.routing import RoutingDecision, route_series
+from storage.db import transaction
+from storage.index import InstanceHeader
+from storage.ingest import Outcome, StoreResult
+from storage.models import Instance, Series, SeriesState, utcnow
+
+log = logging.getLogger(__name__)
+
+PROJECTION_RADIOGRAPHY_SOP_CLASSES = frozenset({
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing,
+    DigitalMammographyXRayImageStorageForPresentation, DigitalMammographyXRayImageStorageForProcessing,
+    DigitalIntraOralXRayImageStorageForPresentation, DigitalIntraOralXRayImageStorageForProcessing,
+})
+SINGLE_IMAGE_MODALITIES = frozenset({"CR", "DX", "MG", "IO", "PX"})
+
+Enqueue = Callable[[int], None]
+
+
+def complete_on_arrival(header: InstanceHeader) -> bool:
+    """A projection radiograph is a series of one image: nothing more is coming."""
+    return (header.sop_class_uid in PROJECTION_RADIOGRAPHY_SOP_CLASSES
+            or header.modality.upper() in SINGLE_IMAGE_MODALITIES)
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A series that completed just now, how it was routed, and the jobs handed to the queue."""
+
+    series_pk: int
+    decision: RoutingDecision
+    job_ids: tuple[int, ...]
+    recompleted: bool
+
+
+class Completion:
+    """Completes series and routes them; thread-safe (each call uses its own session)."""
+
+    def __init__(self, sessions: sessionmaker[Session], rules: Sequence[RoutingRule], *,
+                 quiet_seconds: float, enqueue: Enqueue | None = None) -> None:
+        self.sessions = sessions
+        self.rules = list(rules)
+        self.quiet = dt.timedelta(seconds=quiet_seconds)
+        self.enqueue = enqueue
+
+    def after_store(self, result: StoreResult, header: InstanceHeader) -> Completed | None:
+        """Called by the C-STORE handler once an instance is committed."""
+        if result.series_pk is None or result.outcome not in (Outcome.stored, Outcome.conflict_replaced):
+            return None
+        if complete_on_arrival(header) or self._expected_count_reached(result.series_pk):
+            return self.complete(result.series_pk)
+        return None
+
+    def complete_quiet(self, now: dt.datetime | None = None) -> list[Completed]:
+        """Complete every receiving series that has had no new instance for the quiet period."""
+        cutoff = (now or utcnow()) - self.quiet
+        with self.sessions() as session:
+            due = list(session.scalars(select(Series.id).where(
+                Series.state == SeriesState.receiving, Series.last_received_at <= cutoff)
+                .order_by(Series.last_received_at)))
+        completed = (self.complete(series_pk, received_before=cutoff) for series_pk in due)
+        return [done for done in completed if done is not None]
+
+    def complete(self, series_pk: int, *, received_before: dt.datetime | None = None) -> Completed | None:
+        """Mark the series complete and route it, unless it already is complete (or, for a quiet-period
+        completion, an instance arrived after ``received_before``). Jobs are enqueued after commit."""
+        with transaction(self.sessions) as session:
+            series = session.scalar(select(Series).where(Series.id == series_pk).with_for_update())
+            if series is None or series.state != SeriesState.receiving:
+                return None
+            if received_before is not None and series.last_received_at > received_before:
+                return None
+            series.state = SeriesState.complete
+            series.completed_at = utcnow()
+            series.completions = (series.completions or 0) + 1
+            decision, job_ids = route_series(session, series, self.rules)
+            recompleted = series.completions > 1
+        log.info("series %s complete%s: %s; jobs %s", series_pk, " again" if recompleted else "",
+                 decision.reason, list(job_ids) or "none")
+        self._enqueue(job_ids)
+        return Completed(series_pk, decision, tuple(job_ids), recompleted)
+
+    def _expected_count_reached(self, series_pk: int) -> bool:
+        with self.sessions() as session:
+            expected = session.scalar(select(Series.expected_count).where(Series.id == series_pk))
+            if not expected:
+                return False
+            count = session.scalar(select(func.count()).select_from(Instance).where(Instance.series_pk == series_pk))
+        return count >= expected
+
+    def _enqueue(self, job_ids: Sequence[int]) -> None:
+        """Hand the job ids to the queue (which notes ``Job.enqueued_at``); a failure leaves the job
+        ``queued`` for the reconciler."""
+        if self.enqueue is None:
+            return
+        for job_id in job_ids:
+            try:
+                self.enqueue(job_id)
+            except Exception as exc:  # noqa: BLE001 - the database row is the truth; the reconciler retries
+                log.warning("job %s stays queued, enqueue failed: %s", job_id, type(exc).__name__)
+
+
+class CompletionMonitor:
+    """A background thread completing series after their quiet period; ``stop()`` ends it."""
+
+    def __init__(self, completion: Completion, poll_seconds: float) -> None:
+        self.completion = completion
+        self.poll_seconds = poll_seconds
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="cradle-completion", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.poll_seconds):
+            try:
+                self.completion.complete_quiet()
+            except Exception as exc:  # noqa: BLE001 - keep polling; the database may come back
+                log.exception("completion monitor: %s", type(exc).__name__)

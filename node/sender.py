@@ -1,0 +1,145 @@
+"""C-STORE SCU: send archived instances to one destination and report every returned status.
+
+One association per call, proposing each instance's own SOP class with its own transfer syntax
+(plus the uncompressed syntaxes pynetdicom can convert to, for an uncompressed file). Nothing is
+taken for granted: an association that is rejected, aborted or never answered, a DIMSE timeout,
+or a failure status is reported per instance; only 0x0000 (success) and the warning statuses
+count as delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.status import code_to_category
+
+from config.settings import Destination, NodeSettings
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One archived instance to send."""
+
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """What the destination answered for one instance. ``status`` is None when it never answered."""
+
+    sop_uid: str
+    status: int | None
+    error: str = ""
+
+    @property
+    def category(self) -> str:
+        if self.status is None:
+            return "No answer"
+        return code_to_category(self.status)
+
+    @property
+    def delivered(self) -> bool:
+        return self.category in ("Success", "Warning")
+
+    @property
+    def warning(self) -> bool:
+        return self.category == "Warning"
+
+
+def send(destination: Destination, instances: Sequence[Outgoing], node: NodeSettings) -> list[SendOutcome]:
+    """C-STORE ``instances`` to ``destination`` on one association, calling as ``node.ae_title``."""
+    if not instances:
+        return []
+    ae = _application_entity(node, instances)
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             tls_args=_tls_args(destination, node))
+    except (OSError, ssl.SSLError) as exc:
+        return _all(instances, None, f"cannot connect: {type(exc).__name__}")
+    if not assoc.is_established:
+        reason = ("association rejected" if assoc.is_rejected else
+                  "association aborted" if assoc.is_aborted else "no answer (connection refused or timed out)")
+        log.warning("destination %s (%s@%s:%d): %s", destination.name, destination.ae_title,
+                    destination.host, destination.port, reason)
+        return _all(instances, None, reason)
+    try:
+        return [_store_one(assoc, item) for item in instances]
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+
+def _application_entity(node: NodeSettings, instances: Sequence[Outgoing]) -> AE:
+    ae = AE(ae_title=node.ae_title)
+    ae.acse_timeout = node.acse_timeout
+    ae.dimse_timeout = node.dimse_timeout
+    ae.network_timeout = node.network_timeout
+    ae.maximum_pdu_size = node.max_pdu_size
+    for sop_class, syntaxes in _contexts(instances).items():
+        ae.add_requested_context(sop_class, syntaxes)
+    return ae
+
+
+def _contexts(instances: Sequence[Outgoing]) -> dict[str, list[str]]:
+    """SOP class → transfer syntaxes to propose: each file's own, and for uncompressed files both
+    little-endian syntaxes (pynetdicom converts between them)."""
+    contexts: dict[str, list[str]] = {}
+    for item in instances:
+        syntaxes = contexts.setdefault(item.sop_class_uid, [])
+        wanted = [item.transfer_syntax_uid]
+        if UID(item.transfer_syntax_uid) in UNCOMPRESSED:
+            wanted += [str(ts) for ts in UNCOMPRESSED]
+        syntaxes.extend(ts for ts in wanted if ts not in syntaxes)
+    return contexts
+
+
+def _store_one(assoc, item: Outgoing) -> SendOutcome:  # noqa: ANN001 - pynetdicom Association
+    if not assoc.is_established:
+        return SendOutcome(item.sop_uid, None, "association ended before this instance was sent")
+    try:
+        status = assoc.send_c_store(item.path)
+    except ValueError as exc:  # no accepted presentation context for this SOP class/syntax
+        return SendOutcome(item.sop_uid, None, f"not accepted by the destination: {exc}"[:500])
+    except (OSError, AttributeError) as exc:
+        return SendOutcome(item.sop_uid, None, f"cannot read the archived file: {type(exc).__name__}")
+    if "Status" not in status:
+        return SendOutcome(item.sop_uid, None, "no response (DIMSE timeout or association aborted)")
+    code = int(status.Status)
+    comment = str(status.get("ErrorComment", "") or "")
+    outcome = SendOutcome(item.sop_uid, code, comment[:500])
+    if not outcome.delivered:
+        log.warning("C-STORE of %s answered 0x%04X (%s)", item.sop_uid, code, outcome.category)
+    elif outcome.warning:
+        log.info("C-STORE of %s answered warning 0x%04X", item.sop_uid, code)
+    return outcome
+
+
+def _all(instances: Sequence[Outgoing], status: int | None, error: str) -> list[SendOutcome]:
+    return [SendOutcome(item.sop_uid, status, error) for item in instances]
+
+
+def _tls_args(destination: Destination, node: NodeSettings) -> tuple[ssl.SSLContext, str] | None:
+    """DICOM TLS to this destination (BCP 195: TLS 1.2+), verifying its certificate against
+    ``node.tls.ca_certificates`` and presenting the node's own certificate when configured."""
+    if not destination.tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=node.tls.ca_certificates)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if node.tls.certificate and node.tls.private_key:
+        context.load_cert_chain(node.tls.certificate, node.tls.private_key)
+    return context, destination.host

@@ -1,0 +1,163 @@
+"""The listener: a pynetdicom AE answering C-ECHO and C-STORE, plus the completion monitor.
+
+``Listener(settings, enqueue=...)`` is what ``cradle listen`` runs in the foreground and what
+``cradle serve`` composes with the worker and dispatcher: ``start()`` sweeps the archive, opens the
+port and starts the monitor; ``stop()`` closes the port, lets running associations finish, and
+stops the monitor.
+
+pynetdicom logs identifiers (patient name and ID in its data set dumps) at DEBUG and pydicom logs
+invalid element values (a malformed birth date, say) as warnings: :func:`protect_logs` keeps both
+at WARNING/ERROR whatever ``logging.level`` says. Our own log lines carry UIDs, row ids and AE titles.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+import warnings
+from collections.abc import Callable
+
+from pydicom._uid_dict import UID_dictionary
+from pydicom.uid import AllTransferSyntaxes, MediaStorageDirectoryStorage
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import NodeSettings, Settings, TLSSettings
+from node import handlers
+from node.completion import Completion, CompletionMonitor
+from storage.archive import Archive
+from storage.db import open_index
+from storage.ingest import Ingest, SweepReport
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[int], None]
+
+
+def protect_logs() -> None:
+    """Keep patient identifiers out of the logs of libraries that would print them."""
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger("pynetdicom").level))
+    logging.getLogger("pydicom").setLevel(max(logging.ERROR, logging.getLogger("pydicom").level))
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
+def storage_sop_classes() -> list[str]:
+    """Every standard storage SOP Class: pynetdicom's list plus those pydicom's dictionary names
+    "... Storage" that it lacks (retired ones included; a modality may still send them)."""
+    known = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+    extra = sorted(uid for uid, (name, kind, *_rest) in UID_dictionary.items()
+                   if kind == "SOP Class" and name.endswith(" Storage") and uid != MediaStorageDirectoryStorage
+                   and uid not in known)
+    return [str(uid) for uid in known] + extra
+
+
+def supported_contexts() -> list[PresentationContext]:
+    """Verification, and each storage SOP Class with every transfer syntax pydicom knows."""
+    syntaxes = [str(ts) for ts in AllTransferSyntaxes]
+    contexts = [build_context(Verification)]
+    contexts.extend(build_context(uid, syntaxes) for uid in storage_sop_classes())
+    return contexts
+
+
+def build_ae(node: NodeSettings) -> AE:
+    ae = AE(ae_title=node.ae_title)
+    ae.supported_contexts = supported_contexts()
+    ae.require_called_aet = True
+    titles = list(node.calling_ae_hosts())
+    ae.require_calling_aet = titles  # checked again, with hosts and "empty means nobody", on EVT_REQUESTED
+    ae.maximum_associations = node.max_associations
+    ae.maximum_pdu_size = node.max_pdu_size
+    ae.acse_timeout = node.acse_timeout
+    ae.dimse_timeout = node.dimse_timeout
+    ae.network_timeout = node.network_timeout
+    return ae
+
+
+def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
+    """The server side of DICOM TLS (TLS 1.2 or newer), or None when TLS is off."""
+    if not tls.enabled:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.ca_certificates is not None:
+        context.load_verify_locations(str(tls.ca_certificates))
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
+    return context
+
+
+def event_handlers(node: NodeSettings, ingest: Ingest, completion: Completion | None) -> list:
+    after_store = completion.after_store if completion is not None else None
+    return [
+        (evt.EVT_REQUESTED, handlers.handle_requested, [node.ae_title, node.calling_ae_hosts()]),
+        (evt.EVT_ACCEPTED, handlers.handle_accepted),
+        (evt.EVT_RELEASED, handlers.handle_released),
+        (evt.EVT_ABORTED, handlers.handle_aborted),
+        (evt.EVT_C_ECHO, handlers.handle_echo),
+        (evt.EVT_C_STORE, handlers.handle_store, [ingest, after_store]),
+    ]
+
+
+class Listener:
+    """The DICOM listener and the completion monitor of one node."""
+
+    def __init__(self, settings: Settings, *, enqueue: Enqueue | None = None,
+                 sessions: sessionmaker[Session] | None = None) -> None:
+        self.settings = settings
+        self.sessions = sessions if sessions is not None else open_index(settings.storage.database_url)
+        self.archive = Archive(settings.storage.archive_dir, fsync=settings.storage.fsync)
+        self.ingest = Ingest(self.archive, self.sessions, duplicate_policy=settings.node.duplicate_policy)
+        self.completion = Completion(self.sessions, settings.routing.rules,
+                                     quiet_seconds=settings.completion.quiet_seconds, enqueue=enqueue)
+        self.monitor = CompletionMonitor(self.completion, settings.completion.poll_seconds)
+        self.ae = build_ae(settings.node)
+        self._server = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            return self.settings.node.host, self.settings.node.port
+        return self._server.server_address[:2]
+
+    def start(self) -> SweepReport:
+        """Sweep the archive, then accept associations and start the completion monitor."""
+        protect_logs()
+        self.archive.ensure_root()
+        report = self.ingest.sweep()
+        log.info("startup sweep: %d temporary files removed, %d files re-indexed, %d rows without file "
+                 "removed, %d unreadable files", report.temporaries_removed, report.files_reindexed,
+                 report.rows_without_file_removed, report.unreadable_files)
+        node = self.settings.node
+        if not node.allowed_calling_aets:
+            log.warning("node.allowed_calling_aets is empty: every association will be rejected")
+        self._server = self.ae.start_server(
+            (node.host, node.port), block=False, ae_title=node.ae_title,
+            evt_handlers=event_handlers(node, self.ingest, self.completion), ssl_context=tls_context(node.tls))
+        self.monitor.start()
+        log.info("listening as %s on %s:%d", node.ae_title, *self.address)
+        return report
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Close the port, give running associations ``grace_seconds`` to finish (an answered
+        C-STORE is durable either way; an unanswered one is re-sent by its sender), stop the monitor."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        deadline = time.monotonic() + grace_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.ae.active_associations:
+            log.warning("aborting %d association(s) still running", len(self.ae.active_associations))
+        self.ae.shutdown()
+        self.monitor.stop()
+        log.info("listener stopped")
+
+    def __enter__(self) -> "Listener":
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

@@ -1,0 +1,788 @@
+"""SR, SEG and SC writers: standard conformance (dciodvfy), round trips, determinism."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from inference import writers
+from inference.writers import (
+    AlgorithmIdentity,
+    Finding,
+    LabelVolumeError,
+    LungVolumes,
+    RegionError,
+    SourceImageError,
+    ViewResult,
+)
+
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+N_SLICES, MR_SIZE = 16, 64
+
+# --------------------------------------------------------------------------
+# Source fixtures
+# --------------------------------------------------------------------------
+
+
+def _patient_and_study(ds: Dataset, study_uid: str) -> None:
+    ds.PatientName = "Test^Baby"
+    ds.PatientID = "CRADLE-TEST-1"
+    ds.PatientBirthDate = "20240301"
+    ds.PatientSex = "F"
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate = "20240302"
+    ds.StudyTime = "081500"
+    ds.StudyID = "1"
+    ds.AccessionNumber = "ACC1"
+    ds.ReferringPhysicianName = ""
+
+
+def _file_meta(ds: Dataset) -> None:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+
+def make_cr(*, with_orientation: bool = True) -> Dataset:
+    """A 512x512 MONOCHROME1 CR with a bright (dark on screen) chest blob."""
+    ds = Dataset()
+    ds.SOPClassUID = CR_IMAGE_STORAGE
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["cr", str(with_orientation)])
+    _patient_and_study(ds, generate_uid(entropy_srcs=["cr-study"]))
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["cr-series", str(with_orientation)])
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Modality = "CR"
+    ds.Manufacturer = "Synthetic"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "AP"
+    if with_orientation:
+        ds.PatientOrientation = ["L", "F"]
+        ds.ImagerPixelSpacing = [0.15, 0.15]
+    else:
+        ds.PatientOrientation = ""
+    rows = cols = 512
+    yy, xx = np.mgrid[:rows, :cols]
+    blob = ((yy - 256) ** 2 + (xx - 256) ** 2) < 180**2
+    pixels = np.where(blob, 3000, 800).astype(np.uint16)
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    _file_meta(ds)
+    return ds
+
+
+def make_mr_series(n_slices: int = N_SLICES, size: int = MR_SIZE) -> list[Dataset]:
+    """An axial MR series, returned in shuffled order (the writers must sort it)."""
+    study_uid = generate_uid(entropy_srcs=["mr-study"])
+    series_uid = generate_uid(entropy_srcs=["mr-series"])
+    frame_uid = generate_uid(entropy_srcs=["mr-for"])
+    slices = []
+    for i in range(n_slices):
+        ds = Dataset()
+        ds.SOPClassUID = MR_IMAGE_STORAGE
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=["mr", str(i)])
+        _patient_and_study(ds, study_uid)
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = 3
+        ds.InstanceNumber = i + 1
+        ds.Modality = "MR"
+        ds.Manufacturer = "Synthetic"
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+        ds.ScanningSequence = "GR"
+        ds.SequenceVariant = "NONE"
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "3D"
+        ds.EchoTrainLength = 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-48.0, -48.0, -20.0 + 2.5 * i]
+        ds.SliceLocation = -20.0 + 2.5 * i
+        ds.PixelSpacing = [1.5, 1.5]
+        ds.SliceThickness = 2.5
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation = 0
+        ds.PixelData = np.full((size, size), 100 + i, np.uint16).tobytes()
+        _file_meta(ds)
+        slices.append(ds)
+    rng = np.random.default_rng(7)
+    return [slices[i] for i in rng.permutation(n_slices)]
+
+
+def make_labels(n_slices: int = N_SLICES, size: int = MR_SIZE) -> np.ndarray:
+    """Two ellipsoid-ish lungs whose size peaks at different slices; ends empty."""
+    labels = np.zeros((n_slices, size, size), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    for z in range(2, n_slices - 2):
+        r_left = 12 - abs(z - 7)
+        r_right = 11 - abs(z - 9)
+        if r_left > 0:
+            labels[z][((yy - 32) / 1.6) ** 2 + (xx - 44) ** 2 < r_left**2] = 1
+        if r_right > 0:
+            labels[z][((yy - 32) / 1.6) ** 2 + (xx - 19) ** 2 < r_right**2] = 2
+    return labels
+
+
+ALGO_CXR = AlgorithmIdentity(name="cradle-cxr-bpd", version="bpd-3")
+ALGO_SEG = AlgorithmIdentity(name="cradle-lung-seg", version="lung-seg-3")
+
+
+def _findings(with_region: bool = True) -> list[Finding]:
+    square = np.array([[200, 150], [320, 150], [320, 300], [200, 300]], float)
+    return [
+        Finding(
+            code=writers.BRONCHOPULMONARY_DYSPLASIA,
+            probability=0.71,
+            threshold=0.5,
+            positive=True,
+            region=square if with_region else None,
+            label="BPD risk (moderate/severe)",
+        ),
+        Finding(code=writers.PNEUMONIA, probability=0.12, threshold=0.35, positive=False),
+    ]
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def _bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _write(ds: Dataset, path: Path) -> Path:
+    path.write_bytes(_bytes(ds))
+    return path
+
+
+def _dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (run.stdout + run.stderr).splitlines()
+    return (
+        [line for line in lines if line.startswith("Error")],
+        [line for line in lines if line.startswith("Warning")],
+    )
+
+
+def _walk(items):
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))
+
+
+def _num_items(sr: Dataset) -> list[Dataset]:
+    return [i for i in _walk(sr.ContentSequence) if i.ValueType == "NUM"]
+
+
+def _measurement_groups(sr: Dataset) -> list[Dataset]:
+    return [
+        i
+        for i in _walk(sr.ContentSequence)
+        if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "125007"
+    ]
+
+
+def _num_values(group: Dataset, code_value: str) -> list[float]:
+    return [
+        float(i.MeasuredValueSequence[0].NumericValue)
+        for i in group.ContentSequence
+        if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == code_value
+    ]
+
+
+def _text(group: Dataset, code_value: str) -> list[str]:
+    return [
+        i.TextValue
+        for i in group.ContentSequence
+        if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == code_value
+    ]
+
+
+def _referenced_sops(sr: Dataset) -> set[str]:
+    return {
+        ref.ReferencedSOPInstanceUID
+        for item in _walk(sr.ContentSequence)
+        if item.ValueType == "IMAGE"
+        for ref in item.ReferencedSOPSequence
+    }
+
+
+# --------------------------------------------------------------------------
+# Shared built objects (module scope keeps the suite fast)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cr() -> Dataset:
+    return make_cr()
+
+
+@pytest.fixture(scope="module")
+def mr() -> list[Dataset]:
+    return make_mr_series()
+
+
+@pytest.fixture(scope="module")
+def sorted_mr(mr) -> list[Dataset]:
+    return sorted(mr, key=lambda ds: float(ds.ImagePositionPatient[2]))
+
+
+@pytest.fixture(scope="module")
+def labels() -> np.ndarray:
+    return make_labels()
+
+
+@pytest.fixture(scope="module")
+def cxr_sr(cr) -> hd.sr.Comprehensive3DSR:
+    view = ViewResult(label="chest AP", probability=0.97, is_frontal_chest=True)
+    return writers.cxr_report(cr, view, _findings(), ALGO_CXR)
+
+
+@pytest.fixture(scope="module")
+def seg(mr, labels) -> hd.seg.Segmentation:
+    return writers.lung_segmentation(mr, labels, ALGO_SEG)
+
+
+@pytest.fixture(scope="module")
+def lung_sr(mr, seg) -> hd.sr.Comprehensive3DSR:
+    return writers.lung_report(mr, seg, LungVolumes(left_ml=31.25, right_ml=27.5), ALGO_SEG)
+
+
+@pytest.fixture(scope="module")
+def non_frontal_sr(cr) -> hd.sr.Comprehensive3DSR:
+    view = ViewResult(label="abdomen AP", probability=0.88, is_frontal_chest=False)
+    return writers.cxr_report(cr, view, _findings(), ALGO_CXR)
+
+
+CXR_SUMMARY_LINES = ["BPD risk (moderate/severe): 0.71 (threshold 0.50) positive"]
+
+
+@pytest.fixture(scope="module")
+def cxr_sc(cr) -> Dataset:
+    overlay = np.zeros((512, 512), np.uint8)
+    overlay[150:300, 200:320] = 1
+    return writers.summary_image(cr, overlay, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr")
+
+
+@pytest.fixture(scope="module")
+def lung_sc(sorted_mr, labels) -> Dataset:
+    return writers.summary_image(
+        sorted_mr[7], labels[7], ["Left lung 31.3 mL", "Right lung 27.5 mL"], ALGO_SEG,
+        pipeline="lung-mri",
+    )
+
+
+@pytest.fixture(scope="module")
+def all_objects(cxr_sr, non_frontal_sr, seg, lung_sr, cxr_sc, lung_sc) -> dict[str, Dataset]:
+    bare_cr = make_cr(with_orientation=False)
+    view = ViewResult(label="chest AP", probability=0.9, is_frontal_chest=True)
+    return {
+        "cxr-sr": cxr_sr,
+        "cxr-sr-no-orientation": writers.cxr_report(bare_cr, view, _findings(False), ALGO_CXR),
+        "cxr-sr-non-frontal": non_frontal_sr,
+        "lung-seg": seg,
+        "lung-sr": lung_sr,
+        "cxr-sc": cxr_sc,
+        "lung-sc": lung_sc,
+    }
+
+
+OBJECT_NAMES = [
+    "cxr-sr", "cxr-sr-no-orientation", "cxr-sr-non-frontal", "lung-seg", "lung-sr",
+    "cxr-sc", "lung-sc",
+]
+SR_NAMES = [name for name in OBJECT_NAMES if name.endswith("sr") or "-sr-" in name]
+
+
+# --------------------------------------------------------------------------
+# Conformance and round trips
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", OBJECT_NAMES)
+def test_dciodvfy_reports_no_errors_or_warnings(name, all_objects, tmp_path):
+    errors, warnings = _dciodvfy(_write(all_objects[name], tmp_path / f"{name}.dcm"))
+    assert errors == []
+    assert warnings == []
+
+
+@pytest.mark.parametrize("name", SR_NAMES)
+def test_sr_round_trips_through_srread_and_dsrdump(name, all_objects, tmp_path):
+    path = _write(all_objects[name], tmp_path / f"{name}.dcm")
+    sr = hd.sr.srread(path)
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    assert sr.SOPInstanceUID == all_objects[name].SOPInstanceUID
+    assert isinstance(sr.content, hd.sr.MeasurementReport)
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    tool = shutil.which("dsrdump")
+    if tool is None:
+        pytest.skip("dsrdump (DCMTK) is not installed")
+    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "Imaging Measurement Report" in run.stdout
+    assert "E: " not in run.stderr and "W: " not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("name", SR_NAMES)
+def test_no_num_item_has_nested_content(name, all_objects):
+    nums = _num_items(all_objects[name])
+    assert nums
+    assert all("ContentSequence" not in item for item in nums)
+
+
+@pytest.mark.parametrize("name", OBJECT_NAMES)
+def test_patient_study_and_equipment_follow_the_source(name, all_objects, cr, sorted_mr):
+    ds = all_objects[name]
+    source = sorted_mr[0] if name.startswith("lung") else cr
+    for keyword in (
+        "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+        "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+    ):
+        assert str(ds.get(keyword)) == str(source.get(keyword)), keyword
+    algorithm = ALGO_SEG if name.startswith("lung") else ALGO_CXR
+    assert ds.Manufacturer == "cradle"
+    assert ds.ManufacturerModelName == algorithm.name
+    assert ds.SoftwareVersions == algorithm.version
+    assert ds.SeriesDescription.startswith("cradle AI: ")
+    assert algorithm.version in ds.SeriesDescription
+    # Dates come from the source, not the clock, so a re-run is byte-identical.
+    dates = {str(ds.get(kw)) for kw in ("ContentDate", "SeriesDate", "InstanceCreationDate")}
+    times = {str(ds.get(kw)) for kw in ("ContentTime", "SeriesTime", "InstanceCreationTime")}
+    assert (dates, times) == ({"20240302"}, {"081500"})
+
+
+# --------------------------------------------------------------------------
+# SEG
+# --------------------------------------------------------------------------
+
+
+def test_seg_has_a_frame_per_slice_and_segment_each_referencing_its_slice(
+    seg, sorted_mr, tmp_path
+):
+    seg = hd.seg.segread(_write(seg, tmp_path / "seg.dcm"))
+    assert seg.SegmentationType == "BINARY"
+    assert seg.NumberOfFrames == N_SLICES * 2
+    assert seg.FrameOfReferenceUID == sorted_mr[0].FrameOfReferenceUID
+    by_position = {
+        tuple(round(float(v), 3) for v in ds.ImagePositionPatient): ds for ds in sorted_mr
+    }
+    per_segment: dict[int, list[str]] = {1: [], 2: []}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        position = tuple(
+            round(float(v), 3) for v in frame.PlanePositionSequence[0].ImagePositionPatient
+        )
+        source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        assert source.ReferencedSOPInstanceUID == by_position[position].SOPInstanceUID
+        segment = frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        per_segment[segment].append(source.ReferencedSOPInstanceUID)
+    for uids in per_segment.values():
+        assert sorted(uids) == sorted(ds.SOPInstanceUID for ds in sorted_mr)
+
+
+def test_seg_label_volume_reads_back_unchanged(seg, sorted_mr, labels, tmp_path):
+    seg = hd.seg.segread(_write(seg, tmp_path / "seg.dcm"))
+    volume = seg.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in sorted_mr], combine_segments=True
+    )
+    np.testing.assert_array_equal(volume, labels)
+
+
+def test_seg_segments_describe_the_lungs_and_the_algorithm(seg):
+    left, right = seg.SegmentSequence
+    assert (left.SegmentNumber, left.SegmentLabel) == (1, "Left lung")
+    assert (right.SegmentNumber, right.SegmentLabel) == (2, "Right lung")
+    assert left.SegmentedPropertyTypeCodeSequence[0].CodeValue == "44029006"
+    assert right.SegmentedPropertyTypeCodeSequence[0].CodeValue == "3341006"
+    for segment in (left, right):
+        category = segment.SegmentedPropertyCategoryCodeSequence[0]
+        assert (category.CodeValue, category.CodingSchemeDesignator) == ("123037004", "SCT")
+        assert segment.SegmentAlgorithmType == "AUTOMATIC"
+        algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmName == ALGO_SEG.name
+        assert algorithm.AlgorithmVersion == ALGO_SEG.version
+        assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
+        assert segment.TrackingID == segment.SegmentLabel
+        assert pydicom.uid.UID(segment.TrackingUID).is_valid
+    assert list(left.RecommendedDisplayCIELabValue) != list(right.RecommendedDisplayCIELabValue)
+
+
+# --------------------------------------------------------------------------
+# Lung SR
+# --------------------------------------------------------------------------
+
+
+def test_lung_sr_volumes_equal_the_inputs_and_reference_the_segments(lung_sr, seg, tmp_path):
+    sr = hd.sr.srread(_write(lung_sr, tmp_path / "lung.dcm"))
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    volumes = {}
+    for group in groups:
+        label = str(group.tracking_identifier)
+        (volume,) = group.get_measurements(name=writers.VOLUME)
+        assert volume.unit.value == "mL"
+        volumes[label] = volume.value
+        (seg_ref,) = [
+            i for i in group[0].ContentSequence
+            if i.ValueType == "IMAGE" and i.ConceptNameCodeSequence[0].CodeValue == "121191"
+        ]
+        expected_segment = 1 if label == "Left lung" else 2
+        assert seg_ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert seg_ref.ReferencedSOPSequence[0].ReferencedSegmentNumber == expected_segment
+        # The group and the SEG segment share their tracking UID.
+        assert group.tracking_uid == seg.SegmentSequence[expected_segment - 1].TrackingUID
+    assert volumes == {"Left lung": 31.25, "Right lung": 27.5}
+
+
+def test_lung_sr_outlines_each_lung_on_its_largest_slice(lung_sr, sorted_mr, labels, tmp_path):
+    sr = hd.sr.srread(_write(lung_sr, tmp_path / "lung.dcm"))
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert {str(g.tracking_identifier) for g in groups} == {"Left lung", "Right lung"}
+    for group in groups:
+        value = 1 if str(group.tracking_identifier) == "Left lung" else 2
+        areas = (labels == value).sum(axis=(1, 2))
+        largest = sorted_mr[int(np.argmax(areas))]
+        region = group.roi
+        assert region.GraphicType == "POLYLINE"
+        points = region.value
+        np.testing.assert_array_equal(points[0], points[-1])
+        assert len(points) >= 4
+        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+            largest.SOPInstanceUID
+        )
+        # The outline sits on the lung: its centre lies inside the mask.
+        centre_col, centre_row = points[:-1].mean(axis=0)
+        mask = labels[int(np.argmax(areas))] == value
+        assert mask[int(centre_row), int(centre_col)]
+        (volume,) = group.get_measurements(name=writers.VOLUME)
+        assert volume.value == (31.25 if value == 1 else 27.5)
+        (area,) = group.get_measurements(name=writers.AREA)
+        assert area.value == pytest.approx(areas.max() * 1.5 * 1.5)
+
+
+def test_lung_sr_references_every_source_slice_and_the_seg(lung_sr, sorted_mr, seg):
+    assert {ds.SOPInstanceUID for ds in sorted_mr} <= _referenced_sops(lung_sr)
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study in lung_sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert evidence == {ds.SOPInstanceUID for ds in sorted_mr} | {seg.SOPInstanceUID}
+
+
+def test_lung_sr_names_the_device_observer_and_procedure(lung_sr):
+    items = {
+        i.ConceptNameCodeSequence[0].CodeMeaning: i for i in lung_sr.ContentSequence
+    }
+    assert items["Device Observer Name"].TextValue == ALGO_SEG.name
+    assert items["Device Observer Manufacturer"].TextValue == "cradle"
+    assert items["Device Observer Model Name"].TextValue == ALGO_SEG.version
+    assert items["Procedure reported"].ConceptCodeSequence[0].CodeValue == "6007000"
+
+
+def test_lung_sr_accepts_a_seg_read_from_disk_and_a_volume_mapping(mr, seg, tmp_path):
+    from_disk = hd.seg.segread(_write(seg, tmp_path / "seg.dcm"))
+    sr = writers.lung_report(mr, from_disk, {"left": 31.25, "right": 27.5}, ALGO_SEG)
+    assert sr.SOPInstanceUID == writers.lung_report(
+        mr, seg, LungVolumes(31.25, 27.5), ALGO_SEG
+    ).SOPInstanceUID
+
+
+# --------------------------------------------------------------------------
+# CXR SR
+# --------------------------------------------------------------------------
+
+
+def _group_by_label(sr: Dataset) -> dict[str, Dataset]:
+    return {_text(g, "112039")[0]: g for g in _measurement_groups(sr)}
+
+
+def test_cxr_sr_reports_view_and_findings_with_thresholds(cxr_sr, cr):
+    groups = _group_by_label(cxr_sr)
+    assert set(groups) == {"Image view", "BPD risk (moderate/severe)", "Pneumonia"}
+    view = groups["Image view"]
+    assert _text(view, "111031") == ["chest AP"]
+    assert _num_values(view, "122157") == [pytest.approx(0.97)]
+    assert _text(view, "121106") == [writers.FRONTAL_CHEST_TEXT]
+    bpd = groups["BPD risk (moderate/severe)"]
+    assert _num_values(bpd, "122157") == [pytest.approx(0.71)]
+    assert _num_values(bpd, "122411") == [pytest.approx(0.5)]
+    calls = {
+        i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0].CodeValue
+        for i in bpd.ContentSequence if i.ValueType == "CODE"
+    }
+    assert calls["121071"] == "67569000"  # Finding
+    assert calls["67569000"] == "10828004"  # Positive
+    pneumonia = groups["Pneumonia"]
+    assert _num_values(pneumonia, "122411") == [pytest.approx(0.35)]
+    calls = {
+        i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0].CodeValue
+        for i in pneumonia.ContentSequence if i.ValueType == "CODE"
+    }
+    assert calls["233604007"] == "260385009"  # Negative
+    assert cr.SOPInstanceUID in _referenced_sops(cxr_sr)
+    evidence = cxr_sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == cr.SOPInstanceUID
+
+
+def test_cxr_finding_region_becomes_a_closed_planar_roi_on_the_radiograph(cxr_sr, cr, tmp_path):
+    sr = hd.sr.srread(_write(cxr_sr, tmp_path / "cxr.dcm"))
+    (group,) = sr.content.get_planar_roi_measurement_groups()
+    assert str(group.tracking_identifier) == "BPD risk (moderate/severe)"
+    region = group.roi
+    assert region.GraphicType == "POLYLINE"
+    np.testing.assert_array_equal(region.value[0], region.value[-1])
+    np.testing.assert_array_equal(
+        region.value[:4], [[200, 150], [320, 150], [320, 300], [200, 300]]
+    )
+    reference = region.ContentSequence[0].ReferencedSOPSequence[0]
+    assert reference.ReferencedSOPInstanceUID == cr.SOPInstanceUID
+    (probability,) = group.get_measurements(name=writers.PROBABILITY)
+    assert probability.value == pytest.approx(0.71)
+
+
+def test_non_frontal_view_states_the_view_and_reports_no_findings(non_frontal_sr):
+    groups = _group_by_label(non_frontal_sr)
+    assert set(groups) == {"Image view"}
+    view = groups["Image view"]
+    assert _text(view, "111031") == ["abdomen AP"]
+    assert _num_values(view, "122157") == [pytest.approx(0.88)]
+    assert _text(view, "121106") == [writers.NOT_FRONTAL_CHEST_TEXT]
+    names = {i.ConceptNameCodeSequence[0].CodeValue for i in _walk(non_frontal_sr.ContentSequence)}
+    assert "122411" not in names  # no threshold, so no finding measurement
+    assert "121071" not in names  # no Finding
+    assert "SCOORD" not in {i.ValueType for i in _walk(non_frontal_sr.ContentSequence)}
+
+
+def test_algorithm_is_identified_once_per_group(cxr_sr, lung_sr):
+    for sr in (cxr_sr, lung_sr):
+        for group in _measurement_groups(sr):
+            names = [
+                i for i in group.ContentSequence
+                if i.ConceptNameCodeSequence[0].CodeValue == "111001"  # Algorithm Name
+            ]
+            assert len(names) == 1
+
+
+# --------------------------------------------------------------------------
+# Secondary Capture summary
+# --------------------------------------------------------------------------
+
+
+def test_summary_image_is_marked_and_shows_the_overlay(cxr_sc, lung_sc, cr, sorted_mr, tmp_path):
+    for sc, source in ((cxr_sc, cr), (lung_sc, sorted_mr[7])):
+        sc = pydicom.dcmread(_write(sc, tmp_path / "sc.dcm"))
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert sc.BurnedInAnnotation == "YES"
+        assert "NOT FOR DIAGNOSIS" in sc.ImageComments
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert sc.PhotometricInterpretation == "RGB"
+        assert max(sc.Rows, sc.Columns) >= 512  # the 64x64 MR slice is enlarged
+        pixels = sc.pixel_array
+        # The banner is drawn in yellow on the top rows.
+        assert np.any(np.all(pixels[:40] == (255, 220, 0), axis=-1))
+    mr_pixels = lung_sc.pixel_array
+    for rgb in ((66, 135, 245), (245, 150, 40)):  # both lung outlines
+        assert np.any(np.all(mr_pixels == rgb, axis=-1))
+    assert list(lung_sc.PatientOrientation) == ["L", "P"]  # from ImageOrientationPatient
+
+
+def test_summary_image_is_deterministic_and_has_its_own_uids(cr, cxr_sc, cxr_sr):
+    overlay = np.zeros((512, 512), np.uint8)
+    overlay[150:300, 200:320] = 1
+    again = writers.summary_image(cr, overlay, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr")
+    assert _bytes(again) == _bytes(cxr_sc)
+    assert cxr_sc.SeriesInstanceUID not in (cxr_sr.SeriesInstanceUID, cr.SeriesInstanceUID)
+    with pytest.raises(LabelVolumeError, match="shape"):
+        writers.summary_image(cr, overlay[:-1], [], ALGO_CXR, pipeline="cxr")
+
+
+# --------------------------------------------------------------------------
+# Determinism and UIDs
+# --------------------------------------------------------------------------
+
+
+def test_result_uid_is_deterministic_and_depends_on_every_part():
+    base = ("1.2.3.4", "lung-mri", "lung-seg-3", "seg-series")
+    uid = writers.result_uid(*base)
+    assert uid == writers.result_uid(*base)
+    assert uid.is_valid and len(uid) <= 64
+    for i in range(4):
+        changed = list(base)
+        changed[i] += "x"
+        assert writers.result_uid(*changed) != uid
+    with pytest.raises(ValueError):
+        writers.result_uid("", "lung-mri", "lung-seg-3", "seg-series")
+
+
+def test_reruns_give_identical_bytes(cr, mr, labels, cxr_sr, seg, lung_sr):
+    view = ViewResult(label="chest AP", probability=0.97, is_frontal_chest=True)
+    assert _bytes(writers.cxr_report(cr, view, _findings(), ALGO_CXR)) == _bytes(cxr_sr)
+    shuffled = list(reversed(mr))  # another arrival order, same series
+    seg_again = writers.lung_segmentation(shuffled, labels, ALGO_SEG)
+    assert _bytes(seg_again) == _bytes(seg)
+    sr_again = writers.lung_report(shuffled, seg_again, LungVolumes(31.25, 27.5), ALGO_SEG)
+    assert _bytes(sr_again) == _bytes(lung_sr)
+
+
+def test_new_model_version_gives_new_uids(cr, mr, labels, cxr_sr, seg, lung_sr):
+    view = ViewResult(label="chest AP", probability=0.97, is_frontal_chest=True)
+    cxr_v4 = writers.cxr_report(cr, view, _findings(), AlgorithmIdentity("cradle-cxr-bpd", "bpd-4"))
+    seg_algo_v4 = AlgorithmIdentity("cradle-lung-seg", "lung-seg-4")
+    seg_v4 = writers.lung_segmentation(mr, labels, seg_algo_v4)
+    sr_v4 = writers.lung_report(mr, seg_v4, LungVolumes(31.25, 27.5), seg_algo_v4)
+    for old, new in ((cxr_sr, cxr_v4), (seg, seg_v4), (lung_sr, sr_v4)):
+        assert new.SeriesInstanceUID != old.SeriesInstanceUID
+        assert new.SOPInstanceUID != old.SOPInstanceUID
+    # A combined tag (view + finding models) also drives the UIDs.
+    tagged = writers.cxr_report(cr, view, _findings(), ALGO_CXR, model_version_tag="view-2+bpd-3")
+    assert tagged.SOPInstanceUID != cxr_sr.SOPInstanceUID
+    uids = {cxr_sr.SeriesInstanceUID, seg.SeriesInstanceUID, lung_sr.SeriesInstanceUID}
+    assert len(uids) == 3
+
+
+def test_content_datetime_can_be_passed_in(cr):
+    view = ViewResult(label="chest AP", probability=0.97, is_frontal_chest=True)
+    when = dt.datetime(2024, 3, 5, 10, 30, 0)
+    sr = writers.cxr_report(cr, view, [], ALGO_CXR, content_datetime=when)
+    assert (str(sr.ContentDate), str(sr.ContentTime)) == ("20240305", "103000")
+
+
+# --------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------
+
+
+def test_label_volume_must_match_the_series(mr, labels):
+    with pytest.raises(LabelVolumeError, match="shape"):
+        writers.lung_segmentation(mr, labels[:-1], ALGO_SEG)
+    with pytest.raises(LabelVolumeError, match="shape"):
+        writers.lung_segmentation(mr, labels[:, :, :-1], ALGO_SEG)
+    bad = labels.copy()
+    bad[0, 0, 0] = 3
+    with pytest.raises(LabelVolumeError, match=r"\[3\]"):
+        writers.lung_segmentation(mr, bad, ALGO_SEG)
+    with pytest.raises(LabelVolumeError, match="integer"):
+        writers.lung_segmentation(mr, labels.astype(np.float32), ALGO_SEG)
+
+
+def test_series_must_be_one_consistent_series(mr, labels):
+    other = make_mr_series()
+    other[0] = copy.deepcopy(other[0])
+    other[0].SeriesInstanceUID = generate_uid()
+    with pytest.raises(SourceImageError, match="SeriesInstanceUID"):
+        writers.sort_series(other)
+    duplicate = [*mr[:-1], copy.deepcopy(mr[0])]
+    duplicate[-1].SOPInstanceUID = generate_uid()
+    with pytest.raises(SourceImageError, match="position"):
+        writers.sort_series(duplicate)
+    no_geometry = [copy.deepcopy(ds) for ds in mr]
+    del no_geometry[3].ImagePositionPatient
+    with pytest.raises(SourceImageError, match="ImagePositionPatient"):
+        writers.lung_segmentation(no_geometry, labels, ALGO_SEG)
+    with pytest.raises(SourceImageError, match="empty"):
+        writers.sort_series([])
+
+
+def test_sort_series_orders_along_the_slice_normal(mr, sorted_mr):
+    assert [ds.SOPInstanceUID for ds in writers.sort_series(mr)] == [
+        ds.SOPInstanceUID for ds in sorted_mr
+    ]
+
+
+def test_bad_findings_and_regions_are_rejected(cr):
+    view = ViewResult(label="chest AP", probability=0.97, is_frontal_chest=True)
+    triangle_outside = np.array([[0, 0], [600, 0], [600, 10]])
+    outside = Finding(writers.PNEUMONIA, 0.5, 0.5, True, region=triangle_outside)
+    with pytest.raises(RegionError, match="outside"):
+        writers.cxr_report(cr, view, [outside], ALGO_CXR)
+    overshoot = np.array([[-0.4, 10], [512.3, 10], [512.3, 40]])  # resampling rounding
+    sr = writers.cxr_report(
+        cr, view, [Finding(writers.PNEUMONIA, 0.5, 0.5, True, region=overshoot)], ALGO_CXR
+    )
+    (scoord,) = [i for i in _walk(sr.ContentSequence) if i.ValueType == "SCOORD"]
+    assert min(scoord.GraphicData) >= 0 and max(scoord.GraphicData) <= 512
+    line = Finding(writers.PNEUMONIA, 0.5, 0.5, True, region=np.array([[0, 0], [10, 10]]))
+    with pytest.raises(RegionError, match="three"):
+        writers.cxr_report(cr, view, [line], ALGO_CXR)
+    with pytest.raises(writers.WriterInputError, match="probability"):
+        Finding(writers.PNEUMONIA, 1.5, 0.5, True)
+    with pytest.raises(writers.WriterInputError, match="repeat"):
+        writers.cxr_report(cr, view, [_findings()[1], _findings()[1]], ALGO_CXR)
+    with pytest.raises(writers.WriterInputError, match="volumes_ml"):
+        LungVolumes.coerce({"left": 1.0})
+    with pytest.raises(writers.WriterInputError, match="non-negative"):
+        LungVolumes.coerce({"left": -1.0, "right": 2.0})
+    with pytest.raises(writers.WriterInputError, match="version"):
+        AlgorithmIdentity(name="x", version="")
+
+
+# --------------------------------------------------------------------------
+# Against the colleague's synthetic generator (training.synth), when present
+# --------------------------------------------------------------------------
+
+
+def _synth():
+    synth = pytest.importorskip("training.synth")
+    if not all(hasattr(synth, f) for f in ("make_mr_series", "make_cxr", "lung_volumes_ml")):
+        pytest.skip("training.synth lacks make_mr_series/make_cxr/lung_volumes_ml")
+    return synth
+
+
+def test_writers_accept_synthetic_mr_series(tmp_path):
+    synth = _synth()
+    series, labels = synth.make_mr_series(np.random.default_rng(3), shape=(16, 64, 64))
+    ordered = writers.sort_series(series)
+    aligned = labels[[series.index(ds) for ds in ordered]]  # labels follow sort_series order
+    seg = writers.lung_segmentation(series, aligned, ALGO_SEG)
+    volumes = synth.lung_volumes_ml(series, labels)
+    sr = writers.lung_report(series, seg, volumes, ALGO_SEG)
+    for name, ds in (("seg", seg), ("sr", sr)):
+        assert _dciodvfy(_write(ds, tmp_path / f"{name}.dcm")) == ([], [])
+    read_back = hd.seg.segread(tmp_path / "seg.dcm").get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in ordered], combine_segments=True
+    )
+    np.testing.assert_array_equal(read_back, aligned)
+    found = {
+        str(g.tracking_identifier): g.get_measurements(name=writers.VOLUME)[0].value
+        for g in hd.sr.srread(tmp_path / "sr.dcm").content.get_volumetric_roi_measurement_groups()
+    }
+    assert found == {"Left lung": volumes["left"], "Right lung": volumes["right"]}
+
+
+@pytest.mark.parametrize("modality, photometric", [("CR", "MONOCHROME1"), ("DX", "MONOCHROME2")])
+def test_writers_accept_synthetic_radiographs(modality, photometric, tmp_path):
+    synth = _synth()
+    image = synth.make_cxr(
+        np.random.default_rng(5), modality=modality, photometric=photometric, size=512
+    )
+    view = ViewResult(label="chest_frontal", probability=0.9, is_frontal_chest=True)
+    sr = writers.cxr_report(image, view, _findings(), ALGO_CXR)
+    sc = writers.summary_image(image, None, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr")
+    for name, ds in (("sr", sr), ("sc", sc)):
+        assert _dciodvfy(_write(ds, tmp_path / f"{name}.dcm")) == ([], [])

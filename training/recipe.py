@@ -1,0 +1,205 @@
+"""Training recipes: YAML defaults in ``config/train/TASK.yaml``, overridden by ``--set key=value``.
+
+timm style: the model's defaults live in one validated object; the CLI overrides any key, dotted
+for nested sections (``--set gate.min_auroc=0.8``, ``--set augment.hflip=0``); values are parsed
+as YAML (``--set views=[chest_frontal]``). Unknown keys are errors. The resolved recipe is saved
+beside every run and with the model version it produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from training.strategies import ScheduleName, StrategyConfig, StrategyName
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "config" / "train"
+TASKS = ("bpd", "pneumonia", "view", "lung-seg")
+
+
+class RecipeError(ValueError):
+    """The recipe file or an override is invalid; the message names the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AugmentConfig(Strict):
+    """Per-sample augmentation (probabilities, or magnitudes; 0 switches one off)."""
+
+    hflip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
+    vflip: float = Field(0.0, ge=0, le=1)
+    rotate_degrees: float = Field(15.0, ge=0, le=180)
+    shift: float = Field(0.1, ge=0, le=0.5, description="fraction of the image size")
+    zoom: float = Field(0.1, ge=0, le=0.5, description="±fraction")
+    affine_prob: float = Field(0.8, ge=0, le=1)
+    brightness: float = Field(0.1, ge=0, le=1)
+    contrast: float = Field(0.1, ge=0, le=1)
+    gamma: float = Field(0.1, ge=0, le=1, description="±fraction around gamma 1")
+    noise_std: float = Field(0.02, ge=0, le=1)
+    noise_prob: float = Field(0.3, ge=0, le=1)
+    blur_prob: float = Field(0.1, ge=0, le=1)
+    sharpen_prob: float = Field(0.1, ge=0, le=1)
+
+
+class GateConfig(Strict):
+    """When a candidate may replace the active version."""
+
+    min_auroc: float = Field(0.7, ge=0, le=1, description="absolute floor on the held-out AUROC")
+    min_dice: float = Field(0.7, ge=0, le=1, description="absolute floor on the held-out Dice")
+    max_auroc_drop: float = Field(0.0, ge=0, le=1,
+                                  description="largest AUROC decrease below the active version accepted")
+    max_dice_drop: float = Field(0.0, ge=0, le=1)
+    delong_alpha: float = Field(0.05, gt=0, lt=1,
+                                description="a candidate significantly lower (one-sided DeLong) is refused")
+    require_significant: bool = Field(False, description="also require a significant AUROC gain over the active")
+    auto_promote: bool = Field(True, description="activate a candidate that passes; false: leave it to the admin")
+
+
+class Recipe(Strict):
+    task: Literal["bpd", "pneumonia", "view", "lung-seg"]
+    arch: str = "resnet50"
+    image_size: int = Field(256, ge=32)
+    normalisation: str = "minmax_0.5pct"
+    clahe: bool = False
+    keep_aspect: bool = True
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(16, ge=1)
+    folds: int = Field(5, ge=2)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_salt: str = Field("cradle", description="changes which patients are held out")
+    final: Literal["best_fold", "refit"] = "best_fold"
+
+    strategy: StrategyName = "full"
+    layer_decay: float = Field(1.0, gt=0, le=1)
+    lp_epochs: int = Field(0, ge=0)
+    ft_lr_scale: float = Field(1.0, gt=0)
+    unfreeze_every: int = Field(1, ge=1)
+
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: ScheduleName = "constant"
+    warmup_epochs: float = Field(0.0, ge=0)
+    poly_power: float = Field(0.9, gt=0)
+    plateau_factor: float = Field(0.1, gt=0, lt=1)
+    plateau_patience: int = Field(3, ge=0)
+    early_stopping_patience: int = Field(5, ge=0, description="0 disables early stopping")
+    monitor: Literal["auto", "auroc", "loss", "dice", "balanced_accuracy"] = "auto"
+
+    cutmix_prob: float = Field(0.0, ge=0, le=1)
+    cutmix_alpha: float = Field(1.0, ge=0)
+    class_balanced: bool = Field(False, description="sample classes equally often (view task)")
+    pos_weight: Literal["none", "balanced"] = "none"
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    seed: int = 0
+    init: str = Field("random", description="random, a task (its active version) or a version like view-3")
+    views: list[str] = Field(default_factory=lambda: ["chest_frontal"],
+                             description="bpd/pneumonia: view classes (from headers) to train on; [] = all")
+    taxonomy: str = Field("views7", description="view task: views7 or views30")
+    max_per_class: int | None = Field(None, ge=1, description="view task: cap per class")
+
+    target_sensitivity: float = Field(0.9, gt=0, le=1)
+    temperature_scaling: bool = True
+    bootstrap: int = Field(1000, ge=0)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    num_workers: int | None = Field(None, ge=0, description="default: training.num_workers")
+    device: str | None = Field(None, description="default: training.device")
+    deterministic: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        if self.task == "lung-seg" and self.image_size % 32:
+            raise ValueError(f"lung-seg needs image_size divisible by 32, got {self.image_size}")
+        if self.strategy == "lp_ft" and self.lp_epochs >= self.epochs:
+            raise ValueError("lp_ft needs lp_epochs < epochs")
+        return self
+
+    @property
+    def kind(self) -> Literal["binary", "multiclass", "segmentation"]:
+        return {"bpd": "binary", "pneumonia": "binary", "view": "multiclass"}.get(self.task, "segmentation")
+
+    @property
+    def monitor_metric(self) -> str:
+        if self.monitor != "auto":
+            return self.monitor
+        return {"binary": "auroc", "multiclass": "balanced_accuracy", "segmentation": "dice"}[self.kind]
+
+    def strategy_config(self) -> StrategyConfig:
+        return StrategyConfig(self.strategy, self.layer_decay, self.lp_epochs, self.ft_lr_scale, self.unfreeze_every)
+
+    def digest(self) -> str:
+        """A hash of every setting that changes the result (not the device or worker count)."""
+        data = self.model_dump(mode="json", exclude={"num_workers", "device"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` → (["a", "b"], value parsed as YAML)."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise RecipeError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().replace("-", "_").split("."), value
+
+
+def _merge(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        reason = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        lines.append(f"{source}: {key}: {reason}")
+    return "invalid recipe:\n  " + "\n  ".join(lines)
+
+
+def recipe_path(task: str, path: str | Path | None = None) -> Path:
+    return Path(path) if path else RECIPES_DIR / f"{task}.yaml"
+
+
+def load_recipe(task: str, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
+    """Defaults ← ``config/train/TASK.yaml`` (or ``path``) ← overrides."""
+    if task not in TASKS:
+        raise RecipeError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    source = recipe_path(task, path)
+    data: dict[str, Any] = {}
+    if source.is_file():
+        try:
+            data = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{source}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: the top level must be a mapping")
+    elif path:
+        raise RecipeError(f"recipe not found: {source}")
+    if data.get("task", task) != task:
+        raise RecipeError(f"{source} is a recipe for {data['task']!r}, not {task!r}")
+    data["task"] = task
+    for text in overrides:
+        _merge(data, *parse_override(text))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_describe(exc, source.name if source.is_file() else "recipe")) from None

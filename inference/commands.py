@@ -152,13 +152,19 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
     from celery.signals import worker_process_init
 
     from inference.queue import DEFAULT_QUEUE, JobQueue, make_celery
+    from node.server import protect_logs
     from storage.db import open_index
 
+    protect_logs()  # pydicom warnings quote element values; pynetdicom logs identifiers
     sessions = open_index(settings.storage.database_url)  # migrations run once, here
     app = make_celery(settings)
     queue = JobQueue(settings, sessions, app=app)
-    # the child opens its own engine; pooled connections inherited from the parent are dropped
-    worker_process_init.connect(lambda **_: sessions.kw["bind"].dispose(close=False), weak=False)
+
+    def init_child(**_: Any) -> None:
+        sessions.kw["bind"].dispose(close=False)  # the child opens its own; drop the inherited pool
+        app.runner.warm_up()  # pipelines and torch load now, not on the first study
+
+    worker_process_init.connect(init_child, weak=False)
     stop = threading.Event()
     reconciler = threading.Thread(target=queue.reconciler().run, args=(stop,), name="cradle-reconciler",
                                   daemon=True)
@@ -171,7 +177,10 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
     try:
         app.worker_main(argv)
     finally:
+        import logging as _l; _l.getLogger("x").warning("worker_main returned")
         stop.set()
         reconciler.join(timeout=10)
         queue.close()
+        _l.getLogger("x").warning("closed")
+        import atexit, threading as _t; atexit.register(lambda: _l.getLogger("x").warning("atexit %s", [t.name for t in _t.enumerate()]))
     return 0

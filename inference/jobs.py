@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,8 @@ LEASE_GRACE_SECONDS = 60
 """A lease outlives the hard time limit by this much: the pool kills the task before it expires."""
 
 ERROR_LIMIT = 2000
+NEW_JOB_GRACE_SECONDS = 5
+"""A job created this recently and not yet enqueued is its creator's to enqueue, not the reconciler's."""
 
 
 @dataclass(frozen=True)
@@ -320,17 +322,19 @@ class ReconcileReport:
 class Reconciler:
     """Re-enqueues jobs a lost message or a dead worker left behind.
 
-    * ``queued`` jobs never enqueued, or enqueued longer ago than ``requeue_after`` (a message
+    * ``queued`` jobs never enqueued (``NEW_JOB_GRACE_SECONDS`` after their creation: the broker
+      was down when the listener tried), or enqueued longer ago than ``requeue_after`` (a message
       lost by the broker; a duplicate message is harmless: the lease lets one run);
     * ``running`` jobs whose lease expired or whose owner process on this host is gone: back to
       ``queued`` and enqueued, or ``failed`` once they used ``max_attempts``.
     """
 
     def __init__(self, sessions: sessionmaker[Session], enqueue: Callable[[int], None],
-                 queue: QueueSettings) -> None:
+                 queue: QueueSettings, housekeeping: Sequence[Callable[[], object]] = ()) -> None:
         self.sessions = sessions
         self.enqueue = enqueue
         self.queue = queue
+        self.housekeeping = tuple(housekeeping)
 
     @property
     def requeue_after(self) -> float:
@@ -341,10 +345,16 @@ class Reconciler:
         lost = self._lost_queued(now)
         requeued, failed = self._stale_running(now)
         for job_id in [*lost, *requeued]:
-            self.enqueue(job_id)
+            try:
+                self.enqueue(job_id)
+            except Exception as exc:  # noqa: BLE001 - broker down: the job stays queued; next pass
+                log.warning("reconciler: job %d not enqueued (%s)", job_id, type(exc).__name__)
+                break
         if lost or requeued or failed:
             log.info("reconciler: re-enqueued %d queued and %d stale jobs, failed %d",
                      len(lost), len(requeued), failed)
+        for task in self.housekeeping:
+            task()
         return ReconcileReport(len(lost), len(requeued), failed)
 
     def run(self, stop: threading.Event) -> None:
@@ -358,10 +368,11 @@ class Reconciler:
 
     def _lost_queued(self, now: dt.datetime) -> list[int]:
         cutoff = now - dt.timedelta(seconds=self.requeue_after)
+        new = now - dt.timedelta(seconds=NEW_JOB_GRACE_SECONDS)
+        never_sent = Job.enqueued_at.is_(None) & (Job.created_at < new)
         with self.sessions() as session:
             return list(session.scalars(
-                select(Job.id).where(Job.state == JobState.queued,
-                                     (Job.enqueued_at.is_(None)) | (Job.enqueued_at < cutoff))
+                select(Job.id).where(Job.state == JobState.queued, never_sent | (Job.enqueued_at < cutoff))
                 .order_by(Job.id)))
 
     def _stale_running(self, now: dt.datetime) -> tuple[list[int], int]:

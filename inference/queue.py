@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import Settings
 from inference import jobs
 from storage.archive import Archive, safe_component
-from storage.db import create_db_engine, migrate, session_factory
+from storage.db import create_db_engine, session_factory
 from storage.ingest import Ingest
 from storage.models import Instance, Series
 
@@ -79,6 +79,31 @@ def _broker_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 class EmbeddedTransport(kombu_sqla.Transport):
     Channel = _EmbeddedChannel
+
+
+class DeliveredMessages:
+    """kombu's SQL transport marks a delivered message invisible and never deletes it; kombu puts
+    an unacknowledged message back as a new row, so the invisible rows are dead weight."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self._engine: Engine | None = None
+
+    def prune(self) -> int:
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.exc import OperationalError
+
+        if self._engine is None:
+            self._engine = create_engine(self.database_url, connect_args={"timeout": 30})
+        try:
+            with self._engine.begin() as connection:
+                removed = connection.execute(text("DELETE FROM kombu_message WHERE visible = :no"),
+                                             {"no": False}).rowcount
+        except OperationalError:  # no table yet: nothing was ever published
+            return 0
+        if removed:
+            log.debug("embedded broker: pruned %d delivered messages", removed)
+        return removed
 
 
 def _is_sqla(url: str) -> bool:
@@ -134,6 +159,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,  # the lease stops a double run
         "worker_send_task_events": False,
+        "worker_proc_alive_timeout": 120,  # the pool child loads the pipelines (torch) before it is up
         "task_send_sent_event": False,
     }
     if transport is not None:
@@ -142,15 +168,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def make_celery(settings: Settings) -> Celery:
+class CradleApp(Celery):
+    """The Celery app with its job runner (``app.runner``), so the worker can warm it up."""
+
+    runner: "JobRunner"
+
+
+def make_celery(settings: Settings) -> CradleApp:
     """A Celery app configured from ``settings``, with ``cradle.run_job`` registered.
 
     The task's collaborators (index sessions, archive, pipelines, model cache) are opened lazily
     in the process that runs it, once per process (again after a fork).
     """
-    app = Celery("cradle", set_as_current=False)
+    app = CradleApp("cradle", set_as_current=False)
     app.conf.update(celery_config(settings))
     runner = JobRunner(settings, requeue=lambda job_id, delay: _publish(app, job_id, delay))
+    app.runner = runner
 
     @app.task(name=RUN_JOB, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
     def run_job(job_id: int) -> str:
@@ -166,11 +199,15 @@ def _publish(app: Celery, job_id: int, countdown: float | None = None) -> None:
 # --- the listener's side -----------------------------------------------------------------------
 
 
+class BrokerUnavailable(Exception):
+    """The broker did not take the message (after kombu's publish retries)."""
+
+
 class JobQueue:
     """Puts job ids on the broker and notes when (``Job.enqueued_at``, for the reconciler).
 
-    A broker outage is logged, not raised: the job row is committed, and the reconciler enqueues
-    it again once the broker is back.
+    ``enqueue`` raises BrokerUnavailable when the broker is down: the caller's job row stays
+    ``queued`` and the reconciler enqueues it once the broker is back.
     """
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session] | None = None,
@@ -180,22 +217,22 @@ class JobQueue:
         self.sessions = sessions if sessions is not None else session_factory(
             create_db_engine(settings.storage.database_url))
 
-    def enqueue(self, job_id: int) -> None:
-        self.publish(job_id)
-
-    def publish(self, job_id: int, countdown: float | None = None) -> bool:
+    def enqueue(self, job_id: int, countdown: float | None = None) -> None:
         try:
             _publish(self.app, job_id, countdown)
         except Exception as exc:  # noqa: BLE001 - kombu raises transport-specific errors
-            log.warning("job %d: broker unavailable (%s); the reconciler will enqueue it",
+            log.warning("job %d: broker unavailable (%s); it stays queued for the reconciler",
                         job_id, type(exc).__name__)
-            return False
+            raise BrokerUnavailable(type(exc).__name__) from exc
         jobs.mark_enqueued(self.sessions, job_id)
         log.debug("job %d: enqueued", job_id)
-        return True
 
     def reconciler(self) -> jobs.Reconciler:
-        return jobs.Reconciler(self.sessions, self.enqueue, self.settings.queue)
+        """The reconciler, with the embedded broker's housekeeping when that is the broker."""
+        housekeeping = []
+        if _is_sqla(self.settings.queue.broker_url):
+            housekeeping.append(DeliveredMessages(_sqla_database_url(self.settings.queue.broker_url)).prune)
+        return jobs.Reconciler(self.sessions, self.enqueue, self.settings.queue, housekeeping)
 
     def close(self) -> None:
         self.app.close()
@@ -234,9 +271,17 @@ class JobRunner:
             self._resources = _ProcessResources(os.getpid(), sessions, archive, ingest)
         return self._resources
 
-    def prepare(self) -> None:
-        """Open the index (running migrations) once, in the worker's main process."""
-        migrate(create_db_engine(self.settings.storage.database_url))
+    def warm_up(self) -> None:
+        """Open this process's collaborators and the pipelines before the first job arrives, so
+        the first study does not wait for torch to import. Failures are logged; the job that
+        follows records them."""
+        try:
+            res = self.resources()
+            if res.pipelines is None:
+                res.pipelines = self.pipeline_host(self.settings)
+            log.info("worker process %d ready: pipelines loaded", os.getpid())
+        except Exception as exc:  # noqa: BLE001 - the first job will report it on its row
+            log.warning("worker warm-up failed: %s", describe_error(exc))
 
     def run(self, job_id: int) -> jobs.Finish:
         res = self.resources()
@@ -274,8 +319,16 @@ class JobRunner:
 
     def _after_complete(self, lease: jobs.Lease, finish: jobs.Finish) -> jobs.Finish:
         if finish == jobs.Finish.requeued:
-            self.requeue(lease.job_id, None)
+            self._requeue(lease.job_id, None)
         return finish
+
+    def _requeue(self, job_id: int, delay: float | None) -> None:
+        try:
+            self.requeue(job_id, delay)
+        except Exception as exc:  # noqa: BLE001 - the row is queued; the reconciler sends it later
+            log.warning("job %d: re-enqueue failed (%s); left to the reconciler", job_id, type(exc).__name__)
+            return
+        jobs.mark_enqueued(self.resources().sessions, job_id)
 
     def _failed(self, res: _ProcessResources, lease: jobs.Lease, exc: BaseException, *,
                 permanent: bool) -> jobs.Finish:
@@ -285,7 +338,7 @@ class JobRunner:
         finish = jobs.fail_attempt(res.sessions, lease, error, max_attempts=self.settings.queue.max_attempts,
                                    permanent=permanent)
         if finish == jobs.Finish.requeued:
-            self.requeue(lease.job_id, float(min(RETRY_DELAY_MAX_SECONDS, 2 ** lease.attempts)))
+            self._requeue(lease.job_id, float(min(RETRY_DELAY_MAX_SECONDS, 2 ** lease.attempts)))
         return finish
 
 

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -310,6 +311,7 @@ class ModelRegistry:
 
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = Path(models_dir)
+        self._thread_lock = threading.Lock()  # lockf excludes other processes, not this one's threads
 
     # ---- reading
 
@@ -498,7 +500,7 @@ class ModelRegistry:
         """The task's index, read under its exclusive lock (held until the block ends)."""
         directory = self._task_dir(task)
         directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / LOCK_NAME, "a+b") as lock:
+        with self._thread_lock, open(directory / LOCK_NAME, "a+b") as lock:
             fcntl.lockf(lock, fcntl.LOCK_EX)
             try:
                 yield self._read(task)

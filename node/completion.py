@@ -79,7 +79,7 @@ class Completion:
         """Called by the C-STORE handler once an instance is committed."""
         if result.series_pk is None or result.outcome not in (Outcome.stored, Outcome.conflict_replaced):
             return None
-        if complete_on_arrival(header) or self._expected_count_reached(result.series_pk):
+        if complete_on_arrival(header) or self._expected_count_reached(result.series_pk, header.expected_count):
             return self.complete(result.series_pk)
         return None
 
@@ -112,11 +112,11 @@ class Completion:
         self._enqueue(job_ids)
         return Completed(series_pk, decision, tuple(job_ids), recompleted)
 
-    def _expected_count_reached(self, series_pk: int) -> bool:
+    def _expected_count_reached(self, series_pk: int, expected: int | None) -> bool:
+        """Whether the index holds Images in Acquisition instances of the series (as this instance says)."""
+        if not expected:
+            return False
         with self.sessions() as session:
-            expected = session.scalar(select(Series.expected_count).where(Series.id == series_pk))
-            if not expected:
-                return False
             count = session.scalar(select(func.count()).select_from(Instance).where(Instance.series_pk == series_pk))
         return count >= expected
 

@@ -32,6 +32,7 @@ from pydicom import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 
 from storage.index import InstanceHeader, MissingIdentifiers
@@ -133,7 +134,7 @@ def handle_store(event: Event, ingest: Ingest, after_store: AfterStore | None = 
         log.warning("C-STORE %s from %r: %s", command_sop_uid, calling, mismatch)
         return status(FAILURE_DOES_NOT_MATCH, mismatch)
     try:
-        result = ingest.store(event.encoded_dataset(), header, transfer_syntax_uid=received.transfer_syntax_uid,
+        result = ingest.store(encoded_parts(event), header, transfer_syntax_uid=received.transfer_syntax_uid,
                               calling_ae_title=calling)
     except TransientStoreError as exc:
         log.error("C-STORE %s from %r: not stored, sender should retry: %s", header.sop_uid, calling, exc)
@@ -161,6 +162,13 @@ def read_received(event: Event) -> Received:
     except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on bytes it cannot read
         raise MalformedDataset(f"header cannot be read ({type(exc).__name__})") from None
     return Received(header, str(transfer_syntax))
+
+
+def encoded_parts(event: Event) -> tuple[bytes, bytes]:
+    """What ``event.encoded_dataset()`` returns (preamble, file meta, the data set as received), in
+    two parts so that the data set is not copied into one more buffer before it is written."""
+    preamble_and_meta = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
+    return preamble_and_meta, event.request.DataSet.getvalue()
 
 
 def command_mismatch(event: Event, header: InstanceHeader) -> str:

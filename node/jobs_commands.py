@@ -124,7 +124,9 @@ def jobs_retry(args: argparse.Namespace, settings: Settings) -> int:
 def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     """The dispatcher loop in the foreground; SIGTERM or Ctrl-C stop it between sends."""
     from node.dispatch import Dispatcher
+    from node.server import protect_logs
 
+    protect_logs()
     sessions = open_index(settings.storage.database_url)
     stop = threading.Event()
 

@@ -150,7 +150,7 @@ def _no_match_reason(misses: list[tuple[int, str, str]]) -> str:
     """The reasons of the rules that got furthest; "no rule matched: modality OT" when all stopped there."""
     furthest = max(stage for stage, _, _ in misses)
     reasons = [(reason, name) for stage, reason, name in misses if stage == furthest]
-    if len({reason for reason, _ in reasons}) == 1 and len(reasons) == len(misses):
+    if furthest == 1 and len({reason for reason, _ in reasons}) == 1:
         return f"no rule matched: {reasons[0][0]}"
     return "; ".join(f"{reason} for rule {name}" for reason, name in reasons)
 

@@ -72,7 +72,7 @@ def send(destination: Destination, instances: Sequence[Outgoing], node: NodeSett
         return _all(instances, None, f"cannot connect: {type(exc).__name__}")
     if not assoc.is_established:
         reason = ("association rejected" if assoc.is_rejected else
-                  "association aborted" if assoc.is_aborted else "no answer (connection refused or timed out)")
+                  "no association (connection refused, aborted or timed out)")
         log.warning("destination %s (%s@%s:%d): %s", destination.name, destination.ae_title,
                     destination.host, destination.port, reason)
         return _all(instances, None, reason)

@@ -7,10 +7,13 @@ committed and before the sender is told success.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +44,35 @@ def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
     return "/".join((safe_component(study_uid), safe_component(series_uid), safe_component(sop_uid) + ".dcm"))
 
 
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+Data = bytes | Sequence[bytes]
+"""A file's content, whole or in parts (e.g. file meta + data set as received, not joined)."""
+
+
+def content_hash(data: Data) -> str:
+    digest = hashlib.sha256()
+    for part in _parts(data):
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _parts(data: Data) -> Sequence[bytes]:
+    return (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
+class _HashInBackground(threading.Thread):
+    """sha256 of the content while it is written and fsynced (hashlib releases the GIL)."""
+
+    def __init__(self, data: Data) -> None:
+        super().__init__(name="archive-hash", daemon=True)
+        self.data = data
+        self.hexdigest = ""
+
+    def run(self) -> None:
+        self.hexdigest = content_hash(self.data)
+
+    def result(self) -> str:
+        self.join()
+        return self.hexdigest
 
 
 class Archive:
@@ -60,17 +90,21 @@ class Archive:
             raise ArchiveError(f"path outside the archive: {relative!r}")
         return path
 
-    def put(self, relative: str, data: bytes) -> StoredFile:
-        """Write ``data`` durably under ``relative``, replacing any file there."""
+    def put(self, relative: str, data: Data) -> StoredFile:
+        """Write ``data`` (bytes, or parts written one after the other) durably under ``relative``,
+        replacing any file there."""
         target = self.absolute(relative)
         temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
+        digest = _HashInBackground(data)
+        digest.start()
         try:
             self._make_dirs(target.parent)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                for part in _parts(data):
+                    view = memoryview(part)
+                    while view:
+                        view = view[os.write(fd, view):]
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -79,9 +113,12 @@ class Archive:
             if self.fsync:
                 self._fsync_dir(target.parent)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. ENOTDIR: then there is no temporary file either
+                temp.unlink(missing_ok=True)
             raise ArchiveError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
-        return StoredFile(relative, len(data), content_hash(data))
+        finally:
+            sha256 = digest.result()
+        return StoredFile(relative, sum(len(part) for part in _parts(data)), sha256)
 
     def read(self, relative: str) -> bytes:
         return self.absolute(relative).read_bytes()

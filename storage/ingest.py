@@ -16,7 +16,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.archive import Archive, ArchiveError, StoredFile, content_hash
+from storage.archive import Archive, ArchiveError, Data, StoredFile, content_hash
 from storage.db import transaction
 from storage.index import InstanceHeader, find_instance, record_instance
 from storage.models import Instance, Series
@@ -54,9 +54,9 @@ class Ingest:
         self.sessions = sessions
         self.duplicate_policy = duplicate_policy
 
-    def store(self, encoded: bytes, header: InstanceHeader, *, transfer_syntax_uid: str,
+    def store(self, encoded: Data, header: InstanceHeader, *, transfer_syntax_uid: str,
               calling_ae_title: str = "", is_result: bool = False) -> StoreResult:
-        """Archive ``encoded`` (a complete DICOM file) and commit its index rows.
+        """Archive ``encoded`` (a complete DICOM file, as bytes or in parts) and commit its index rows.
 
         Returns only once both are durable; raises TransientStoreError when either failed,
         leaving no row without its file.

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from fake_pipelines import FakeHost, make_cr, worker_command, write_config  # no
 
 from config.settings import Settings, load_settings  # noqa: E402
 from inference import jobs  # noqa: E402
-from inference.queue import JobQueue, JobRunner, celery_config  # noqa: E402
+from inference.queue import BrokerUnavailable, JobQueue, JobRunner, celery_config  # noqa: E402
 from storage.archive import Archive  # noqa: E402
 from storage.db import open_index  # noqa: E402
 from storage.ingest import Ingest  # noqa: E402
@@ -181,13 +182,10 @@ def round_trip(node: Node, workers: list[WorkerProcess]) -> float:
     """Start a worker, enqueue a job through JobQueue, wait for done; return enqueue → done seconds."""
     worker = WorkerProcess(node.settings, node.tmp_path).start()
     workers.append(worker)
+    queue = JobQueue(node.settings, node.sessions)
+    wait_for(lambda: "pipelines loaded" in worker.output(), 90, f"the worker\n{worker.output()[-3000:]}")
     series_pk, source = node.add_series()
     job_id = node.add_job(series_pk)
-    queue = JobQueue(node.settings, node.sessions)
-    # warm-up job: the worker process imports the pipelines and torch on its first job
-    warm_pk, _ = node.add_series()
-    queue.enqueue(node.add_job(warm_pk))
-    wait_for(lambda: node.result_instances(), 90, f"the warm-up job\n{worker.output()[-3000:]}")
     started = time.monotonic()
     queue.enqueue(job_id)
     wait_for(lambda: node.job(job_id).state == JobState.done, 60, f"job done\n{worker.output()[-3000:]}")
@@ -235,6 +233,10 @@ def test_queue_module_does_not_import_torch() -> None:
 
 def test_round_trip_on_the_embedded_sqlite_broker(node: Node, workers: list[WorkerProcess]) -> None:
     assert round_trip(node, workers) < 5
+    broker = node.tmp_path / "broker.db"
+    JobQueue(node.settings, node.sessions).reconciler().run_once()
+    with sqlite3.connect(broker) as connection:
+        assert connection.execute("SELECT count(*) FROM kombu_message WHERE visible = 0").fetchone() == (0,)
 
 
 @pytest.mark.redis
@@ -253,7 +255,7 @@ def test_worker_killed_mid_job_completes_once(tmp_path: Path, workers: list[Work
     run takes over the dead child's lease. Either way: done, one result."""
     node = make_node(make_settings(tmp_path), tmp_path)
     runs = tmp_path / "runs"
-    env = {"CRADLE_TEST_SLEEP": "4", "CRADLE_TEST_RUNS_DIR": str(runs)}
+    env = {"CRADLE_TEST_SLEEP": "2", "CRADLE_TEST_RUNS_DIR": str(runs)}
     worker = WorkerProcess(node.settings, tmp_path, env).start()
     workers.append(worker)
     series_pk, _ = node.add_series()
@@ -452,8 +454,11 @@ def test_a_rerun_with_the_same_uids_replaces_the_archived_result(node: Node) -> 
 def test_reconciler_requeues_lost_and_stale_jobs_with_the_attempts_cap(node: Node) -> None:
     series = [node.add_series()[0] for _ in range(4)]
     never_sent, recent, stale, exhausted = (node.add_job(pk) for pk in series)
+    just_created = node.add_job(node.add_series()[0])
     now = utcnow()
     with node.sessions.begin() as session:
+        session.execute(update(Job).where(Job.id != just_created).values(
+            created_at=now - dt.timedelta(seconds=jobs.NEW_JOB_GRACE_SECONDS + 1)))
         session.execute(update(Job).where(Job.id == recent).values(enqueued_at=now))
         session.execute(update(Job).where(Job.id == stale).values(
             state=JobState.running, attempts=1, lease_owner="gone/1/1",
@@ -467,7 +472,7 @@ def test_reconciler_requeues_lost_and_stale_jobs_with_the_attempts_cap(node: Nod
     assert (report.requeued_lost, report.requeued_stale, report.failed_stale) == (1, 1, 1)
     assert node.job(stale).state == JobState.queued and node.job(stale).lease_owner == ""
     assert node.job(exhausted).state == JobState.failed and "attempt 3 of 3" in node.job(exhausted).error
-    assert node.job(recent).state == JobState.queued
+    assert node.job(recent).state == JobState.queued and node.job(just_created).state == JobState.queued
 
 
 def test_broker_down_leaves_the_job_for_the_reconciler(tmp_path: Path) -> None:
@@ -476,7 +481,13 @@ def test_broker_down_leaves_the_job_for_the_reconciler(tmp_path: Path) -> None:
     job_id = node.add_job(series_pk)
     queue = JobQueue(node.settings, node.sessions)
     started = time.monotonic()
-    queue.enqueue(job_id)  # logged, not raised
+    with pytest.raises(BrokerUnavailable):
+        queue.enqueue(job_id)
+    print(f"\nbroker down: enqueue gave up after {time.monotonic() - started:.1f} s")
     assert time.monotonic() - started < 10
     assert node.job(job_id).enqueued_at is None
+    with node.sessions.begin() as session:
+        session.execute(update(Job).values(created_at=utcnow() - dt.timedelta(seconds=jobs.NEW_JOB_GRACE_SECONDS + 1)))
+    report = queue.reconciler().run_once()  # the broker is still down: logged, the job stays queued
+    assert report.requeued_lost == 1 and node.job(job_id).state == JobState.queued
     queue.close()

@@ -176,8 +176,6 @@ def parse_row(line: int, row: dict[str, str]) -> tuple[LabelRow | None, list[Rej
             values[column] = PARSERS[column](text)
         except ValueError as exc:
             rejections.append(Rejection(line, f"{column}: {exc}"))
-    if not values and not rejections:
-        rejections.append(Rejection(line, "no label value in this row"))
     if rejections:
         return None, rejections
     return LabelRow(line, key_column, row[key_column].strip(), values), []

@@ -102,7 +102,8 @@ class Recipe(Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     seed: int = 0
-    init: str = Field("random", description="random, a task (its active version) or a version like view-3")
+    init: str = Field("random", description="random, auto (the active view model if any), a task (its active "
+                                            "version) or a version like view-3")
     views: list[str] = Field(default_factory=lambda: ["chest_frontal"],
                              description="bpd/pneumonia: view classes (from headers) to train on; [] = all")
     taxonomy: str = Field("views7", description="view task: views7 or views30")

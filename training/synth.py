@@ -169,7 +169,7 @@ def make_neonate(rng: np.random.Generator, index: int, birth_date: dt.date) -> S
         bpd=bpd,
         pneumonia=pneumonia,
         irds_grade=irds_grade,
-        bpd_severity=float(rng.uniform(0.5, 1.0)) if bpd else 0.0,
+        bpd_severity=float(rng.uniform(0.6, 1.0)) if bpd else 0.0,
         pneumonia_severity=float(rng.uniform(0.4, 1.0)) if pneumonia else 0.0,
     )
 
@@ -556,10 +556,10 @@ def _radial_streaks(rng: np.random.Generator, cv: _Canvas, body: _Body, layer: n
 def _cysts(rng: np.random.Generator, cv: _Canvas, body: _Body, severity: float,
            air: np.ndarray, density: np.ndarray) -> None:
     """Bubbly lucencies with thin walls (cystic BPD)."""
-    for _ in range(int(severity * rng.integers(30, 55))):
+    for _ in range(int(severity * rng.integers(40, 70))):
         cu, cvv, _side = _point_in_lungs(rng, body)
-        rad = rng.uniform(0.03, 0.075)
-        depth = rng.uniform(0.4, 0.7) * severity
+        rad = rng.uniform(0.04, 0.09)
+        depth = rng.uniform(0.5, 0.8) * severity
         _stamp(air, cv, cu, cvv, 1.4 * rad, lambda du, dv: depth * _thickness(du, dv, 0, 0, rad, rad, 2))
         _stamp(density, cv, cu, cvv, 1.6 * rad,
                lambda du, dv: 0.06 * severity * np.exp(-(((np.hypot(du, dv) - rad) / (0.25 * rad)) ** 2)))
@@ -602,8 +602,8 @@ def _lung_findings(rng: np.random.Generator, cv: _Canvas, body: _Body, patient: 
     if patient.bpd:
         s = patient.bpd_severity
         fibrosis = np.zeros(shape, np.float32)
-        _radial_streaks(rng, cv, body, fibrosis, int(s * rng.integers(35, 60)), (0.08, 0.24), 0.11 * s, central=False)
-        density += _soften_lines(fibrosis, 0.014 / cv.unit_per_px)
+        _radial_streaks(rng, cv, body, fibrosis, int(s * rng.integers(40, 70)), (0.08, 0.24), 0.12 * s, central=False)
+        density += _soften_lines(fibrosis, 0.018 / cv.unit_per_px)
         density += 0.03 * s * _smooth_noise(rng, shape, 0.03 / cv.unit_per_px)
         _cysts(rng, cv, body, s, air, density)
     if patient.pneumonia:
@@ -736,11 +736,19 @@ class _ViewSpec:
 
 
 _VIEW_SPECS: dict[str, _ViewSpec] = {
-    "chest_frontal": _ViewSpec("CHEST", "CHEST AP PORTABLE", ("51185008", "Chest"), -0.05, 2.75),
-    "chest_lateral": _ViewSpec("CHEST", "CHEST LATERAL", ("51185008", "Chest"), -0.05, 2.75),
+    "chest_frontal": _ViewSpec("CHEST", "CHEST AP PORTABLE", ("816094009", "Chest"), -0.05, 2.75),
+    "chest_lateral": _ViewSpec("CHEST", "CHEST LATERAL", ("816094009", "Chest"), -0.05, 2.75),
     "abdomen": _ViewSpec("ABDOMEN", "ABDOMEN AP", ("818981001", "Abdomen"), 1.55, 2.6),
     "chest_abdomen": _ViewSpec("CHESTABDOMEN", "CHEST ABDOMEN AP", ("416550000", "Chest and abdomen"), 0.75, 4.3),
     "head": _ViewSpec("SKULL", "SKULL AP", ("89546000", "Skull"), 0.05, 2.7),
+}
+
+
+_VIEW_CODES: dict[str, tuple[str, str]] = {
+    "AP": ("399348003", "antero-posterior"),
+    "PA": ("272479007", "postero-anterior"),
+    "LL": ("399173006", "left lateral"),
+    "RL": ("399198007", "right lateral"),
 }
 
 
@@ -950,6 +958,7 @@ def make_cxr(
     _voi_window(ds, stored, "SYNTHETIC DEFAULT")
     if modality == "DX":
         _dx_attributes(ds, photometric, proj.spacing_mm)
+        ds.ViewCodeSequence = DicomSequence([_code_item(*_VIEW_CODES[ds.ViewPosition])])
     else:
         ds.PixelSpacing = ds.ImagerPixelSpacing
     return _file_meta(ds)
@@ -962,6 +971,7 @@ def _dx_attributes(ds: Dataset, photometric: str, spacing_mm: float) -> None:
     ds.PixelIntensityRelationship = "LOG"
     ds.PixelIntensityRelationshipSign = 1 if photometric == "MONOCHROME2" else -1
     ds.PresentationLUTShape = "IDENTITY" if photometric == "MONOCHROME2" else "INVERSE"
+    ds.PositionerType = "NONE"  # portable: no positioner
     ds.DetectorType = "SCINTILLATOR"
     ds.DetectorConfiguration = "AREA"
     ds.AcquisitionContextSequence = DicomSequence([])
@@ -1038,7 +1048,7 @@ def _mr_anatomy(rng: np.random.Generator) -> _MrAnatomy:
                     (float(rng.uniform(16, 22) * size), float(rng.uniform(22, 29) * size))),
         dome=(float(rng.uniform(6, 13)), float(rng.uniform(8, 15))),
         warp=(warp(), warp()),
-        heart=(float(rng.uniform(6, 12)), float(rng.uniform(-16, -10)), float(rng.uniform(-14, -8)),
+        heart=(float(rng.uniform(6, 12)), float(rng.uniform(-16, -10)), float(rng.uniform(12, 20)),
                float(rng.uniform(17, 22) * size), float(rng.uniform(13, 17) * size), float(rng.uniform(14, 19))),
     )
 
@@ -1107,7 +1117,7 @@ def _mr_acquire(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     n = img.shape[1]
     kspace = np.fft.fft(img, axis=1)
     every = int(rng.integers(3, 7))
-    shift_px = float(rng.uniform(1.0, 3.5))
+    shift_px = float(rng.uniform(0.5, 2.0))
     ky = np.fft.fftfreq(n)
     phase = np.where(np.arange(n) % every == 0, np.exp(-2j * np.pi * ky * shift_px), 1.0)
     ghosted = np.fft.ifft(kspace * phase[None, :, None], axis=1)
@@ -1247,6 +1257,9 @@ def make_reference_seg(series: Sequence[Dataset], labels: np.ndarray) -> hd.seg.
 def _make_reproducible(ds: Dataset, created: dt.datetime, dimension_uid: str) -> None:
     """Replace what highdicom fills from the clock or a random UID."""
     ds.InstanceCreationDate, ds.InstanceCreationTime = _da(created), _tm(created)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = created.strftime("%Y%m%d%H%M%S")
     for item in ds.get("DimensionOrganizationSequence", []):
         item.DimensionOrganizationUID = dimension_uid
     for item in ds.get("DimensionIndexSequence", []):

@@ -11,7 +11,8 @@ built for the site root: ``index.html`` sets ``window.PUBLIC_URL="/"`` and links
 asset absolutely (``/app.bundle....js``), and the main bundle and its worker bundles
 hard-code webpack's public path (``__webpack_require__.p = "/"``), from which chunks,
 workers and WASM codecs are fetched. :func:`prepare_ohif_site` builds a folder of
-symlinks to ``dist/`` plus rewritten copies of those files (and of ``app-config.js``,
+symlinks to ``dist/`` plus rewritten copies of those files, of the CSS that loads fonts
+from ``/`` and of ``manifest.json`` (and of ``app-config.js``,
 generated with ``routerBasename: "/ohif"`` and the DICOMweb data source), and checks
 that each rewrite matched exactly where expected, so an upgraded OHIF fails loudly here
 rather than with a blank page. ServeFolders serves files only (no single-page-app
@@ -31,6 +32,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -200,6 +202,13 @@ def prepare_ohif_site(dest: Path, origin: str, base: str = OHIF_BASE) -> Path:
         if entry.name in generated:
             continue
         target = dest / entry.name
+        if entry.is_file() and entry.suffix in (".css", ".json") and entry.name != "serve.json":
+            text = entry.read_text(encoding="utf-8")
+            # url(/font.woff2) in CSS, "src": "/assets/..." in manifest.json
+            rewritten = re.sub(r'(url\(|"src": ?")/(?!/)', rf"\1{base}", text)
+            if rewritten != text:
+                target.write_text(rewritten, encoding="utf-8")
+                continue
         if entry.is_file() and entry.suffix == ".js":
             text = entry.read_text(encoding="utf-8", errors="surrogateescape")
             if _PUBLIC_PATH_RE.search(text):
@@ -239,10 +248,28 @@ class Orthanc:
     serve_ohif: bool = True
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _ohif_dir: Path | None = field(default=None, init=False, repr=False)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ohif_dir(self) -> Path:
+        """The served OHIF folder: under ``workdir``, or a fresh dot-free folder if
+        ``workdir``'s path has a dot (see :func:`prepare_ohif_site`)."""
+        if self._ohif_dir is None:
+            if "." not in str(self.workdir):
+                self._ohif_dir = self.workdir / "ohif"
+            else:
+                for parent in (tempfile.gettempdir(), "/tmp", "/dev/shm"):
+                    if "." not in parent and os.path.isdir(parent):
+                        fresh = tempfile.mkdtemp(prefix="cradle_ohif_", dir=parent)
+                        self._ohif_dir = Path(fresh) / "ohif"
+                        break
+                else:
+                    raise HarnessError("no folder without a dot in its path to serve OHIF from")
+        return self._ohif_dir
 
     @property
     def log_path(self) -> Path:
@@ -274,7 +301,7 @@ class Orthanc:
         if self.serve_ohif:
             plugins.append(str(orthanc_plugin("ServeFolders")))
             config["ServeFolders"] = {
-                "Folders": {OHIF_BASE.rstrip("/"): str(self.workdir / "ohif")},
+                "Folders": {OHIF_BASE.rstrip("/"): str(self.ohif_dir)},
                 "AllowCache": True,
                 "GenerateETag": True,
                 # The extension-less SPA route files ("viewer") are HTML.
@@ -288,7 +315,7 @@ class Orthanc:
             raise HarnessError("Orthanc is not installed")
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.serve_ohif:
-            prepare_ohif_site(self.workdir / "ohif", self.base_url)
+            prepare_ohif_site(self.ohif_dir, self.base_url)
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(self.config(), indent=2))
         log = self.log_path.open("wb")
@@ -315,16 +342,17 @@ class Orthanc:
         raise HarnessError(f"Orthanc did not answer within {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        self.process = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(timeout=5)
+            self.process = None
+        if self._ohif_dir is not None and self.workdir not in self._ohif_dir.parents:
+            shutil.rmtree(self._ohif_dir.parent, ignore_errors=True)  # the dot-free fallback
 
     def __enter__(self) -> Orthanc:
         return self.start()
@@ -400,10 +428,14 @@ def run_ohif_check(
             env=env,
         )
     except subprocess.TimeoutExpired as exc:
-        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+        stderr = exc.stderr or ""
+        if isinstance(stderr, bytes):
+            stderr = stderr.decode(errors="replace")
         if log_path is not None:
-            log_path.write_text(stderr or "")
-        raise HarnessError(f"ohif_check.mjs timed out after {timeout:.0f} s:\n{(stderr or '')[-3000:]}") from exc
+            log_path.write_text(stderr)
+        raise HarnessError(
+            f"ohif_check.mjs timed out after {timeout:.0f} s:\n{stderr[-3000:]}"
+        ) from exc
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(proc.stderr)

@@ -7,15 +7,23 @@
 //     "name": "mr",                       // screenshot file prefix
 //     "screenshotDir": "/abs/test-artifacts/ohif",
 //     "timeoutMs": 60000,                 // per wait
-//     "steps": [{"kind": "seg", "seriesNumber": 9011}, {"kind": "sr", "seriesNumber": 9012}]
+//     "steps": [{"kind": "seg", "seriesNumber": 9011, "expectText": ["Left lung"]},
+//               {"kind": "sr", "seriesNumber": 9012, "expectText": ["Volume"]}]
 //   }
-// For each step it double-clicks the series thumbnail in the study browser, accepts
-// OHIF's "load/track?" prompt, and waits until OHIF's own services hold the result
-// (segmentationService for a SEG, measurementService for an SR). Screenshots go to
-// screenshotDir; progress goes to stderr; the last stdout line is a JSON summary:
-//   { ok, error, steps: [...], segmentations: [...], measurements: [...],
-//     displaySets: [...], console: [...], pageErrors: [...], httpErrors: [...], screenshots: [...] }
-// Exit code 0 when every step reached its result, 1 otherwise (the summary says why).
+// For each step it double-clicks the series thumbnail in the study browser, as a
+// radiologist would, and then:
+//   - SEG: accepts OHIF's "load the segmentation?" prompt in the viewport and waits until
+//     segmentationService lists it; opens the segment panel and shows the middle slice;
+//   - SR:  waits until OHIF's SR handler has parsed the report; if OHIF offers to track
+//     it ("rehydratable": content it can turn into editable measurements) accepts that
+//     prompt, else OHIF draws the regions read-only in the SR viewport; waits until
+//     regions are placed on images (SR display set) or measurementService tracks them.
+// Screenshots go to screenshotDir; progress goes to stderr; the last stdout line is a
+// JSON summary: { ok, error, webgl, steps: [{..., reached, prompt, errorBoundary,
+// textVisible, state: {segmentations, measurements, displaySets, srDisplaySets,
+// annotations, overlayText, viewports, buttons}}], console, pageErrors, httpErrors,
+// screenshots, ...final state }. The caller (tests/test_ohif.py) asserts on it.
+// Exit code 0 when every step reached its result, 1 otherwise.
 
 import { mkdirSync, readFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -141,6 +149,43 @@ function readState() {
     srMeasurements: Array.isArray(ds.measurements) ? ds.measurements.length : null,
     segments: ds.segments ? Object.keys(ds.segments).length : null,
   }));
+  // SR display sets: what OHIF's SR handler parsed, and which groups it placed on an image.
+  const srDisplaySets = (displaySetService?.getActiveDisplaySets() ?? [])
+    .filter(ds => ds.Modality === 'SR')
+    .map(ds => ({
+      SeriesNumber: ds.SeriesNumber,
+      isRehydratable: ds.isRehydratable ?? null,
+      isHydrated: ds.isHydrated ?? null,
+      measurements: (ds.measurements ?? []).map(m => ({
+        TrackingIdentifier: m.TrackingIdentifier,
+        loaded: m.loaded,
+        placedOn: m.displaySetInstanceUID ? true : false,
+        graphicType: m.graphicType ?? m.coords?.[0]?.GraphicType ?? null,
+        graphicCode: m.graphicCode ?? null,
+        pointsLength: m.pointsLength ?? null,
+        coords: (m.coords ?? []).length,
+        labels: (m.labels ?? []).map(l => `${l.label}: ${l.value}`.trim()),
+      })),
+    }));
+  // Annotations cornerstone holds (hydrated tools and OHIF's read-only SR display tool).
+  const annotations = [];
+  try {
+    for (const a of window.cornerstoneTools.annotation.state.getAllAnnotations()) {
+      annotations.push({
+        toolName: a.metadata?.toolName,
+        label: a.data?.label ?? null,
+        isPreview: a.isPreview ?? null,
+        referencedImageId: a.metadata?.referencedImageId ? String(a.metadata.referencedImageId).slice(-60) : null,
+      });
+    }
+  } catch {
+    /* tools not ready */
+  }
+  // Text drawn over the viewports (annotation labels are SVG text).
+  const overlayText = Array.from(document.querySelectorAll('[data-cy="viewport-pane"] svg text, .viewport-element svg text'))
+    .map(t => t.textContent.trim())
+    .filter(Boolean);
+  const buttons = Array.from(document.querySelectorAll('[data-cy$="-btn"]')).map(b => b.getAttribute('data-cy'));
   const viewports = [];
   try {
     for (const engine of window.cornerstone.getRenderingEngines()) {
@@ -152,11 +197,11 @@ function readState() {
   } catch {
     /* cornerstone not ready */
   }
-  return { segmentations, measurements, displaySets, viewports };
+  return { segmentations, measurements, displaySets, srDisplaySets, annotations, overlayText: [...new Set(overlayText)], viewports, buttons: [...new Set(buttons)] };
 }
 
 async function state(page) {
-  return (await page.evaluate(readState)) ?? { segmentations: [], measurements: [], displaySets: [], viewports: [] };
+  return (await page.evaluate(readState)) ?? {};
 }
 
 async function waitForViewerReady(page) {
@@ -183,6 +228,28 @@ async function waitForSettled(page) {
   await page.waitForTimeout(1000);
 }
 
+// The SR/SEG display set OHIF made of a series, by series number (null until it exists).
+function displaySetInfo(seriesNumber) {
+  const ds = (window.services?.displaySetService?.getActiveDisplaySets() ?? []).find(
+    d => Number(d.SeriesNumber) === Number(seriesNumber)
+  );
+  if (!ds) {
+    return null;
+  }
+  return {
+    isLoaded: Boolean(ds.isLoaded),
+    isRehydratable: ds.isRehydratable ?? null,
+    isHydrated: ds.isHydrated ?? null,
+    placed: (ds.measurements ?? []).filter(m => m.loaded === true).length,
+  };
+}
+
+async function errorBoundaryText(page) {
+  const text = await page.locator('body').innerText().catch(() => '');
+  const match = text.match(/Something went wrong[^\n]*/);
+  return match ? match[0] : null;
+}
+
 async function openSeries(page, step, index) {
   const record = { ...step, thumbnail: false, prompt: false, trackingPrompt: false, reached: false, ms: 0 };
   summary.steps.push(record);
@@ -192,27 +259,78 @@ async function openSeries(page, step, index) {
   record.thumbnail = true;
   log(`step ${index}: double-click ${step.kind} series ${step.seriesNumber}`);
   await thumb.dblclick();
-  // OHIF asks in the viewport whether to load (SEG) or track (SR) the object.
-  record.prompt = await clickIfVisible(page, '[data-cy="yes-hydrate-btn"]', timeout);
-  log(`step ${index}: hydrate prompt ${record.prompt ? 'accepted' : 'not shown'}`);
-  if (step.kind === 'sr') {
-    // The longitudinal mode may then ask to start tracking measurements for the series.
-    record.trackingPrompt = await clickIfVisible(page, '[data-cy="prompt-begin-tracking-yes-btn"]', 5000);
-  }
-  const predicate =
-    step.kind === 'seg'
-      ? () => (window.services?.segmentationService?.getSegmentations() ?? []).length > 0
-      : () => (window.services?.measurementService?.getMeasurements() ?? []).length > 0;
-  try {
-    await page.waitForFunction(predicate, null, { timeout });
-    record.reached = true;
-  } catch {
-    record.reached = false;
+  if (step.kind === 'seg') {
+    // OHIF asks in the viewport whether to load the segmentation.
+    record.prompt = await clickIfVisible(page, '[data-cy="yes-hydrate-btn"]', timeout);
+    try {
+      await page.waitForFunction(
+        () => (window.services?.segmentationService?.getSegmentations() ?? []).length > 0,
+        null,
+        { timeout }
+      );
+      record.reached = true;
+    } catch {
+      record.reached = false;
+    }
+    // Show the segment list (right panel) and a slice through the middle of the lungs.
+    await clickIfVisible(page, '[data-cy="panelSegmentation-btn"]', 3000);
+    await page.evaluate(() => {
+      const viewport = window.cornerstone?.getRenderingEngines?.()[0]?.getViewports?.()[0];
+      const n = viewport?.getImageIds?.().length ?? 0;
+      if (n > 1) {
+        viewport.setImageIdIndex(Math.floor(n / 2));
+      }
+    });
+  } else {
+    // The SR handler parses the report; OHIF asks to track it only when it can turn
+    // its content into editable measurements ("rehydratable"); otherwise it draws the
+    // regions read-only in the SR viewport.
+    try {
+      await page.waitForFunction(displaySetInfo, step.seriesNumber, { timeout });
+    } catch {
+      /* reported below */
+    }
+    let info = await page.evaluate(displaySetInfo, step.seriesNumber);
+    if (info?.isRehydratable) {
+      record.prompt = await clickIfVisible(page, '[data-cy="yes-hydrate-btn"]', timeout);
+      record.trackingPrompt = await clickIfVisible(page, '[data-cy="prompt-begin-tracking-yes-btn"]', 5000);
+    }
+    try {
+      await page.waitForFunction(
+        sn => {
+          const tracked = (window.services?.measurementService?.getMeasurements() ?? []).length;
+          const ds = (window.services?.displaySetService?.getActiveDisplaySets() ?? []).find(
+            d => Number(d.SeriesNumber) === Number(sn)
+          );
+          const placed = (ds?.measurements ?? []).filter(m => m.loaded === true).length;
+          return tracked > 0 || placed > 0;
+        },
+        step.seriesNumber,
+        { timeout }
+      );
+      record.reached = true;
+    } catch {
+      record.reached = false;
+    }
+    info = await page.evaluate(displaySetInfo, step.seriesNumber);
+    record.displaySet = info;
   }
   await waitForSettled(page);
+  record.errorBoundary = await errorBoundaryText(page);
+  // Which of the expected labels a person can read on the page (panel or image overlay).
+  record.textVisible = {};
+  for (const text of step.expectText ?? []) {
+    record.textVisible[text] = await page
+      .getByText(text, { exact: false })
+      .first()
+      .isVisible()
+      .catch(() => false);
+  }
   record.ms = Date.now() - started;
-  log(`step ${index}: ${step.kind} ${record.reached ? 'loaded' : 'NOT loaded'} in ${record.ms} ms`);
+  log(`step ${index}: ${step.kind} ${record.reached ? 'loaded' : 'NOT loaded'} in ${record.ms} ms` +
+      (record.errorBoundary ? ` (${record.errorBoundary})` : ''));
   await shot(page, `${String(index + 2).padStart(2, '0')}-${step.kind}`);
+  record.state = await state(page);
   return record.reached;
 }
 
@@ -286,8 +404,8 @@ async function main() {
   if (await row.isVisible().catch(() => false)) {
     await row.click();
     await waitForSettled(page);
+    await shot(page, 'final');
   }
-  await shot(page, 'final');
   Object.assign(summary, await state(page));
   summary.ok = allReached;
 }

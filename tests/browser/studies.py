@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 
@@ -32,8 +33,10 @@ class Study:
     source_series_uid: str
     seg_series_uid: str | None = None
     sr_series_uid: str | None = None
-    #: Segment labels the SEG carries.
+    #: Segment labels the SEG carries, and their display colours (sRGB, from
+    #: RecommendedDisplayCIELabValue).
     segment_labels: list[str] = field(default_factory=list)
+    segment_rgb: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     #: Tracking identifiers (OHIF measurement labels) of the SR's planar ROIs.
     roi_labels: list[str] = field(default_factory=list)
     volumes_ml: dict[str, float] = field(default_factory=dict)
@@ -66,6 +69,13 @@ def mr_study(outdir: Path, seed: int = 11) -> Study:
         seg_series_uid=str(seg.SeriesInstanceUID),
         sr_series_uid=str(sr.SeriesInstanceUID),
         segment_labels=[str(item.SegmentLabel) for item in seg.SegmentSequence],
+        segment_rgb={
+            str(item.SegmentLabel): hd.color.CIELabColor.from_dicom_value(
+                item.RecommendedDisplayCIELabValue
+            ).to_rgb(clip=True)
+            for item in seg.SegmentSequence
+            if "RecommendedDisplayCIELabValue" in item
+        },
         roi_labels=[writers.LEFT_LUNG.meaning, writers.RIGHT_LUNG.meaning],
         volumes_ml=volumes,
     )

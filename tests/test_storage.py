@@ -1,0 +1,251 @@
+"""The archive and the index through ``Ingest``: durable puts, duplicates, failures, the sweep,
+concurrency. Every test runs on SQLite and on the local PostgreSQL.
+
+Also home of the small DICOM factory the listener and routing tests import (``make_image``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import (
+    ComputedRadiographyImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid,
+)
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.archive import Archive, content_hash
+from storage.db import open_index, transaction
+from storage.index import InstanceHeader, _get_or_create, counts
+from storage.ingest import Ingest, Outcome, TransientStoreError
+from storage.models import Instance, Patient, Series
+
+# --- a small DICOM factory (imported by test_listener and test_routing) ------------------------
+
+
+def make_image(*, modality: str = "CR", sop_class_uid: str = ComputedRadiographyImageStorage,
+               study_uid: str | None = None, series_uid: str | None = None, sop_uid: str | None = None,
+               birth_date: str = "20260101", study_date: str = "20260102", patient_age: str | None = None,
+               patient_id: str = "NEO0001", patient_name: str = "Baby^Test", accession: str = "ACC0001",
+               body_part: str | None = "CHEST", series_description: str = "", images_in_acquisition: int | None = None,
+               instance_number: int = 1, size: int = 32, fill: int = 0) -> Dataset:
+    """A small valid image (explicit VR little endian) with the attributes routing looks at."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class_uid, sop_uid or generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientSex = patient_name, patient_id, "F"
+    if birth_date:
+        ds.PatientBirthDate = birth_date
+    if patient_age:
+        ds.PatientAge = patient_age
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), series_uid or generate_uid()
+    if study_date:
+        ds.StudyDate = study_date
+    ds.StudyTime, ds.AccessionNumber, ds.StudyID = "093000", accession, "1"
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, instance_number
+    if body_part is not None:
+        ds.BodyPartExamined = body_part
+    if series_description:
+        ds.SeriesDescription = series_description
+    if images_in_acquisition is not None:
+        ds.ImagesInAcquisition = images_in_acquisition
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = bytes([fill % 256, 0]) * (size * size)
+    return ds
+
+
+def make_mr_slice(**kwargs) -> Dataset:  # noqa: ANN003 - make_image's keywords
+    return make_image(**{"modality": "MR", "sop_class_uid": MRImageStorage, **kwargs})
+
+
+def file_bytes(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def header_of(ds: Dataset) -> InstanceHeader:
+    return InstanceHeader.from_dataset(ds)
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def sessions(index_url: str) -> sessionmaker[Session]:
+    factory = open_index(index_url)
+    yield factory
+    factory.kw["bind"].dispose()
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Archive:
+    store = Archive(tmp_path / "archive")
+    store.ensure_root()
+    return store
+
+
+@pytest.fixture
+def ingest(archive: Archive, sessions: sessionmaker[Session]) -> Ingest:
+    return Ingest(archive, sessions)
+
+
+def store(ingest: Ingest, ds: Dataset, **kwargs):  # noqa: ANN003, ANN201 - Ingest.store's keywords
+    return ingest.store(file_bytes(ds), header_of(ds), transfer_syntax_uid=ExplicitVRLittleEndian, **kwargs)
+
+
+def temporaries(root: Path) -> list[Path]:
+    return list(root.rglob("*.part"))
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+def test_store_archives_at_the_uid_path_and_indexes(ingest: Ingest, archive: Archive) -> None:
+    ds = make_image()
+    result = store(ingest, ds, calling_ae_title="MODALITY")
+    assert result.outcome is Outcome.stored and result.instance_pk and result.series_pk
+    path = archive.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert path.read_bytes() == file_bytes(ds)
+    with ingest.sessions() as session:
+        assert counts(session) == {"patients": 1, "studies": 1, "series": 1, "instances": 1, "jobs": {}}
+        instance = session.scalar(select(Instance))
+        assert (instance.file_path, instance.sha256, instance.calling_ae_title) == (
+            f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm",
+            content_hash(file_bytes(ds)), "MODALITY")
+    assert temporaries(archive.root) == []
+
+
+def test_parts_are_written_and_hashed_as_one_file(archive: Archive) -> None:
+    parts = (b"\x00" * 128 + b"DICM", bytes(range(256)) * 4096)
+    stored = archive.put("a/b/c.dcm", parts)
+    assert archive.read("a/b/c.dcm") == b"".join(parts)
+    assert (stored.size, stored.sha256) == (len(b"".join(parts)), content_hash(b"".join(parts)))
+
+
+def test_identical_resend_is_stored_once(ingest: Ingest, archive: Archive) -> None:
+    ds = make_image()
+    assert store(ingest, ds).outcome is Outcome.stored
+    assert store(ingest, ds).outcome is Outcome.duplicate
+    with ingest.sessions() as session:
+        assert counts(session)["instances"] == 1
+    assert len(archive.files()) == 1
+
+
+@pytest.mark.parametrize(("policy", "outcome", "kept"), [
+    ("keep_first", Outcome.conflict_kept, "first"),
+    ("reject", Outcome.conflict_rejected, "first"),
+    ("replace", Outcome.conflict_replaced, "second"),
+])
+def test_conflicting_resend_follows_the_policy(archive: Archive, sessions: sessionmaker[Session],
+                                               policy: str, outcome: Outcome, kept: str) -> None:
+    ingest = Ingest(archive, sessions, duplicate_policy=policy)
+    first = make_image(fill=1)
+    second = make_image(study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID,
+                        sop_uid=first.SOPInstanceUID, fill=2)
+    store(ingest, first)
+    assert store(ingest, second).outcome is outcome
+    expected = file_bytes(first if kept == "first" else second)
+    assert archive.read(header_of(first).relative_path) == expected
+    with sessions() as session:
+        assert session.scalar(select(Instance.sha256)) == content_hash(expected)
+        assert counts(session)["instances"] == 1
+
+
+def test_a_failing_write_is_transient_and_leaves_nothing(ingest: Ingest, archive: Archive) -> None:
+    ds = make_image()
+    blocker = archive.root / ds.StudyInstanceUID
+    blocker.write_bytes(b"not a directory")  # the study directory cannot be made (works as root too)
+    with pytest.raises(TransientStoreError):
+        store(ingest, ds)
+    with ingest.sessions() as session:
+        assert counts(session)["instances"] == 0
+    assert temporaries(archive.root) == []
+    blocker.unlink()
+    assert store(ingest, ds).outcome is Outcome.stored
+    assert archive.exists(header_of(ds).relative_path)
+
+
+def test_sweep_reconciles_files_and_rows(ingest: Ingest, archive: Archive) -> None:
+    kept, lost, unindexed = make_image(), make_image(), make_image()
+    store(ingest, kept)
+    store(ingest, lost)
+    archive.remove(header_of(lost).relative_path)                      # a row without its file
+    archive.put(header_of(unindexed).relative_path, file_bytes(unindexed))  # a file without its row
+    orphan = archive.root / kept.StudyInstanceUID / kept.SeriesInstanceUID / ".x.dcm.0123.part"
+    orphan.write_bytes(b"half a file")                                  # an interrupted write
+    report = ingest.sweep()
+    assert (report.temporaries_removed, report.files_reindexed, report.rows_without_file_removed,
+            report.unreadable_files) == (1, 1, 1, 0)
+    with ingest.sessions() as session:
+        paths = set(session.scalars(select(Instance.file_path)))
+    assert paths == set(archive.files()) == {header_of(kept).relative_path, header_of(unindexed).relative_path}
+    assert temporaries(archive.root) == []
+
+
+def test_concurrent_stores_all_succeed(ingest: Ingest) -> None:
+    """Parallel associations: SQLite write transactions begin IMMEDIATE and wait for each other."""
+    study, series = generate_uid(), generate_uid()
+    datasets = [make_mr_slice(study_uid=study, series_uid=series, instance_number=i) for i in range(32)]
+    errors: list[BaseException] = []
+
+    def push(chunk: list[Dataset]) -> None:
+        for ds in chunk:
+            try:
+                store(ingest, ds)
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=push, args=(datasets[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with ingest.sessions() as session:
+        assert counts(session) == {"patients": 1, "studies": 1, "series": 1, "instances": 32, "jobs": {}}
+
+
+def test_a_failed_transaction_leaves_no_row(sessions: sessionmaker[Session]) -> None:
+    """A SAVEPOINT (get-or-create) must not commit on its own when the transaction later fails."""
+    with pytest.raises(RuntimeError), transaction(sessions) as session:
+        _get_or_create(session, Patient, {"patient_key": "|P1|"}, {})
+        raise RuntimeError("after the savepoint")
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Patient)) == 0
+
+
+def test_late_instance_is_reported_as_reopening(ingest: Ingest) -> None:
+    first = make_image()
+    store(ingest, first)
+    with transaction(ingest.sessions) as session:
+        series = session.scalar(select(Series))
+        series.state = "complete"
+        series.completed_at = dt.datetime(2026, 1, 2)
+    late = make_image(study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID, instance_number=2)
+    assert store(ingest, late).reopened is True
+
+
+def test_stored_file_reads_back_as_sent(ingest: Ingest, archive: Archive) -> None:
+    ds = make_image(series_description="AP supine")
+    store(ingest, ds)
+    back = dcmread(archive.absolute(header_of(ds).relative_path))
+    assert back.SeriesDescription == "AP supine" and back.PixelData == ds.PixelData

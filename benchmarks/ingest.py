@@ -39,6 +39,7 @@ NODE_AE = "CRADLE"
 BASELINE_AE = "BASELINE"
 DEFAULT_PDU = 262144
 READY_TIMEOUT = 60.0
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -140,8 +141,9 @@ def serve_baseline(port: int, outdir: Path, max_pdu: int) -> None:
 
 @contextmanager
 def running(command: Sequence[str], port: int, called_ae: str, log_path: Path) -> Iterator[None]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         try:
             wait_until_ready(port, called_ae, process)
             yield

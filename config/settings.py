@@ -241,7 +241,7 @@ class ConfigError(Exception):
 
 
 def redact_url(url: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)  # also redis://:password@host
 
 
 def resolve_config_path(path: str | os.PathLike[str] | None) -> Path | None:

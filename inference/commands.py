@@ -177,10 +177,7 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
     try:
         app.worker_main(argv)
     finally:
-        import logging as _l; _l.getLogger("x").warning("worker_main returned")
         stop.set()
         reconciler.join(timeout=10)
         queue.close()
-        _l.getLogger("x").warning("closed")
-        import atexit, threading as _t; atexit.register(lambda: _l.getLogger("x").warning("atexit %s", [t.name for t in _t.enumerate()]))
     return 0

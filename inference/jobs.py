@@ -21,9 +21,10 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from sqlalchemy import select, update
@@ -136,7 +137,7 @@ def claim(sessions: sessionmaker[Session], job_id: int, owner: str, *, lease_for
         seen = _snapshot(job)
     now = utcnow()
     if seen["state"] == JobState.running:
-        if not lease_is_stale_values(seen, now):
+        if not lease_is_stale(seen, now):
             log.info("job %d: running under a live lease elsewhere; not taken", job_id)
             return None
         if seen["attempts"] >= max_attempts:
@@ -154,7 +155,7 @@ def claim(sessions: sessionmaker[Session], job_id: int, owner: str, *, lease_for
     return Lease(job_id, owner, seen["series_pk"], seen["pipeline"], seen["generation"], seen["attempts"] + 1)
 
 
-def lease_is_stale_values(seen: dict[str, Any], now: dt.datetime) -> bool:
+def lease_is_stale(seen: dict[str, Any], now: dt.datetime) -> bool:
     expires = seen["lease_expires_at"]
     return expires is None or expires < now or owner_is_dead(seen["lease_owner"])
 
@@ -196,7 +197,7 @@ def _update_owned(sessions: sessionmaker[Session], lease: Lease, *extra: Any, **
         return session.execute(statement).rowcount == 1
 
 
-_RELEASE = {"lease_owner": "", "lease_expires_at": None}
+_RELEASE: Mapping[str, Any] = MappingProxyType({"lease_owner": "", "lease_expires_at": None})
 
 
 def complete(sessions: sessionmaker[Session], lease: Lease, *, model_version: str,
@@ -381,7 +382,7 @@ class Reconciler:
                        session.scalars(select(Job).where(Job.state == JobState.running))]
         requeued, failed = [], 0
         for job_id, seen in running:
-            if not lease_is_stale_values(seen, now):
+            if not lease_is_stale(seen, now):
                 continue
             if seen["attempts"] >= self.queue.max_attempts:
                 failed += _fail_stale(self.sessions, job_id, seen, self.queue.max_attempts)

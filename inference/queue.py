@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 from kombu.transport import sqlalchemy as kombu_sqla
 from pydicom import Dataset, dcmread
 from sqlalchemy import Engine, select
@@ -149,7 +150,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_time_limit": limit,
-        "task_soft_time_limit": max(1, limit - min(30, limit // 10)),
+        "task_soft_time_limit": max(1, limit - max(1, min(30, limit // 10))),
         "task_default_queue": DEFAULT_QUEUE,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -332,7 +333,8 @@ class JobRunner:
 
     def _failed(self, res: _ProcessResources, lease: jobs.Lease, exc: BaseException, *,
                 permanent: bool) -> jobs.Finish:
-        error = describe_error(exc)
+        error = (f"over the time limit of {self.settings.queue.task_time_limit} s"
+                 if isinstance(exc, SoftTimeLimitExceeded) else describe_error(exc))
         log.warning("job %d: attempt %d failed: %s", lease.job_id, lease.attempts, error,
                     exc_info=log.isEnabledFor(logging.DEBUG))
         finish = jobs.fail_attempt(res.sessions, lease, error, max_attempts=self.settings.queue.max_attempts,
@@ -406,6 +408,10 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
+class UnknownPipeline(LookupError):
+    """The job names a pipeline this worker does not have."""
+
+
 class PipelineHost:
     """The pipelines and the model cache of one worker process (imports torch when built)."""
 
@@ -417,14 +423,18 @@ class PipelineHost:
         self._no_model = _no_active_model_types()
 
     def run(self, pipeline: str, sources: list[Dataset]) -> Any:
-        return self._pipelines.get_pipeline(pipeline).run(sources, self.context)
+        try:
+            runnable = self._pipelines.get_pipeline(pipeline)
+        except KeyError as exc:
+            raise UnknownPipeline(str(exc).strip("'\"")) from None
+        return runnable.run(sources, self.context)
 
     def is_no_active_model(self, exc: BaseException) -> bool:
         return isinstance(exc, self._no_model)
 
     def is_permanent(self, exc: BaseException) -> bool:
         """Retrying does not help: the series does not suit the pipeline, or no such pipeline."""
-        return isinstance(exc, (self._pipelines.PipelineInputError, KeyError))
+        return isinstance(exc, (self._pipelines.PipelineInputError, UnknownPipeline))
 
 
 def _no_active_model_types() -> tuple[type[BaseException], ...]:

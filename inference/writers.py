@@ -9,13 +9,29 @@ Every object is reproducible: its UIDs come from :func:`inference.uids.result_ui
 source (or a time passed in), so a re-run of the same model gives identical bytes
 and a PACS replaces the earlier result instead of keeping a duplicate.
 
-Viewer compatibility shapes the SR content:
+Viewer compatibility shapes the SR content (checked against OHIF 3.13, see
+``tests/test_ohif.py``):
 
 - NUM items never carry a nested ContentSequence (OHIF drops such measurements);
   the algorithm is identified once per measurement group (TID 4019).
-- Besides the non-spatial groups, anything with a place on an image also gets a
-  TID 1410 planar ROI group with a closed POLYLINE, because OHIF only places
-  measurements that carry image coordinates.
+- Every measurement group in "Imaging Measurements" has image coordinates, or
+  shares its Tracking Unique Identifier with a group that has them. OHIF merges
+  groups by that UID and then reads the first SCOORD of each merged measurement;
+  a measurement without one makes it fail ("Something went wrong"). So:
+
+  * lung MRI: per lung, the TID 1411 volumetric group (SEG segment, volume) and
+    the TID 1410 planar group (outline on the lung's largest slice, area on that
+    slice) carry the same tracking identifier and UID as the SEG segment: one
+    tracked entity, drawn as one outline labelled "Volume: 44.36 mL";
+  * chest radiograph: a finding with a region is a TID 1410 planar group (the
+    region, probability and threshold in %, the call); the view classifier's
+    result and findings without a region are TID 1500 "Qualitative Evaluations"
+    (row 12), which OHIF does not try to place.
+
+- Probabilities and thresholds are in percent (UCUM ``%``): OHIF draws a NUM as
+  "<concept name>: <value with 2 decimals> <UCUM code>", so "Probability: 83.00 %"
+  where a fraction would read "0.83 1". OHIF draws NUMs only (no CODE or TEXT),
+  so the finding's name and its call are in the SR but not on the drawn label.
 """
 
 from __future__ import annotations
@@ -83,11 +99,12 @@ VOLUME = Code("118565006", "SCT", "Volume")
 AREA = Code("42798000", "SCT", "Area")
 POSITIVE = Code("10828004", "SCT", "Positive")
 NEGATIVE = Code("260385009", "SCT", "Negative")
-NO_UNITS = Code("1", "UCUM", "no units")
+PERCENT = Code("%", "UCUM", "percent")
 MILLILITER = Code("mL", "UCUM", "milliliter")
 SQUARE_MILLIMETER = Code("mm2", "UCUM", "square millimeter")
 
 COMMENT = Code("121106", "DCM", "Comment")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 FRONTAL_CHEST_TEXT = "Frontal chest radiograph: findings evaluated"
 NOT_FRONTAL_CHEST_TEXT = "Not a frontal chest radiograph: findings not evaluated"
 
@@ -101,7 +118,6 @@ _FALLBACK_DATETIME = dt.datetime(1970, 1, 1)
 _LO_MAX = 64
 _REGION_TOLERANCE_PX = 1.0
 _NOT_FOR_DIAGNOSIS = "AI OUTPUT - NOT FOR DIAGNOSIS"
-_VIEW_TRACKING_LABEL = "Image view"
 
 
 class WriterInputError(ValueError):
@@ -545,41 +561,85 @@ def _measurement(name: Code, value: float, unit: Code) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=name, value=float(value), unit=unit)
 
 
-def _add_text_evaluations(group: Dataset, evaluations: Sequence[tuple[Code, str]]) -> None:
-    """Append TEXT qualitative evaluations (TID 1501 row 12), which highdicom's
-    QualitativeEvaluation (CODE only) cannot express."""
-    for name, text in evaluations:
-        group[0].ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=name,
-                value=text,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-        )
+def _percent(fraction: float) -> float:
+    """A probability or threshold given in [0, 1], as a percentage (UCUM "%")."""
+    return round(float(fraction) * 100.0, 6)
 
 
-def _view_group(
-    source: Dataset,
-    view: ViewResult,
-    algorithm: AlgorithmIdentity,
-    uids: _ResultUIDs,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """The view classifier's label (as text: its classes have no standard codes),
-    its probability, and whether findings were evaluated."""
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(uids, _VIEW_TRACKING_LABEL),
-        algorithm_id=(view.algorithm or algorithm).sr_identification(),
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
-        measurements=[_measurement(PROBABILITY, view.probability, NO_UNITS)],
+def _probability_measurements(probability: float, threshold: float) -> list[hd.sr.Measurement]:
+    """Probability first: OHIF draws the NUMs in order, "Probability: 83.00 %"."""
+    return [
+        _measurement(PROBABILITY, _percent(probability), PERCENT),
+        _measurement(THRESHOLD_VALUE, _percent(threshold), PERCENT),
+    ]
+
+
+def _call(finding: Finding) -> Code:
+    return POSITIVE if finding.positive else NEGATIVE
+
+
+def _with_children(item: Dataset, children: Sequence[Dataset]) -> Dataset:
+    item.ContentSequence = hd.sr.ContentSequence(list(children))
+    return item
+
+
+def _property(name: Code, value: float, unit: Code) -> hd.sr.NumContentItem:
+    """A NUM (no nested content) that is a property of a qualitative evaluation."""
+    return hd.sr.NumContentItem(
+        name=name,
+        value=float(value),
+        unit=unit,
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
     )
-    _add_text_evaluations(
-        group,
+
+
+def _view_evaluations(view: ViewResult, algorithm: AlgorithmIdentity) -> list[Dataset]:
+    """TID 1500 row 14 TEXT items: the view classifier's label (as text: its
+    classes have no standard codes) with its algorithm and probability, and a
+    comment saying whether findings were evaluated."""
+    view_item = hd.sr.TextContentItem(
+        name=IMAGE_VIEW,
+        value=view.label,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    _with_children(
+        view_item,
         [
-            (IMAGE_VIEW, view.label),
-            (COMMENT, FRONTAL_CHEST_TEXT if view.is_frontal_chest else NOT_FRONTAL_CHEST_TEXT),
+            *(view.algorithm or algorithm).sr_identification(),
+            _property(PROBABILITY, _percent(view.probability), PERCENT),
         ],
     )
-    return group
+    comment = hd.sr.TextContentItem(
+        name=COMMENT,
+        value=FRONTAL_CHEST_TEXT if view.is_frontal_chest else NOT_FRONTAL_CHEST_TEXT,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    return [view_item, comment]
+
+
+def _finding_evaluation(finding: Finding, algorithm: AlgorithmIdentity) -> Dataset:
+    """TID 1500 row 13 CODE item for a finding without a region: the finding
+    and its call (Positive/Negative), with its algorithm, probability, threshold
+    and, when it says more than the code, its label as a comment."""
+    item = hd.sr.CodeContentItem(
+        name=finding.code,
+        value=_call(finding),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    children: list[Dataset] = [
+        *(finding.algorithm or algorithm).sr_identification(),
+        _property(PROBABILITY, _percent(finding.probability), PERCENT),
+        _property(THRESHOLD_VALUE, _percent(finding.threshold), PERCENT),
+    ]
+    if finding.tracking_label != finding.code.meaning:
+        children.append(
+            hd.sr.TextContentItem(
+                name=COMMENT,
+                value=finding.tracking_label,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+            )
+        )
+    return _with_children(item, children)
 
 
 def _finding_group(
@@ -587,38 +647,73 @@ def _finding_group(
     finding: Finding,
     algorithm: AlgorithmIdentity,
     uids: _ResultUIDs,
-) -> (
-    hd.sr.MeasurementsAndQualitativeEvaluations
-    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-):
-    """TID 1501 group, or a TID 1410 planar ROI group when the finding has a region."""
-    common = {
-        "tracking_identifier": _tracking(uids, finding.tracking_label),
-        "finding_type": finding.code,
-        "algorithm_id": (finding.algorithm or algorithm).sr_identification(),
-        "measurements": [
-            _measurement(PROBABILITY, finding.probability, NO_UNITS),
-            _measurement(THRESHOLD_VALUE, finding.threshold, NO_UNITS),
-        ],
-        "qualitative_evaluations": [
-            hd.sr.QualitativeEvaluation(
-                finding.code, POSITIVE if finding.positive else NEGATIVE
-            )
-        ],
-    }
-    if finding.region is None:
-        return hd.sr.MeasurementsAndQualitativeEvaluations(
-            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
-            **common,
-        )
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 planar ROI group of a finding with a region: the closed region on
+    the radiograph, probability and threshold in %, and the call."""
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=_closed_polygon(finding.region, source),
         source_image=hd.sr.SourceImageForRegion.from_source_image(source),
     )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        referenced_region=region, **common
+        tracking_identifier=_tracking(uids, finding.tracking_label),
+        referenced_region=region,
+        finding_type=finding.code,
+        algorithm_id=(finding.algorithm or algorithm).sr_identification(),
+        measurements=_probability_measurements(finding.probability, finding.threshold),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(finding.code, _call(finding))],
     )
+
+
+def _is_container(item: Dataset, code: Code) -> bool:
+    return item.ValueType == "CONTAINER" and (
+        item.ConceptNameCodeSequence[0].CodeValue == code.value
+        and item.ConceptNameCodeSequence[0].CodingSchemeDesignator == code.scheme_designator
+    )
+
+
+def _measurement_report(
+    *,
+    algorithm: AlgorithmIdentity,
+    uids: _ResultUIDs,
+    procedure: Code,
+    library: Sequence[Dataset],
+    groups: Sequence[Dataset],
+    evaluations: Sequence[Dataset],
+) -> hd.sr.MeasurementReport:
+    """TID 1500 with "Imaging Measurements" (row 6) holding ``groups`` and a
+    "Qualitative Evaluations" container (row 12) holding ``evaluations``.
+
+    highdicom 0.28 builds neither row 12 nor a report without measurement groups
+    (TID 1500 needs row 6 or row 12, not both), so both are done here.
+    """
+    if not groups and not evaluations:
+        raise WriterInputError("a report needs measurement groups or qualitative evaluations")
+    placeholder = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uids("tracking-placeholder"), identifier="placeholder"
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(algorithm, uids.prefix),
+        procedure_reported=procedure,
+        imaging_measurements=list(groups) or [placeholder],
+        referenced_images=[_library_header(image) for image in library],
+    )
+    content = report[0].ContentSequence
+    if not groups:
+        (index,) = [
+            i for i, item in enumerate(content)
+            if _is_container(item, codes.DCM.ImagingMeasurements)
+        ]
+        del content[index]
+    if evaluations:
+        container = hd.sr.ContainerContentItem(
+            name=QUALITATIVE_EVALUATIONS,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        content.append(_with_children(container, evaluations))
+    return report
 
 
 def _comprehensive_3d_sr(
@@ -626,6 +721,7 @@ def _comprehensive_3d_sr(
     evidence: Sequence[Dataset],
     library: Sequence[Dataset],
     groups: Sequence[Dataset],
+    evaluations: Sequence[Dataset] = (),
     procedure: Code,
     algorithm: AlgorithmIdentity,
     uids: _ResultUIDs,
@@ -633,11 +729,13 @@ def _comprehensive_3d_sr(
     description: str,
     when: dt.datetime,
 ) -> hd.sr.Comprehensive3DSR:
-    report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(algorithm, uids.prefix),
-        procedure_reported=procedure,
-        imaging_measurements=groups,
-        referenced_images=[_library_header(image) for image in library],
+    report = _measurement_report(
+        algorithm=algorithm,
+        uids=uids,
+        procedure=procedure,
+        library=library,
+        groups=groups,
+        evaluations=evaluations,
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
@@ -668,11 +766,10 @@ def _check_cxr_inputs(source: Dataset, view: ViewResult, findings: Sequence[Find
     if not all(isinstance(f, Finding) for f in findings):
         raise WriterInputError("findings must all be Finding instances")
     # Tracking UIDs are derived from the labels, so labels must stay distinct.
-    slugs = [_slug(_VIEW_TRACKING_LABEL)] + [_slug(f.tracking_label) for f in findings]
+    slugs = [_slug(f.tracking_label) for f in findings]
     if len(set(slugs)) != len(slugs):
         raise WriterInputError(
-            f"findings repeat a label (or use {_VIEW_TRACKING_LABEL!r}): "
-            f"{[f.tracking_label for f in findings]}"
+            f"findings repeat a label: {[f.tracking_label for f in findings]}"
         )
 
 
@@ -690,24 +787,33 @@ def cxr_report(
 ) -> hd.sr.Comprehensive3DSR:
     """TID 1500 report on one chest radiograph.
 
-    Always states the view (its label, probability and whether it is a frontal
-    chest film). Findings are reported only for a frontal chest film; otherwise
-    they are left out and the view says why. ``model_version_tag`` is what the
-    UIDs are derived from (default ``algorithm.version``); pass a tag that
-    covers every model behind the report (view, BPD, pneumonia) so that a new
-    version of any of them gives a new result series.
+    Always states the view in "Qualitative Evaluations": its label, probability
+    and whether it is a frontal chest film. Findings are reported only for a
+    frontal chest film; otherwise they are left out and the view says why. A
+    finding with a region is a TID 1410 planar ROI group (drawn by viewers); one
+    without is a qualitative evaluation (finding = Positive/Negative, with its
+    probability and threshold). ``model_version_tag`` is what the UIDs are
+    derived from (default ``algorithm.version``); pass a tag that covers every
+    model behind the report (view, BPD, pneumonia) so that a new version of any
+    of them gives a new result series.
     """
     findings = list(findings)
     _check_cxr_inputs(source, view, findings)
     version = model_version_tag or algorithm.version
     uids = _ResultUIDs(str(source.SeriesInstanceUID), pipeline, version, uid_prefix)
-    groups = [_view_group(source, view, algorithm, uids)]
+    groups: list[Dataset] = []
+    evaluations: list[Dataset] = _view_evaluations(view, algorithm)
     if view.is_frontal_chest:
-        groups += [_finding_group(source, f, algorithm, uids) for f in findings]
+        for finding in findings:
+            if finding.region is None:
+                evaluations.append(_finding_evaluation(finding, algorithm))
+            else:
+                groups.append(_finding_group(source, finding, algorithm, uids))
     return _comprehensive_3d_sr(
         evidence=[source],
         library=[source],
         groups=groups,
+        evaluations=evaluations,
         procedure=PLAIN_CHEST_XRAY,
         algorithm=algorithm,
         uids=uids,
@@ -829,14 +935,16 @@ def _lung_groups(
 ) -> list[Dataset]:
     """TID 1411 volume group for a lung, plus its outline as a TID 1410 group.
 
-    The outline is drawn on the slice where the lung's area is largest; a lung
-    absent from every slice gets the volume group only.
+    Both groups carry the tracking identifier and UID of the SEG segment: they
+    describe one tracked entity, and a viewer that merges groups by tracking UID
+    (OHIF) draws the outline labelled with the volume. The outline is on the
+    slice where the lung's area is largest, with that slice's area; a lung absent
+    from every slice gets the volume group only.
     """
+    tracking = _tracking(uids, code.meaning, _segment_tracking_uid(segmentation, number))
     groups: list[Dataset] = [
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(
-                uids, code.meaning, _segment_tracking_uid(segmentation, number)
-            ),
+            tracking_identifier=tracking,
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=segmentation.SOPClassUID,
                 sop_instance_uid=segmentation.SOPInstanceUID,
@@ -864,15 +972,13 @@ def _lung_groups(
     )
     groups.append(
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(
-                uids, code.meaning, uids(f"tracking-{_slug(code.meaning)}-outline")
-            ),
+            tracking_identifier=tracking,
             referenced_region=region,
             finding_type=code,
             finding_category=ANATOMICAL_STRUCTURE,
+            finding_sites=[hd.sr.FindingSite(anatomic_location=code)],
             algorithm_id=algorithm.sr_identification(),
             measurements=[
-                _measurement(VOLUME, volume_ml, MILLILITER),
                 _measurement(AREA, areas[index] * _pixel_area_mm2(image), SQUARE_MILLIMETER),
             ],
         )
@@ -895,8 +1001,9 @@ def lung_report(
 
     Per lung: a TID 1411 volumetric group (ReferencedSegment, NUM volume in mL)
     and, for viewers that need image coordinates, a TID 1410 planar group with
-    the lung's outline on the slice where it is largest (NUM volume and that
-    slice's area). The outlines are taken from ``segmentation`` itself.
+    the lung's outline on the slice where it is largest (NUM area on that
+    slice), both with the segment's tracking identifier and UID. The outlines
+    are taken from ``segmentation`` itself.
     """
     ordered = sort_series(sources)
     _check_segmentation_matches(segmentation, ordered)
@@ -1113,7 +1220,7 @@ def summary_image(
         # highdicom requires an orientation for PATIENT; an unknown one is blanked below.
         patient_orientation=orientation or ("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        **_sop_kwargs(algorithm, f"cradle AI: summary ({version})", when),
+        **_sop_kwargs(algorithm, f"cradle AI: summary, not for diagnosis ({version})", when),
     )
     if orientation is None:
         sc.PatientOrientation = ""  # type 2: empty when unknown

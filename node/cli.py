@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = _add(sub, "worker", "inference.commands:worker", "a Celery worker running the pipelines")
     worker.add_argument("--queue", dest="queues", action="append", default=[], metavar="NAME",
                         help="consume this queue too (e.g. gpu0 for the worker bound to GPU 0)")
-    _add(sub, "dispatch", "node.commands:dispatch", "send results to the configured destinations")
+    _add(sub, "dispatch", "node.jobs_commands:dispatch", "send results to the configured destinations")
     status = _add(sub, "status", "node.commands:status", "counts of patients, studies, series, instances, jobs")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -53,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(config, "check", "node.commands:config_check", "validate and print the resolved config (no secrets)")
 
     jobs = sub.add_parser("jobs", help="inspect and retry jobs").add_subparsers(dest="action", required=True)
-    jobs_list = _add(jobs, "list", "node.commands:jobs_list", "list jobs")
+    jobs_list = _add(jobs, "list", "node.jobs_commands:jobs_list", "list jobs")
     jobs_list.add_argument("--state", help="only jobs in this state")
     jobs_list.add_argument("--json", action="store_true")
-    _add(jobs, "show", "node.commands:jobs_show", "one job with its sends").add_argument("job_id", type=int)
-    _add(jobs, "retry", "node.commands:jobs_retry", "run a failed job again / send its results again"
+    _add(jobs, "show", "node.jobs_commands:jobs_show", "one job with its sends").add_argument("job_id", type=int)
+    _add(jobs, "retry", "node.jobs_commands:jobs_retry", "run a failed job again / send its results again"
          ).add_argument("job_id", type=int)
 
     models = sub.add_parser("models", help="the model registry").add_subparsers(dest="action", required=True)

@@ -24,6 +24,7 @@ from config.settings import Settings
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[int], None]
+EXIT_FAILURE = 1
 
 
 # --- cradle listen ----------------------------------------------------------------------------
@@ -37,7 +38,12 @@ def listen(args: argparse.Namespace, settings: Settings) -> int:
     listener = Listener(settings, enqueue=load_enqueue(settings))
     stopping = threading.Event()
     with _stop_on_signals(stopping):
-        listener.start()
+        try:
+            listener.start()
+        except OSError as exc:
+            node = settings.node
+            log.error("cannot listen on %s:%d: %s", node.host, node.port, exc.strerror or exc)
+            return EXIT_FAILURE
         try:
             while not stopping.wait(1.0):
                 pass

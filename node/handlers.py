@@ -132,7 +132,7 @@ def handle_store(event: Event, ingest: Ingest, after_store: AfterStore | None = 
     mismatch = command_mismatch(event, header)
     if mismatch:
         log.warning("C-STORE %s from %r: %s", command_sop_uid, calling, mismatch)
-        return status(FAILURE_DOES_NOT_MATCH, mismatch)
+        return status(FAILURE_DOES_NOT_MATCH, "data set UIDs differ from the C-STORE command's")
     try:
         result = ingest.store(encoded_parts(event), header, transfer_syntax_uid=received.transfer_syntax_uid,
                               calling_ae_title=calling)
@@ -150,6 +150,8 @@ def handle_store(event: Event, ingest: Ingest, after_store: AfterStore | None = 
 def read_received(event: Event) -> Received:
     """Check the received bytes' structure and read the header (everything before the pixel data)."""
     transfer_syntax = UID(event.context.transfer_syntax)
+    if event.request.DataSet is None:
+        raise MalformedDataset("C-STORE without a data set")
     raw = event.request.DataSet.getvalue()
     if transfer_syntax.is_deflated:
         raw = inflate(raw)
@@ -186,9 +188,8 @@ def status_for(result: StoreResult) -> int | Dataset:
     if result.outcome in (Outcome.stored, Outcome.duplicate, Outcome.conflict_replaced):
         return SUCCESS
     if result.outcome is Outcome.conflict_kept:
-        return status(WARNING_COERCION, "SOP Instance UID already archived with different content; "
-                                        "the first copy was kept")
-    return status(FAILURE_DUPLICATE_SOP_INSTANCE, "SOP Instance UID already archived with different content")
+        return status(WARNING_COERCION, "already archived with other content; first copy kept")
+    return status(FAILURE_DUPLICATE_SOP_INSTANCE, "already archived with other content")
 
 
 def status(code: int, comment: str = "") -> int | Dataset:
@@ -285,8 +286,7 @@ def _walk_elements(buf: memoryview, pos: int, end: int, implicit: bool, order: s
             inner_implicit, inner_order = (True, "<") if vr == b"UN" else (implicit, order)
             pos = _walk_items(buf, pos, end, inner_implicit, inner_order)
         elif pos + length > end:
-            raise MalformedDataset(f"value of ({group:04X},{element:04X}) runs {pos + length - end} bytes "
-                                   f"past the end of the data set")
+            raise MalformedDataset(f"truncated: ({group:04X},{element:04X}) lacks {pos + length - end} bytes")
         else:
             pos += length
     if delimiter is not None:

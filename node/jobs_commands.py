@@ -108,14 +108,17 @@ def jobs_retry(args: argparse.Namespace, settings: Settings) -> int:
         print(f"cradle: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if action == jobs.RetryAction.rerun:
-        from inference.queue import JobQueue
+        from inference.queue import BrokerUnavailable, JobQueue
 
         queue = JobQueue(settings, sessions)
         try:
             queue.enqueue(args.job_id)
+            print(f"job {args.job_id}: queued to run again")
+        except BrokerUnavailable:
+            print(f"job {args.job_id}: queued to run again; the broker is unavailable, so the worker's "
+                  f"reconciler will send it")
         finally:
             queue.close()
-        print(f"job {args.job_id}: queued to run again")
     else:
         print(f"job {args.job_id}: results queued to be sent again (same UIDs)")
     return 0

@@ -13,9 +13,10 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 TEMP_SUFFIX = ".part"
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
@@ -55,24 +56,78 @@ def content_hash(data: Data) -> str:
     return digest.hexdigest()
 
 
+def _fsync_and_close(fd: int, fsync: bool) -> None:
+    try:
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _parts(data: Data) -> Sequence[bytes]:
     return (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
 
 
-class _HashInBackground(threading.Thread):
-    """sha256 of the content while it is written and fsynced (hashlib releases the GIL)."""
+T = TypeVar("T")
 
-    def __init__(self, data: Data) -> None:
-        super().__init__(name="archive-hash", daemon=True)
-        self.data = data
-        self.hexdigest = ""
+
+class _InBackground(threading.Thread, Generic[T]):
+    """One call run beside the caller (hashing and fsync release the GIL); ``result()`` joins it."""
+
+    def __init__(self, name: str, call: Callable[[], T]) -> None:
+        super().__init__(name=name, daemon=True)
+        self.call = call
+        self.value: T | None = None
+        self.error: BaseException | None = None
+        self.start()
 
     def run(self) -> None:
-        self.hexdigest = content_hash(self.data)
+        try:
+            self.value = self.call()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self.error = exc
 
-    def result(self) -> str:
+    def result(self) -> T:
         self.join()
-        return self.hexdigest
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class PendingFile:
+    """A file written under a temporary name beside its target and being fsynced in the background.
+
+    ``commit()`` waits for the fsync, renames it into place and fsyncs the directory; ``discard()``
+    removes it. Meanwhile the caller can do other work, e.g. prepare the index row (which must be
+    committed only after ``commit()``).
+    """
+
+    def __init__(self, archive: "Archive", relative: str, target: Path, temp: Path, size: int,
+                 digest: _InBackground, synced: _InBackground | None) -> None:
+        self.archive, self.relative, self.target, self.temp = archive, relative, target, temp
+        self.size, self._digest, self._synced = size, digest, synced
+
+    @property
+    def stored(self) -> StoredFile:
+        return StoredFile(self.relative, self.size, self._digest.result())
+
+    def commit(self) -> StoredFile:
+        try:
+            if self._synced is not None:
+                self._synced.result()
+            os.replace(self.temp, self.target)
+            if self.archive.fsync:
+                self.archive._fsync_dir(self.target.parent)
+        except OSError as exc:
+            self.discard()
+            raise ArchiveError(exc.errno, f"cannot store {self.relative}: {exc.strerror or exc}") from exc
+        return self.stored
+
+    def discard(self) -> None:
+        if self._synced is not None:
+            self._synced.join()
+        with contextlib.suppress(OSError):  # e.g. ENOTDIR: then there is no temporary file either
+            self.temp.unlink(missing_ok=True)
 
 
 class Archive:
@@ -93,32 +148,33 @@ class Archive:
     def put(self, relative: str, data: Data) -> StoredFile:
         """Write ``data`` (bytes, or parts written one after the other) durably under ``relative``,
         replacing any file there."""
+        return self.write(relative, data).commit()
+
+    def write(self, relative: str, data: Data) -> PendingFile:
+        """Write ``data`` under a temporary name next to ``relative`` and start its fsync (and its
+        sha256) in the background; the file takes its name on ``PendingFile.commit()``."""
         target = self.absolute(relative)
         temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
-        digest = _HashInBackground(data)
-        digest.start()
+        parts = _parts(data)
+        digest = _InBackground("archive-hash", lambda: content_hash(parts))
         try:
             self._make_dirs(target.parent)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                for part in _parts(data):
-                    view = memoryview(part)
-                    while view:
-                        view = view[os.write(fd, view):]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, target)
-            if self.fsync:
-                self._fsync_dir(target.parent)
         except OSError as exc:
-            with contextlib.suppress(OSError):  # e.g. ENOTDIR: then there is no temporary file either
-                temp.unlink(missing_ok=True)
+            digest.join()
             raise ArchiveError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
-        finally:
-            sha256 = digest.result()
-        return StoredFile(relative, sum(len(part) for part in _parts(data)), sha256)
+        try:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view):]
+        except OSError as exc:
+            os.close(fd)
+            PendingFile(self, relative, target, temp, 0, digest, None).discard()
+            digest.join()
+            raise ArchiveError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
+        synced = _InBackground("archive-fsync", lambda: _fsync_and_close(fd, self.fsync))
+        return PendingFile(self, relative, target, temp, sum(len(p) for p in parts), digest, synced)
 
     def read(self, relative: str) -> bytes:
         return self.absolute(relative).read_bytes()

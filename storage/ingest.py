@@ -73,12 +73,19 @@ class Ingest:
                     log.warning("SOP Instance UID %s re-sent with different content: %s",
                                 header.sop_uid, outcome.value)
                     return StoreResult(outcome, header.sop_uid, None, None)
-            stored = self.archive.put(header.relative_path, encoded)
-            with transaction(self.sessions) as session:
-                instance, reopened = record_instance(
-                    session, header, stored, transfer_syntax_uid=transfer_syntax_uid,
-                    calling_ae_title=calling_ae_title, is_result=is_result)
-                instance_pk, series_pk = instance.id, instance.series_pk
+            pending = self.archive.write(header.relative_path, encoded)
+            try:
+                # The row is prepared while the file is fsynced in the background, and committed
+                # only after the file has its final name and both are on disk.
+                with transaction(self.sessions) as session:
+                    instance, reopened = record_instance(
+                        session, header, pending.stored, transfer_syntax_uid=transfer_syntax_uid,
+                        calling_ae_title=calling_ae_title, is_result=is_result)
+                    instance_pk, series_pk = instance.id, instance.series_pk
+                    pending.commit()
+            except BaseException:
+                pending.discard()
+                raise
         except ArchiveError as exc:
             raise TransientStoreError(f"archive: {exc}") from exc
         except SQLAlchemyError as exc:

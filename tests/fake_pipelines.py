@@ -3,7 +3,8 @@
 ``test-copy`` turns a series into one tiny Secondary Capture with UIDs derived from the source
 series (so a re-run replaces, like the real writers); ``test-nomodel`` raises NoActiveModel.
 Behaviour is steered by environment variables so a worker subprocess can be told to be slow
-(``CRADLE_TEST_SLEEP``) and to leave one marker file per run (``CRADLE_TEST_RUNS_DIR``).
+(``CRADLE_TEST_SLEEP`` seconds, or the number in the file ``CRADLE_TEST_SLEEP_FILE`` when it
+exists, read at each run) and to leave one marker file per run (``CRADLE_TEST_RUNS_DIR``).
 
 A worker subprocess registers them with :func:`register` before running ``cradle worker``
 (see :func:`worker_command`); in-process tests hand :class:`FakeHost` to the JobRunner instead.
@@ -86,6 +87,13 @@ def _output(model_version: str, datasets: list[Dataset], summary: dict[str, Any]
     return PipelineOutput(model_version=model_version, datasets=datasets, summary=summary)
 
 
+def sleep_seconds() -> float:
+    path = os.environ.get("CRADLE_TEST_SLEEP_FILE")
+    if path and Path(path).is_file():
+        return float(Path(path).read_text())
+    return float(os.environ.get("CRADLE_TEST_SLEEP", "0"))
+
+
 def note_run() -> None:
     runs = os.environ.get("CRADLE_TEST_RUNS_DIR")
     if runs:
@@ -99,7 +107,7 @@ class CopyPipeline:
 
     def run(self, sources: list[Dataset], context: Any) -> Any:
         note_run()
-        time.sleep(float(os.environ.get("CRADLE_TEST_SLEEP", "0")))
+        time.sleep(sleep_seconds())
         result = secondary_capture(sources[0], self.name, value=len(sources))
         return _output(MODEL_VERSION, [result], {"sources": len(sources), "probability": np.float32(0.25)})
 

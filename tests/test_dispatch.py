@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -39,7 +38,7 @@ from inference.queue import JobQueue  # noqa: E402
 from node import jobs_commands  # noqa: E402
 from node.dispatch import Dispatcher, backoff  # noqa: E402
 from node.sender import Outgoing, send  # noqa: E402
-from storage.models import DispatchState, Job, JobState, Send  # noqa: E402
+from storage.models import DispatchState, JobState, Send  # noqa: E402
 
 
 # --------------------------------------------------------------------------- peers
@@ -311,9 +310,9 @@ def test_a_skipped_job_sends_nothing(tmp_path: Path, scps: list[StoreSCP]) -> No
 
 
 def dispatcher_command(config: Path) -> list[str]:
-    code = (f"import sys; from node.cli import main, build_parser; "
-            f"from node import jobs_commands; from config.settings import load_settings; "
-            f"import logging; logging.basicConfig(level='INFO'); "
+    """``cradle dispatch --config CONFIG`` (called directly until node.cli points at it)."""
+    code = (f"import logging, sys; from config.settings import load_settings; "
+            f"from node import jobs_commands; logging.basicConfig(level='INFO'); "
             f"sys.exit(jobs_commands.dispatch(None, load_settings({str(config)!r})))")
     return [sys.executable, "-c", code]
 

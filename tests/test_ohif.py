@@ -113,7 +113,10 @@ def _check_sr_step(step: dict, summary: dict, roi_labels: list[str]) -> list[dic
 
 
 def test_mr_lung_seg_and_volumes_in_ohif(orthanc, studies, tmp_path):
-    """MR: the SEG's two lungs are listed in colour; each lung's outline and volume is drawn."""
+    """MR: the SEG's two lungs are listed in colour; each lung's outline and volume is drawn.
+
+    The SR opens beside the SEG (1x2 layout, same slice), as a radiologist compares them.
+    """
     study = studies.mr_study(tmp_path)
     summary = _open_in_ohif(
         orthanc,
@@ -121,7 +124,15 @@ def test_mr_lung_seg_and_volumes_in_ohif(orthanc, studies, tmp_path):
         "mr",
         [
             {"kind": "seg", "seriesNumber": 9011, "expectText": study.segment_labels},
-            {"kind": "sr", "seriesNumber": 9012, "expectText": ["Volume"]},
+            {
+                "kind": "sr",
+                "seriesNumber": 9012,
+                "expectText": ["Volume"],
+                "layout": {"numRows": 1, "numCols": 2},
+                "viewportIndex": 1,
+                "alignSlices": True,
+                "collapsePanels": ["left"],
+            },
         ],
     )
     seg_step, sr_step = summary["steps"]
@@ -147,13 +158,21 @@ def test_mr_lung_seg_and_volumes_in_ohif(orthanc, studies, tmp_path):
     for side, label in (("left", "Left lung"), ("right", "Right lung")):
         texts = [t for m in measurements if m["TrackingIdentifier"] == label for t in m["labels"]]
         expected = f"Volume: {study.volumes_ml[side]:.2f} mL"
-        assert expected in texts, f"{label}: OHIF labels {texts}, expected {expected!r}"
+        assert texts[0] == expected, f"{label}: OHIF labels {texts}, expected {expected!r} first"
+        assert sum(t.startswith("Volume") for t in texts) == 1, texts  # outline + volume merged
+        # OHIF draws the Finding Site as "<SNOMED code>: <meaning>".
+        assert any(t.endswith(f": {label}") for t in texts), f"{label} not named: {texts}"
     assert sr_step["textVisible"]["Volume"], "no volume drawn on the image"
     assert any("mL" in text for text in sr_step["state"]["overlayText"])
+    assert sr_step["alignedViewports"] == 1, "the SEG viewport was not moved to the SR's slice"
 
 
 def test_cr_finding_region_in_ohif(orthanc, studies, tmp_path):
-    """CR: the finding's region is drawn on the radiograph with its probability."""
+    """CR: the finding's region is drawn on the radiograph with its probability.
+
+    The report also states the view and a finding without a region (qualitative
+    evaluations), which OHIF must skip rather than fail on.
+    """
     study = studies.cr_study(tmp_path)
     summary = _open_in_ohif(
         orthanc,
@@ -165,5 +184,6 @@ def test_cr_finding_region_in_ohif(orthanc, studies, tmp_path):
     measurements = _check_sr_step(sr_step, summary, study.roi_labels)
     (finding,) = [m for m in measurements if m["TrackingIdentifier"] == study.roi_labels[0]]
     assert finding["graphicType"] == "POLYLINE"
-    assert any(text.startswith("Probability: 0.83") for text in finding["labels"]), finding
+    assert "Probability: 83.00 %" in finding["labels"], finding
+    assert "Threshold Value: 50.00 %" in finding["labels"], finding
     assert sr_step["textVisible"]["Probability"], "no probability drawn on the image"

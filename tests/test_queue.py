@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from pydicom import Dataset, dcmread
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -178,9 +178,9 @@ def redis_url() -> Iterator[str]:
     client.close()
 
 
-def round_trip(node: Node, workers: list[WorkerProcess]) -> float:
+def round_trip(node: Node, workers: list[WorkerProcess], env: dict[str, str] | None = None) -> float:
     """Start a worker, enqueue a job through JobQueue, wait for done; return enqueue → done seconds."""
-    worker = WorkerProcess(node.settings, node.tmp_path).start()
+    worker = WorkerProcess(node.settings, node.tmp_path, env).start()
     workers.append(worker)
     queue = JobQueue(node.settings, node.sessions)
     wait_for(lambda: "pipelines loaded" in worker.output(), 90, f"the worker\n{worker.output()[-3000:]}")
@@ -231,12 +231,24 @@ def test_queue_module_does_not_import_torch() -> None:
 # --------------------------------------------------------------------------- real workers
 
 
-def test_round_trip_on_the_embedded_sqlite_broker(node: Node, workers: list[WorkerProcess]) -> None:
-    assert round_trip(node, workers) < 5
-    broker = node.tmp_path / "broker.db"
-    JobQueue(node.settings, node.sessions).reconciler().run_once()
-    with sqlite3.connect(broker) as connection:
+def test_round_trip_on_the_embedded_sqlite_broker_and_sigterm(node: Node, workers: list[WorkerProcess]) -> None:
+    """Round trip; the embedded broker's delivered messages are pruned; SIGTERM while a job runs
+    lets it finish, then the worker exits 0."""
+    sleep_file = node.tmp_path / "sleep"
+    assert round_trip(node, workers, {"CRADLE_TEST_SLEEP_FILE": str(sleep_file)}) < 5
+    queue = JobQueue(node.settings, node.sessions)
+    queue.reconciler().run_once()
+    with sqlite3.connect(node.tmp_path / "broker.db") as connection:
         assert connection.execute("SELECT count(*) FROM kombu_message WHERE visible = 0").fetchone() == (0,)
+    sleep_file.write_text("2")
+    job_id = node.add_job(node.add_series()[0])
+    queue.enqueue(job_id)
+    wait_for(lambda: node.job(job_id).state == JobState.running, 30, "the job to start")
+    workers[0].process.send_signal(signal.SIGTERM)
+    assert workers[0].process.wait(30) == 0
+    job = node.job(job_id)
+    assert job.state == JobState.done and job.attempts == 1 and len(node.result_instances()) == 2
+    queue.close()
 
 
 @pytest.mark.redis
@@ -255,7 +267,9 @@ def test_worker_killed_mid_job_completes_once(tmp_path: Path, workers: list[Work
     run takes over the dead child's lease. Either way: done, one result."""
     node = make_node(make_settings(tmp_path), tmp_path)
     runs = tmp_path / "runs"
-    env = {"CRADLE_TEST_SLEEP": "2", "CRADLE_TEST_RUNS_DIR": str(runs)}
+    sleep_file = tmp_path / "sleep"
+    sleep_file.write_text("2")
+    env = {"CRADLE_TEST_SLEEP_FILE": str(sleep_file), "CRADLE_TEST_RUNS_DIR": str(runs)}
     worker = WorkerProcess(node.settings, tmp_path, env).start()
     workers.append(worker)
     series_pk, _ = node.add_series()
@@ -265,9 +279,10 @@ def test_worker_killed_mid_job_completes_once(tmp_path: Path, workers: list[Work
     wait_for(lambda: runs.exists() and any(runs.iterdir()), 90, f"the job to start\n{worker.output()[-3000:]}")
     running = node.job(job_id)
     assert running.state == JobState.running and running.attempts == 1
+    sleep_file.write_text("0")  # the run under way has read its 2 s; the next one is quick
     if victim == "whole worker":
         worker.kill_group()
-        worker = WorkerProcess(node.settings, tmp_path, {**env, "CRADLE_TEST_SLEEP": "0"}).start()
+        worker = WorkerProcess(node.settings, tmp_path, env).start()
         workers.append(worker)
     else:
         child_pid = int(running.lease_owner.split("/")[1])
@@ -491,3 +506,29 @@ def test_broker_down_leaves_the_job_for_the_reconciler(tmp_path: Path) -> None:
     report = queue.reconciler().run_once()  # the broker is still down: logged, the job stays queued
     assert report.requeued_lost == 1 and node.job(job_id).state == JobState.queued
     queue.close()
+
+
+def test_an_unknown_pipeline_fails_at_once(node: Node) -> None:
+    from inference.queue import PipelineHost
+
+    pytest.importorskip("inference.pipelines.cxr")
+    job_id = node.add_job(node.add_series()[0], "no-such-pipeline")
+    runner = JobRunner(node.settings, requeue=lambda *_: None, pipeline_host=PipelineHost)
+    assert runner.run(job_id) == jobs.Finish.failed
+    job = node.job(job_id)
+    assert job.attempts == 1 and job.error.startswith("UnknownPipeline: unknown pipeline 'no-such-pipeline'")
+
+
+def test_the_time_limit_stops_a_job_that_hangs(tmp_path: Path, workers: list[WorkerProcess]) -> None:
+    """The pool enforces queue.task_time_limit; each overrun is an attempt, retried after a delay,
+    and the last one fails the job with the reason."""
+    settings = make_settings(tmp_path, queue={"task_time_limit": 3, "visibility_timeout": 10})
+    node = make_node(settings, tmp_path)
+    worker = WorkerProcess(settings, tmp_path, {"CRADLE_TEST_SLEEP": "60"}).start()
+    workers.append(worker)
+    job_id = node.add_job(node.add_series()[0])
+    JobQueue(settings, node.sessions).enqueue(job_id)
+    wait_for(lambda: node.job(job_id).state == JobState.failed, 90, f"job failed\n{worker.output()[-3000:]}")
+    job = node.job(job_id)
+    assert job.attempts == 3 and job.error == "failed on attempt 3 of 3: over the time limit of 3 s"
+    assert node.result_instances() == []

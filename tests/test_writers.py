@@ -233,6 +233,63 @@ def _referenced_sops(sr: Dataset) -> set[str]:
     }
 
 
+def _code(item: Dataset) -> tuple[str, str]:
+    name = item.ConceptNameCodeSequence[0]
+    return name.CodeValue, name.CodingSchemeDesignator
+
+
+def _document_containers(sr: Dataset) -> list[tuple[str, str]]:
+    """Concept names of the report's top-level containers, in order."""
+    return [_code(i) for i in sr.ContentSequence if i.ValueType == "CONTAINER"]
+
+
+def _qualitative_evaluations(sr: Dataset) -> list[Dataset]:
+    """Items of TID 1500's "Qualitative Evaluations" container (row 12)."""
+    containers = [i for i in sr.ContentSequence if _code(i) == ("C0034375", "UMLS")]
+    assert len(containers) <= 1
+    return list(containers[0].ContentSequence) if containers else []
+
+
+def _children(item: Dataset, relationship: str, value_type: str) -> list[Dataset]:
+    return [
+        i for i in item.get("ContentSequence", [])
+        if i.RelationshipType == relationship and i.ValueType == value_type
+    ]
+
+
+def _ohif_measurements(sr: Dataset) -> dict[str, dict]:
+    """What OHIF 3.13's SR handler makes of the report, by Tracking Unique Identifier.
+
+    It reads only the measurement groups of "Imaging Measurements", merges the groups
+    that share a Tracking Unique Identifier, and fails on a merged measurement without
+    a SCOORD. On the image it draws, for one with a SCOORD, up to 5 lines: each NUM as
+    "<concept meaning>: <value, 2 decimals> <unit code value>", then the Finding Site
+    (SCT 363698007) as "363698007: <meaning>".
+    """
+    merged: dict[str, list[Dataset]] = {}
+    for group in _measurement_groups(sr):
+        (uid,) = [i.UID for i in group.ContentSequence if _code(i) == ("112040", "DCM")]
+        merged.setdefault(uid, []).extend(group.ContentSequence)
+    result = {}
+    for uid, items in merged.items():
+        labels = [
+            f"{i.ConceptNameCodeSequence[0].CodeMeaning}: "
+            f"{float(i.MeasuredValueSequence[0].NumericValue):.2f} "
+            f"{i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue}"
+            for i in items if i.ValueType == "NUM"
+        ]
+        labels += [
+            f"363698007: {i.ConceptCodeSequence[0].CodeMeaning}"
+            for i in items if _code(i) == ("363698007", "SCT")
+        ]
+        result[uid] = {
+            "tracking_identifier": next(i.TextValue for i in items if _code(i)[0] == "112039"),
+            "scoords": [i for i in items if i.ValueType in ("SCOORD", "SCOORD3D")],
+            "drawn": labels[:5],
+        }
+    return result
+
+
 # --------------------------------------------------------------------------
 # Shared built objects (module scope keeps the suite fast)
 # --------------------------------------------------------------------------
@@ -350,6 +407,30 @@ def test_sr_round_trips_through_srread_and_dsrdump(name, all_objects, tmp_path):
 
 
 @pytest.mark.parametrize("name", SR_NAMES)
+def test_every_measurement_ohif_merges_has_image_coordinates(name, all_objects):
+    """OHIF 3.13 fails on the whole SR ("Something went wrong") if a measurement
+    group, after merging by Tracking Unique Identifier, has no SCOORD."""
+    for uid, measurement in _ohif_measurements(all_objects[name]).items():
+        assert measurement["scoords"], f"{measurement['tracking_identifier']} ({uid})"
+
+
+@pytest.mark.parametrize("name", SR_NAMES)
+def test_report_containers_follow_tid_1500(name, all_objects):
+    """Imaging Measurements (row 6) when there are groups, then Qualitative
+    Evaluations (row 12) when there are evaluations; at least one of them."""
+    sr = all_objects[name]
+    containers = _document_containers(sr)
+    assert containers[0] == ("111028", "DCM")  # Image Library
+    assert containers[1:] in (
+        [("126010", "DCM")],
+        [("126010", "DCM"), ("C0034375", "UMLS")],
+        [("C0034375", "UMLS")],
+    )
+    if ("126010", "DCM") in containers:
+        assert _measurement_groups(sr)
+
+
+@pytest.mark.parametrize("name", SR_NAMES)
 def test_no_num_item_has_nested_content(name, all_objects):
     nums = _num_items(all_objects[name])
     assert nums
@@ -458,6 +539,38 @@ def test_lung_sr_volumes_equal_the_inputs_and_reference_the_segments(lung_sr, se
     assert volumes == {"Left lung": 31.25, "Right lung": 27.5}
 
 
+def test_each_lungs_outline_and_volume_share_the_segments_tracking_uid(lung_sr, seg, tmp_path):
+    sr = hd.sr.srread(_write(lung_sr, tmp_path / "lung.dcm"))
+    volumetric = {
+        str(g.tracking_identifier): g.tracking_uid
+        for g in sr.content.get_volumetric_roi_measurement_groups()
+    }
+    planar = {
+        str(g.tracking_identifier): g.tracking_uid
+        for g in sr.content.get_planar_roi_measurement_groups()
+    }
+    segments = {str(s.SegmentLabel): s.TrackingUID for s in seg.SegmentSequence}
+    assert volumetric == planar == segments
+    assert len(set(segments.values())) == 2
+
+
+def test_ohif_draws_each_lung_outline_labelled_with_lung_and_volume(lung_sr):
+    """One merged measurement per lung, with the outline, drawn as
+    "Volume: 31.25 mL" (once), the outline's area and the lung."""
+    measurements = {
+        m["tracking_identifier"]: m for m in _ohif_measurements(lung_sr).values()
+    }
+    assert set(measurements) == {"Left lung", "Right lung"}
+    for lung, volume in (("Left lung", 31.25), ("Right lung", 27.5)):
+        measurement = measurements[lung]
+        assert [s.GraphicType for s in measurement["scoords"]] == ["POLYLINE"]
+        drawn = measurement["drawn"]
+        assert drawn[0] == f"Volume: {volume:.2f} mL"
+        assert drawn[1].startswith("Area: ") and drawn[1].endswith(" mm2")
+        assert drawn[2] == f"363698007: {lung}"
+        assert sum(line.startswith("Volume") for line in drawn) == 1
+
+
 def test_lung_sr_outlines_each_lung_on_its_largest_slice(lung_sr, sorted_mr, labels, tmp_path):
     sr = hd.sr.srread(_write(lung_sr, tmp_path / "lung.dcm"))
     groups = sr.content.get_planar_roi_measurement_groups()
@@ -478,10 +591,13 @@ def test_lung_sr_outlines_each_lung_on_its_largest_slice(lung_sr, sorted_mr, lab
         centre_col, centre_row = points[:-1].mean(axis=0)
         mask = labels[int(np.argmax(areas))] == value
         assert mask[int(centre_row), int(centre_col)]
-        (volume,) = group.get_measurements(name=writers.VOLUME)
-        assert volume.value == (31.25 if value == 1 else 27.5)
+        # The volume is the volumetric group's (same tracking UID); the outline
+        # has the area on its slice and names the lung as its finding site.
+        assert group.get_measurements(name=writers.VOLUME) == []
         (area,) = group.get_measurements(name=writers.AREA)
         assert area.value == pytest.approx(areas.max() * 1.5 * 1.5)
+        (site,) = group.finding_sites
+        assert site.value == (writers.LEFT_LUNG if value == 1 else writers.RIGHT_LUNG)
 
 
 def test_lung_sr_references_every_source_slice_and_the_seg(lung_sr, sorted_mr, seg):
@@ -518,36 +634,82 @@ def test_lung_sr_accepts_a_seg_read_from_disk_and_a_volume_mapping(mr, seg, tmp_
 # --------------------------------------------------------------------------
 
 
-def _group_by_label(sr: Dataset) -> dict[str, Dataset]:
-    return {_text(g, "112039")[0]: g for g in _measurement_groups(sr)}
+def _evaluation(sr: Dataset, code_value: str) -> list[Dataset]:
+    return [i for i in _qualitative_evaluations(sr) if _code(i)[0] == code_value]
 
 
-def test_cxr_sr_reports_view_and_findings_with_thresholds(cxr_sr, cr):
-    groups = _group_by_label(cxr_sr)
-    assert set(groups) == {"Image view", "BPD risk (moderate/severe)", "Pneumonia"}
-    view = groups["Image view"]
-    assert _text(view, "111031") == ["chest AP"]
-    assert _num_values(view, "122157") == [pytest.approx(0.97)]
-    assert _text(view, "121106") == [writers.FRONTAL_CHEST_TEXT]
-    bpd = groups["BPD risk (moderate/severe)"]
-    assert _num_values(bpd, "122157") == [pytest.approx(0.71)]
-    assert _num_values(bpd, "122411") == [pytest.approx(0.5)]
+def _properties(item: Dataset) -> dict[str, tuple[float, str]]:
+    """HAS PROPERTIES NUM children: code value -> (value, unit code value)."""
+    return {
+        _code(num)[0]: (
+            float(num.MeasuredValueSequence[0].NumericValue),
+            num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue,
+        )
+        for num in _children(item, "HAS PROPERTIES", "NUM")
+    }
+
+
+def _algorithm_names(item: Dataset) -> list[str]:
+    modifiers = _children(item, "HAS CONCEPT MOD", "TEXT")
+    return [i.TextValue for i in modifiers if _code(i)[0] == "111001"]  # Algorithm Name
+
+
+def test_cxr_sr_states_the_view_in_qualitative_evaluations(cxr_sr):
+    (view,) = _evaluation(cxr_sr, "111031")  # Image View
+    assert view.ValueType == "TEXT" and view.TextValue == "chest AP"
+    assert _properties(view) == {"122157": (pytest.approx(97.0), "%")}
+    assert _algorithm_names(view) == [ALGO_CXR.name]
+    (comment,) = _evaluation(cxr_sr, "121106")
+    assert comment.TextValue == writers.FRONTAL_CHEST_TEXT
+    # The view is no measurement group: OHIF would fail on a group without a region.
+    assert {m["tracking_identifier"] for m in _ohif_measurements(cxr_sr).values()} == {
+        "BPD risk (moderate/severe)"
+    }
+
+
+def test_cxr_finding_with_region_is_a_planar_roi_with_probability_threshold_and_call(cxr_sr):
+    (group,) = _measurement_groups(cxr_sr)
+    assert _text(group, "112039") == ["BPD risk (moderate/severe)"]
+    assert _num_values(group, "122157") == [pytest.approx(71.0)]  # Probability, %
+    assert _num_values(group, "122411") == [pytest.approx(50.0)]  # Threshold Value, %
+    units = {
+        i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue
+        for i in group.ContentSequence if i.ValueType == "NUM"
+    }
+    assert units == {"%"}
     calls = {
         i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0].CodeValue
-        for i in bpd.ContentSequence if i.ValueType == "CODE"
+        for i in group.ContentSequence if i.ValueType == "CODE"
     }
     assert calls["121071"] == "67569000"  # Finding
     assert calls["67569000"] == "10828004"  # Positive
-    pneumonia = groups["Pneumonia"]
-    assert _num_values(pneumonia, "122411") == [pytest.approx(0.35)]
-    calls = {
-        i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0].CodeValue
-        for i in pneumonia.ContentSequence if i.ValueType == "CODE"
+
+
+def test_cxr_finding_without_region_is_a_qualitative_evaluation(cxr_sr, cr):
+    (pneumonia,) = _evaluation(cxr_sr, "233604007")
+    assert pneumonia.ValueType == "CODE"
+    assert pneumonia.ConceptCodeSequence[0].CodeValue == "260385009"  # Negative
+    assert _properties(pneumonia) == {
+        "122157": (pytest.approx(12.0), "%"),
+        "122411": (pytest.approx(35.0), "%"),
     }
-    assert calls["233604007"] == "260385009"  # Negative
+    assert _algorithm_names(pneumonia) == [ALGO_CXR.name]
+    # Its label says no more than its code, so there is no comment.
+    assert _children(pneumonia, "HAS PROPERTIES", "TEXT") == []
     assert cr.SOPInstanceUID in _referenced_sops(cxr_sr)
     evidence = cxr_sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == cr.SOPInstanceUID
+
+
+def test_region_less_finding_keeps_its_label_as_a_comment(all_objects):
+    sr = all_objects["cxr-sr-no-orientation"]  # both findings without a region
+    assert _measurement_groups(sr) == []
+    assert _document_containers(sr)[1:] == [("C0034375", "UMLS")]
+    (bpd,) = _evaluation(sr, "67569000")
+    assert bpd.ConceptCodeSequence[0].CodeValue == "10828004"  # Positive
+    (label,) = _children(bpd, "HAS PROPERTIES", "TEXT")
+    assert (_code(label)[0], label.TextValue) == ("121106", "BPD risk (moderate/severe)")
+    assert _properties(bpd)["122157"] == (pytest.approx(71.0), "%")
 
 
 def test_cxr_finding_region_becomes_a_closed_planar_roi_on_the_radiograph(cxr_sr, cr, tmp_path):
@@ -563,30 +725,65 @@ def test_cxr_finding_region_becomes_a_closed_planar_roi_on_the_radiograph(cxr_sr
     reference = region.ContentSequence[0].ReferencedSOPSequence[0]
     assert reference.ReferencedSOPInstanceUID == cr.SOPInstanceUID
     (probability,) = group.get_measurements(name=writers.PROBABILITY)
-    assert probability.value == pytest.approx(0.71)
+    assert probability.value == pytest.approx(71.0)
+    assert probability.unit == writers.PERCENT
+
+
+def test_ohif_draws_the_region_with_probability_and_threshold_in_percent(cxr_sr):
+    (measurement,) = _ohif_measurements(cxr_sr).values()
+    assert measurement["drawn"] == ["Probability: 71.00 %", "Threshold Value: 50.00 %"]
+
+
+def test_probability_in_percent_keeps_the_model_output(cr):
+    view = ViewResult(label="chest AP", probability=0.57, is_frontal_chest=True)
+    square = np.array([[10, 10], [50, 10], [50, 50]], float)
+    finding = Finding(writers.PNEUMONIA, 0.123456789, 0.3, False, region=square)
+    sr = writers.cxr_report(cr, view, [finding], ALGO_CXR)
+    (group,) = _measurement_groups(sr)
+    assert _num_values(group, "122157") == [pytest.approx(12.345679, abs=1e-9)]
+    (view_item,) = _evaluation(sr, "111031")
+    assert _properties(view_item)["122157"] == (57.0, "%")  # not 56.99999999999999
 
 
 def test_non_frontal_view_states_the_view_and_reports_no_findings(non_frontal_sr):
-    groups = _group_by_label(non_frontal_sr)
-    assert set(groups) == {"Image view"}
-    view = groups["Image view"]
-    assert _text(view, "111031") == ["abdomen AP"]
-    assert _num_values(view, "122157") == [pytest.approx(0.88)]
-    assert _text(view, "121106") == [writers.NOT_FRONTAL_CHEST_TEXT]
+    assert _measurement_groups(non_frontal_sr) == []
+    assert _document_containers(non_frontal_sr)[1:] == [("C0034375", "UMLS")]
+    (view,) = _evaluation(non_frontal_sr, "111031")
+    assert view.TextValue == "abdomen AP"
+    assert _properties(view) == {"122157": (pytest.approx(88.0), "%")}
+    (comment,) = _evaluation(non_frontal_sr, "121106")
+    assert comment.TextValue == writers.NOT_FRONTAL_CHEST_TEXT
+    assert len(_qualitative_evaluations(non_frontal_sr)) == 2
     names = {i.ConceptNameCodeSequence[0].CodeValue for i in _walk(non_frontal_sr.ContentSequence)}
     assert "122411" not in names  # no threshold, so no finding measurement
     assert "121071" not in names  # no Finding
     assert "SCOORD" not in {i.ValueType for i in _walk(non_frontal_sr.ContentSequence)}
 
 
-def test_algorithm_is_identified_once_per_group(cxr_sr, lung_sr):
-    for sr in (cxr_sr, lung_sr):
+def test_view_model_is_identified_when_it_differs(cr):
+    view_model = AlgorithmIdentity(name="cradle-view", version="view-2")
+    view = ViewResult(
+        label="chest AP", probability=0.9, is_frontal_chest=True, algorithm=view_model
+    )
+    sr = writers.cxr_report(cr, view, _findings(), ALGO_CXR)
+    (view_item,) = _evaluation(sr, "111031")
+    assert _algorithm_names(view_item) == ["cradle-view"]
+    (pneumonia,) = _evaluation(sr, "233604007")
+    assert _algorithm_names(pneumonia) == [ALGO_CXR.name]
+
+
+def test_algorithm_is_identified_once_per_group_and_evaluation(all_objects):
+    for name in SR_NAMES:
+        sr = all_objects[name]
         for group in _measurement_groups(sr):
             names = [
                 i for i in group.ContentSequence
                 if i.ConceptNameCodeSequence[0].CodeValue == "111001"  # Algorithm Name
             ]
             assert len(names) == 1
+        for item in _qualitative_evaluations(sr):
+            if _code(item)[0] != "121106":  # the comment is about the view
+                assert len(_algorithm_names(item)) == 1, name
 
 
 # --------------------------------------------------------------------------
@@ -620,6 +817,43 @@ def test_summary_image_is_deterministic_and_has_its_own_uids(cr, cxr_sc, cxr_sr)
     assert cxr_sc.SeriesInstanceUID not in (cxr_sr.SeriesInstanceUID, cr.SeriesInstanceUID)
     with pytest.raises(LabelVolumeError, match="shape"):
         writers.summary_image(cr, overlay[:-1], [], ALGO_CXR, pipeline="cxr")
+
+
+def test_lung_summary_image_is_in_the_study_with_its_own_deterministic_uids(
+    lung_sc, lung_sr, seg, sorted_mr, labels
+):
+    again = writers.summary_image(
+        sorted_mr[7], labels[7], ["Left lung 31.3 mL", "Right lung 27.5 mL"], ALGO_SEG,
+        pipeline="lung-mri",
+    )
+    assert _bytes(again) == _bytes(lung_sc)
+    assert lung_sc.StudyInstanceUID == sorted_mr[0].StudyInstanceUID
+    others = [lung_sr, seg, sorted_mr[7]]
+    assert lung_sc.SeriesInstanceUID not in {ds.SeriesInstanceUID for ds in others}
+    assert lung_sc.SOPInstanceUID not in {ds.SOPInstanceUID for ds in others}
+    assert lung_sc.SeriesNumber == writers.LUNG_SC_SERIES_NUMBER
+    # Another model version: another series, so the PACS keeps both apart.
+    v4 = writers.summary_image(
+        sorted_mr[7], labels[7], [], AlgorithmIdentity("cradle-lung-seg", "lung-seg-4"),
+        pipeline="lung-mri",
+    )
+    assert v4.SeriesInstanceUID != lung_sc.SeriesInstanceUID
+
+
+@pytest.mark.parametrize("name", ["cxr-sc", "lung-sc"])
+def test_summary_image_is_marked_as_ai_output_in_its_header(name, all_objects):
+    sc = all_objects[name]
+    assert sc.SeriesDescription.startswith("cradle AI: summary, not for diagnosis")
+    assert sc.ImageComments == "AI OUTPUT - NOT FOR DIAGNOSIS"
+    assert sc.DerivationDescription.startswith("AI OUTPUT - NOT FOR DIAGNOSIS")
+    assert (sc.BurnedInAnnotation, sc.ConversionType) == ("YES", "WSD")
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert sc.Manufacturer == "cradle"
+
+
+def test_lung_volumes_accept_the_synthetic_generators_mapping():
+    volumes = LungVolumes.coerce({"left": 31.25, "right": 27.5, "total": 58.75})
+    assert volumes == LungVolumes(left_ml=31.25, right_ml=27.5)
 
 
 # --------------------------------------------------------------------------

@@ -554,13 +554,13 @@ def _radial_streaks(rng: np.random.Generator, cv: _Canvas, body: _Body, layer: n
 
 
 def _cysts(rng: np.random.Generator, cv: _Canvas, body: _Body, severity: float,
-           air: np.ndarray, density: np.ndarray) -> None:
+           lucency: np.ndarray, density: np.ndarray) -> None:
     """Bubbly lucencies with thin walls (cystic BPD)."""
-    for _ in range(int(severity * rng.integers(40, 70))):
+    for _ in range(int(severity * rng.integers(35, 60))):
         cu, cvv, _side = _point_in_lungs(rng, body)
-        rad = rng.uniform(0.04, 0.09)
-        depth = rng.uniform(0.5, 0.8) * severity
-        _stamp(air, cv, cu, cvv, 1.4 * rad, lambda du, dv: depth * _thickness(du, dv, 0, 0, rad, rad, 2))
+        rad = rng.uniform(0.04, 0.085)
+        depth = rng.uniform(0.3, 0.55) * severity
+        _stamp(lucency, cv, cu, cvv, 1.4 * rad, lambda du, dv: depth * _thickness(du, dv, 0, 0, rad, rad, 2))
         _stamp(density, cv, cu, cvv, 1.6 * rad,
                lambda du, dv: 0.06 * severity * np.exp(-(((np.hypot(du, dv) - rad) / (0.25 * rad)) ** 2)))
 
@@ -580,14 +580,24 @@ def _consolidation(rng: np.random.Generator, cv: _Canvas, body: _Body, severity:
 
 @dataclass(frozen=True)
 class _LungState:
-    air: np.ndarray       # fraction of projected lung that is aerated
+    aeration: np.ndarray  # change of the lungs' air content (scales with lung thickness)
+    lucency: np.ndarray   # extra air independent of thickness (cysts, air bronchograms)
     density: np.ndarray   # extra density from interstitium, walls, vessels
+
+    @classmethod
+    def normal(cls, shape: tuple[int, ...]) -> _LungState:
+        return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+
+    def air(self, lung: np.ndarray) -> np.ndarray:
+        """Projected air of the lungs given their thickness (0–1); > 1 is hyperlucent."""
+        mask = _smoothstep(lung / 0.15)
+        return np.clip(lung * np.clip(0.9 + self.aeration, 0.05, 1.2) + self.lucency * mask, 0.0, 1.5)
 
 
 def _lung_findings(rng: np.random.Generator, cv: _Canvas, body: _Body, patient: SynthPatient) -> _LungState:
     shape = cv.u.shape
-    air = np.zeros(shape, np.float32)
-    density = np.zeros(shape, np.float32)
+    state = _LungState.normal(shape)
+    aeration, lucency, density = state.aeration, state.lucency, state.density
     strands = np.zeros(shape, np.float32)
     _radial_streaks(rng, cv, body, strands, int(rng.integers(12, 20)), (0.12, 0.35), 0.05, central=True)
     density += _soften_lines(strands, 0.01 / cv.unit_per_px)
@@ -595,20 +605,21 @@ def _lung_findings(rng: np.random.Generator, cv: _Canvas, body: _Body, patient: 
     grade = patient.irds_grade or 0
     if grade:
         density += 0.008 * grade * _smooth_noise(rng, shape, 0.005 / cv.unit_per_px)
-        air -= 0.11 * grade
+        aeration -= 0.11 * grade
         bronchograms = np.zeros(shape, np.float32)
         _radial_streaks(rng, cv, body, bronchograms, 6 * grade, (0.15, 0.35), 0.08 * grade, central=True)
-        air += _soften_lines(bronchograms, 0.01 / cv.unit_per_px)
+        lucency += _soften_lines(bronchograms, 0.01 / cv.unit_per_px)
     if patient.bpd:
         s = patient.bpd_severity
         fibrosis = np.zeros(shape, np.float32)
-        _radial_streaks(rng, cv, body, fibrosis, int(s * rng.integers(40, 70)), (0.08, 0.24), 0.12 * s, central=False)
+        _radial_streaks(rng, cv, body, fibrosis, int(s * rng.integers(35, 60)), (0.08, 0.24), 0.1 * s, central=False)
         density += _soften_lines(fibrosis, 0.018 / cv.unit_per_px)
         density += 0.03 * s * _smooth_noise(rng, shape, 0.03 / cv.unit_per_px)
-        _cysts(rng, cv, body, s, air, density)
+        aeration += 0.05 * s  # hyperlucent, over-inflated lungs
+        _cysts(rng, cv, body, s, lucency, density)
     if patient.pneumonia:
-        air -= _consolidation(rng, cv, body, patient.pneumonia_severity)
-    return _LungState(air=air, density=density)
+        aeration -= _consolidation(rng, cv, body, patient.pneumonia_severity)
+    return state
 
 
 # ---------------------------------------------------------------------------
@@ -667,10 +678,9 @@ def _render_frontal(rng: np.random.Generator, cv: _Canvas, body: _Body, patient:
     heart = _thickness(u, v, hcu, hcv, hau, hav, 2.2)
     thymus = _thickness(u, v, 0.0, -0.6, body.thymus_au, 0.42, 2.5)
     trachea = _smoothstep((0.035 - np.abs(u - 0.01)) / 0.015) * _smoothstep((-0.35 - v) / 0.05) * (v > -2.0)
-    findings = _lung_findings(rng, cv, body, patient) if patient.is_neonate else _LungState(np.zeros_like(u), np.zeros_like(u))
+    findings = _lung_findings(rng, cv, body, patient) if patient.is_neonate else _LungState.normal(u.shape)
     lung_mask = _smoothstep(lung / 0.15)
-    air = np.clip(lung * (0.9 + findings.air * lung_mask), 0.0, 1.0)
-    air = air * (1.0 - 0.85 * _smoothstep(heart / 0.2)) * (1.0 - 0.9 * _smoothstep(thymus / 0.3))
+    air = findings.air(lung) * (1.0 - 0.85 * _smoothstep(heart / 0.2)) * (1.0 - 0.9 * _smoothstep(thymus / 0.3))
     air = np.maximum(air, 0.35 * trachea)
     if not body.adult:
         air = np.maximum(air, _bowel_gas(rng, cv, body))
@@ -696,7 +706,7 @@ def _render_lateral(rng: np.random.Generator, cv: _Canvas, body: _Body, patient:
     heart = _thickness(u, v, -0.28, body.heart[1], 0.32, 0.3, 2.0)
     findings = _lung_findings(rng, cv, body, patient)
     lung_mask = _smoothstep(lung / 0.15)
-    air = np.clip(lung * (0.9 + findings.air * lung_mask), 0, 1) * (1.0 - 0.8 * _smoothstep(heart / 0.2))
+    air = findings.air(lung) * (1.0 - 0.8 * _smoothstep(heart / 0.2))
     air = np.maximum(air, _bowel_gas(rng, cv, body) * 0.7)
     spine_u = 0.58 + 0.05 * v
     phase = (v - body.rib_first) / body.rib_spacing

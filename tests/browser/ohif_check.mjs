@@ -8,8 +8,15 @@
 //     "screenshotDir": "/abs/test-artifacts/ohif",
 //     "timeoutMs": 60000,                 // per wait
 //     "steps": [{"kind": "seg", "seriesNumber": 9011, "expectText": ["Left lung"]},
-//               {"kind": "sr", "seriesNumber": 9012, "expectText": ["Volume"]}]
+//               {"kind": "sr", "seriesNumber": 9012, "expectText": ["Volume"],
+//                "layout": {"numRows": 1, "numCols": 2}, "viewportIndex": 1,
+//                "alignSlices": true, "collapsePanels": ["left"]}]
 //   }
+// Optional per step: "layout" switches OHIF's viewport grid first (keeping what is
+// shown), "viewportIndex" makes that viewport active so the series opens there,
+// "alignSlices" then shows the step's slice in every viewport of the same series
+// (e.g. the SEG beside the SR's outline), "collapsePanels" closes side panels
+// ("left", "right") before the screenshot, giving the images more room.
 // For each step it double-clicks the series thumbnail in the study browser, as a
 // radiologist would, and then:
 //   - SEG: accepts OHIF's "load the segmentation?" prompt in the viewport and waits until
@@ -244,6 +251,25 @@ function displaySetInfo(seriesNumber) {
   };
 }
 
+// Show the active viewport's slice in every other stack viewport of the same series;
+// returns how many viewports were moved.
+function alignSlicesWithActiveViewport() {
+  const activeId = window.services.viewportGridService.getActiveViewportId();
+  const viewports = window.cornerstone.getRenderingEngines().flatMap(e => e.getViewports());
+  const active = viewports.find(v => v.id === activeId);
+  const imageIds = active?.getImageIds?.() ?? [];
+  const index = active?.getCurrentImageIdIndex?.();
+  let moved = 0;
+  for (const viewport of viewports) {
+    const ids = viewport.getImageIds?.() ?? [];
+    if (viewport !== active && ids.length === imageIds.length && ids[0] === imageIds[0]) {
+      viewport.setImageIdIndex(index);
+      moved += 1;
+    }
+  }
+  return moved;
+}
+
 async function errorBoundaryText(page) {
   const text = await page.locator('body').innerText().catch(() => '');
   const match = text.match(/Something went wrong[^\n]*/);
@@ -257,6 +283,15 @@ async function openSeries(page, step, index) {
   const thumb = page.locator(`[data-cy^="study-browser-thumbnail"][data-series="${step.seriesNumber}"]`).first();
   await thumb.waitFor({ state: 'visible', timeout });
   record.thumbnail = true;
+  if (step.layout) {
+    log(`step ${index}: layout ${step.layout.numRows}x${step.layout.numCols}`);
+    await page.evaluate(layout => window.commandsManager.runCommand('setViewportGridLayout', layout), step.layout);
+    await page.locator('[data-cy="viewport-pane"]').nth((step.layout.numRows * step.layout.numCols) - 1)
+      .waitFor({ state: 'visible', timeout });
+  }
+  if (step.viewportIndex !== undefined) {
+    await page.locator('[data-cy="viewport-pane"]').nth(step.viewportIndex).click();
+  }
   log(`step ${index}: double-click ${step.kind} series ${step.seriesNumber}`);
   await thumb.dblclick();
   if (step.kind === 'seg') {
@@ -314,6 +349,27 @@ async function openSeries(page, step, index) {
     }
     info = await page.evaluate(displaySetInfo, step.seriesNumber);
     record.displaySet = info;
+    // Placing a region (above) precedes drawing it: cornerstone draws the SR's regions
+    // and their labels as SVG on the next render of the viewport, which may come a few
+    // seconds later (e.g. once the radiograph's pixels have arrived). Wait for a drawn
+    // label rather than screenshot an image without its regions.
+    if (record.reached) {
+      record.drawn = await page
+        .waitForFunction(
+          () => Array.from(document.querySelectorAll(
+            '[data-cy="viewport-pane"] svg text, .viewport-element svg text'
+          )).some(t => t.textContent.trim()),
+          null,
+          { timeout }
+        )
+        .then(() => true, () => false);
+    }
+  }
+  if (step.alignSlices) {
+    record.alignedViewports = await page.evaluate(alignSlicesWithActiveViewport);
+  }
+  for (const side of step.collapsePanels ?? []) {
+    await clickIfVisible(page, `[data-cy="side-panel-header-${side}"]`, 3000);
   }
   await waitForSettled(page);
   record.errorBoundary = await errorBoundaryText(page);

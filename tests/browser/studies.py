@@ -82,7 +82,8 @@ def mr_study(outdir: Path, seed: int = 11) -> Study:
 
 
 def cr_study(outdir: Path, seed: int = 5) -> Study:
-    """A day-1 neonatal chest CR and its SR with one finding region (a hot spot)."""
+    """A day-1 neonatal chest CR and its SR: one finding with a region (a hot spot),
+    one without, and the view."""
     source = synth.make_cxr(np.random.default_rng(seed), modality="CR", size=CXR_SIZE)
     rows, cols = int(source.Rows), int(source.Columns)
     # A hot-spot polygon over the patient's left lower zone (image right).
@@ -91,8 +92,16 @@ def cr_study(outdir: Path, seed: int = 5) -> Study:
     finding = writers.Finding(
         code=writers.PNEUMONIA, probability=0.83, threshold=0.5, positive=True, region=region
     )
+    # An image-level finding without a region: reported, but not drawn.
+    risk = writers.Finding(
+        code=writers.BRONCHOPULMONARY_DYSPLASIA,
+        probability=0.64,
+        threshold=0.5,
+        positive=True,
+        label="BPD risk (moderate/severe)",
+    )
     view = writers.ViewResult(label="chest_frontal", probability=0.97, is_frontal_chest=True)
-    sr = writers.cxr_report(source, view, [finding], ALGORITHM_CXR)
+    sr = writers.cxr_report(source, view, [finding, risk], ALGORITHM_CXR)
     files = [_save(source, outdir / "cr" / "cr.dcm"), _save(sr, outdir / "cr" / "sr.dcm")]
     return Study(
         study_uid=str(source.StudyInstanceUID),

@@ -1,0 +1,125 @@
+"""The settings schema, the shipped example and ``cradle config check`` / ``cradle status``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from config.settings import CallingAE, Settings, load_settings
+from node.cli import main
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "cradle.example.yaml"
+
+
+def model_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every key of a settings model, dotted; list items of a model type as ``key[]``."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.add(key)
+        nested = _model_in(field.annotation)
+        if nested is not None:
+            keys |= model_keys(nested, f"{key}[]." if get_origin(field.annotation) is list else f"{key}.")
+    return keys
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    candidates = [annotation, *get_args(annotation)]
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+        for inner in get_args(candidate):
+            if isinstance(inner, type) and issubclass(inner, BaseModel) and inner is not CallingAE:
+                return inner
+    return None
+
+
+def yaml_keys(data: Any, prefix: str = "") -> set[str]:
+    keys = set()
+    if isinstance(data, dict):
+        for name, value in data.items():
+            keys.add(f"{prefix}{name}")
+            keys |= yaml_keys(value, f"{prefix}{name}.")
+    elif isinstance(data, list):
+        for item in data:
+            if isinstance(item, dict) and "ae_title" in item and "hosts" in item:
+                continue  # an allowed calling AE bound to hosts, not a list of sections
+            keys |= yaml_keys(item, prefix[:-1] + "[].")
+    return keys
+
+
+def test_example_documents_every_key() -> None:
+    documented = yaml_keys(yaml.safe_load(EXAMPLE.read_text()))
+    assert model_keys(Settings) - documented == set()
+    assert documented - model_keys(Settings) == set()
+
+
+def test_example_passes_config_check(capsys: pytest.CaptureFixture) -> None:
+    assert main(["config", "check", "--config", str(EXAMPLE)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["node"]["ae_title"] == "CRADLE"
+    assert [rule["name"] for rule in printed["routing"]["rules"]] == ["neonatal-chest-radiograph", "neonatal-chest-mri"]
+    assert load_settings(EXAMPLE).node.calling_ae_hosts() == {"MODALITY": [], "STORESCU": [], "PACS": ["10.0.0.5"]}
+
+
+def test_config_check_output_is_itself_a_valid_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["config", "check", "--config", str(EXAMPLE)]) == 0
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(capsys.readouterr().out)
+    assert load_settings(resolved).model_dump() == load_settings(EXAMPLE).model_dump()
+
+
+@pytest.mark.parametrize(("content", "named"), [
+    ("node:\n  prot: 11112\n", "node.prot: unknown key"),
+    ("node:\n  port: 70000\n", "node.port"),
+    ("storage:\n  fsync: maybe\n", "storage.fsync"),
+    ("node:\n  duplicate_policy: overwrite\n", "node.duplicate_policy"),
+    ("routing:\n  rules:\n    - name: x\n      pipelines: [cxr]\n      series_description_regex: '(['\n",
+     "routing.rules.0.series_description_regex"),
+    ("node:\n  allowed_calling_aets: ['BACK\\\\SLASH']\n", "node.allowed_calling_aets"),
+])
+def test_invalid_config_exits_2_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               content: str, named: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    assert main(["config", "check", "--config", str(path)]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_config_check_hides_passwords(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "pg.yaml"
+    path.write_text("storage:\n  database_url: postgresql://cradle:s3cr3t@db.example.org/cradle\n"
+                    "queue:\n  broker_url: redis://:hunter2@redis.example.org:6379/0\n")
+    assert main(["config", "check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "s3cr3t" not in out and "hunter2" not in out and "cradle:***@db.example.org" in out
+
+
+def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRADLE_NODE__PORT", "11113")
+    monkeypatch.setenv("CRADLE_NODE__ALLOWED_CALLING_AETS", '["CT1"]')
+    settings = load_settings(EXAMPLE)
+    assert (settings.node.port, settings.node.allowed_calling_aets) == (11113, ["CT1"])
+
+
+def test_config_check_warns_when_nobody_may_send(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("node:\n  allowed_calling_aets: []\n")
+    assert main(["config", "check", "--config", str(path)]) == 0
+    assert "no modality can send" in capsys.readouterr().err
+
+
+def test_status_on_an_empty_node(node_settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "cradle.yaml"
+    path.write_text(yaml.safe_dump(node_settings.model_dump(mode="json")))
+    assert main(["status", "--json", "--config", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"patients": 0, "studies": 0, "series": 0, "instances": 0,
+                                                   "jobs": {}}
+    assert main(["status", "--config", str(path)]) == 0
+    assert capsys.readouterr().out.split() == ["patients", "0", "studies", "0", "series", "0", "instances", "0",
+                                               "jobs", "0"]

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--mri", type=int, default=4)
     synth.add_argument("--seed", type=int, default=0)
 
-    _add(sub, "demo", "training.demo:run", "the guided synthetic demo, end to end")
+    demo = _add(sub, "demo", "training.demo:run", "the guided synthetic demo, end to end")
+    demo.add_argument("--workdir", default="var/demo", help="where the demo keeps everything (recreated)")
     return parser
 
 

@@ -23,8 +23,9 @@ import csv
 import datetime as dt
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import highdicom as hd
 import numpy as np
@@ -140,8 +141,8 @@ def _whole_years(born: dt.date, on: dt.date) -> int:
 
 
 # Median birth weight (g) by gestational age (weeks), roughly Fenton 2013.
-_GA_WEEKS = np.array([22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42], dtype=float)
-_GA_WEIGHT_G = np.array([500, 650, 850, 1100, 1450, 1800, 2250, 2700, 3100, 3450, 3650], dtype=float)
+_GA_WEEKS = (22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42)
+_GA_WEIGHT_G = (500, 650, 850, 1100, 1450, 1800, 2250, 2700, 3100, 3450, 3650)
 
 
 def _sigmoid(x: float) -> float:
@@ -177,7 +178,7 @@ def make_neonate(rng: np.random.Generator, index: int, birth_date: dt.date) -> S
 def make_adult(rng: np.random.Generator, index: int, on: dt.date) -> SynthPatient:
     """An adult who ended up in the neonatal feed (wrong routing): no labels."""
     years = int(rng.integers(18, 90))
-    birth = on.replace(year=on.year - years) - dt.timedelta(days=int(rng.integers(1, 360)))
+    birth = dt.date(on.year - years, on.month, min(on.day, 28)) - dt.timedelta(days=int(rng.integers(1, 360)))
     return SynthPatient(
         patient_id=f"SYN{index:04d}",
         patient_name=f"SYNTH^ADULT{index:04d}",
@@ -242,7 +243,7 @@ def _soften_lines(layer: np.ndarray, sigma_px: float) -> np.ndarray:
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
     """Zero-mean, unit-variance Gaussian random field with correlation length ~sigma_px."""
-    field_ = _gaussian_blur(rng.standard_normal(shape).astype(np.float32), sigma_px)
+    field_ = _gaussian_blur(rng.standard_normal(shape, dtype=np.float32), sigma_px)
     return (field_ - field_.mean()) / (field_.std() + 1e-6)
 
 
@@ -745,21 +746,21 @@ class _ViewSpec:
     fov_units: float
 
 
-_VIEW_SPECS: dict[str, _ViewSpec] = {
+_VIEW_SPECS: MappingProxyType[str, _ViewSpec] = MappingProxyType({
     "chest_frontal": _ViewSpec("CHEST", "CHEST AP PORTABLE", ("816094009", "Chest"), -0.05, 2.75),
     "chest_lateral": _ViewSpec("CHEST", "CHEST LATERAL", ("816094009", "Chest"), -0.05, 2.75),
     "abdomen": _ViewSpec("ABDOMEN", "ABDOMEN AP", ("818981001", "Abdomen"), 1.55, 2.6),
     "chest_abdomen": _ViewSpec("CHESTABDOMEN", "CHEST ABDOMEN AP", ("416550000", "Chest and abdomen"), 0.75, 4.3),
     "head": _ViewSpec("SKULL", "SKULL AP", ("89546000", "Skull"), 0.05, 2.7),
-}
+})
 
 
-_VIEW_CODES: dict[str, tuple[str, str]] = {
+_VIEW_CODES: MappingProxyType[str, tuple[str, str]] = MappingProxyType({
     "AP": ("399348003", "antero-posterior"),
     "PA": ("272479007", "postero-anterior"),
     "LL": ("399173006", "left lateral"),
     "RL": ("399198007", "right lateral"),
-}
+})
 
 
 def _thorax_width_mm(patient: SynthPatient, weight_kg: float) -> float:
@@ -806,7 +807,7 @@ def _expose(rng: np.random.Generator, density: np.ndarray) -> np.ndarray:
     offset, gain = rng.uniform(150, 400), rng.uniform(2600, 3100)
     noise_k = rng.uniform(8, 20)
     signal = offset + gain * density
-    signal += noise_k * np.exp(0.9 * density) * rng.standard_normal(density.shape).astype(np.float32)
+    signal += noise_k * np.exp(0.9 * density) * rng.standard_normal(density.shape, dtype=np.float32)
     if rng.random() < 0.5:
         n = density.shape[0]
         margins = (rng.uniform(0, 0.06, 4) * n).astype(int)
@@ -861,7 +862,7 @@ def _common_attributes(ds: Dataset, study: SynthStudy, *, modality: str, sop_cla
     ds.PatientBirthDate = _da(patient.birth_date)
     ds.PatientSex = patient.sex
     ds.PatientAge = study.patient_age
-    ds.PatientWeight = _ds(study.weight_kg, 4)
+    ds.PatientWeight = _ds(study.weight_kg, 6)
     ds.PatientIdentityRemoved = "NO"
     ds.DeviceSerialNumber = "SYN-0001"
     ds.SoftwareVersions = SOFTWARE_VERSION
@@ -926,9 +927,9 @@ def make_cxr(
     """One projection radiograph (CR Image Storage or DX For Presentation) of `study`.
 
     Without a study, a random day-1 neonate is made from `rng`. The lung findings come
-    from `study.patient` (bpd, pneumonia, irds_grade). `ds.synth_devices` is not set;
-    the support devices drawn are returned in the Acquisition Device Processing
-    Description instead, e.g. "ETT UVC".
+    from `study.patient` (bpd, pneumonia, irds_grade). The support devices drawn are
+    listed in Acquisition Device Processing Description, e.g. "ETT UVC" (or "NONE").
+    Pixel spacing is physical at size 1024 and scales with 1024/size.
     """
     if view_class not in _VIEW_SPECS:
         raise ValueError(f"cannot render view class {view_class!r}; choose from {sorted(_VIEW_SPECS)}")
@@ -979,7 +980,8 @@ def _dx_attributes(ds: Dataset, photometric: str, spacing_mm: float) -> None:
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.ImageType = ["DERIVED", "PRIMARY"]
     ds.PixelIntensityRelationship = "LOG"
-    ds.PixelIntensityRelationshipSign = 1 if photometric == "MONOCHROME2" else -1
+    # -1: higher stored values mean less X-ray intensity (bone bright), as in MONOCHROME2 here
+    ds.PixelIntensityRelationshipSign = -1 if photometric == "MONOCHROME2" else 1
     ds.PresentationLUTShape = "IDENTITY" if photometric == "MONOCHROME2" else "INVERSE"
     ds.PositionerType = "NONE"  # portable: no positioner
     ds.DetectorType = "SCINTILLATOR"
@@ -1111,7 +1113,7 @@ def _mr_image(rng: np.random.Generator, geom: _MrGeometry, anat: _MrAnatomy, lab
 
 
 def _smooth_noise_3d(rng: np.random.Generator, shape: tuple[int, int, int], sigma_px: float) -> np.ndarray:
-    noise = _blur_inplane(rng.standard_normal(shape).astype(np.float32), sigma_px)
+    noise = _blur_inplane(rng.standard_normal(shape, dtype=np.float32), sigma_px)
     return (noise - noise.mean()) / (noise.std() + 1e-6)
 
 

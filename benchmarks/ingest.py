@@ -14,7 +14,6 @@ their ratio (target: node / baseline ≤ 1.2).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil

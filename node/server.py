@@ -107,6 +107,7 @@ class Listener:
     def __init__(self, settings: Settings, *, enqueue: Enqueue | None = None,
                  sessions: sessionmaker[Session] | None = None) -> None:
         self.settings = settings
+        self._owns_index = sessions is None
         self.sessions = sessions if sessions is not None else open_index(settings.storage.database_url)
         self.archive = Archive(settings.storage.archive_dir, fsync=settings.storage.fsync)
         self.ingest = Ingest(self.archive, self.sessions, duplicate_policy=settings.node.duplicate_policy)
@@ -153,6 +154,8 @@ class Listener:
             log.warning("aborting %d association(s) still running", len(self.ae.active_associations))
         self.ae.shutdown()
         self.monitor.stop()
+        if self._owns_index:
+            self.sessions.kw["bind"].dispose()
         log.info("listener stopped")
 
     def __enter__(self) -> "Listener":

@@ -124,8 +124,8 @@ class PendingFile:
         return self.stored
 
     def discard(self) -> None:
-        if self._synced is not None:
-            self._synced.join()
+        """Remove the temporary file (a no-op after ``commit()``); an fsync still running finishes on
+        the unlinked file and closes it."""
         with contextlib.suppress(OSError):  # e.g. ENOTDIR: then there is no temporary file either
             self.temp.unlink(missing_ok=True)
 

@@ -62,21 +62,16 @@ class Ingest:
         leaving no row without its file.
         """
         try:
-            existing = self._existing(header.sop_uid)
-            if existing is not None:
-                sha, path = existing
-                if sha == content_hash(encoded) and self.archive.exists(path):
-                    return StoreResult(Outcome.duplicate, header.sop_uid, None, None)
-                if self.archive.exists(path) and self.duplicate_policy != "replace":
-                    outcome = (Outcome.conflict_kept if self.duplicate_policy == "keep_first"
-                               else Outcome.conflict_rejected)
-                    log.warning("SOP Instance UID %s re-sent with different content: %s",
-                                header.sop_uid, outcome.value)
-                    return StoreResult(outcome, header.sop_uid, None, None)
+            # Written under a temporary name and fsynced (and hashed) in the background while the
+            # index is consulted and the row prepared; the row commits only after the file has its
+            # final name and both are on disk. A re-send that is not stored leaves nothing behind.
             pending = self.archive.write(header.relative_path, encoded)
             try:
-                # The row is prepared while the file is fsynced in the background, and committed
-                # only after the file has its final name and both are on disk.
+                existing = self._existing(header.sop_uid)
+                not_stored = self._resend(existing, pending.stored.sha256, header.sop_uid)
+                if not_stored is not None:
+                    pending.discard()
+                    return not_stored
                 with transaction(self.sessions) as session:
                     instance, reopened = record_instance(
                         session, header, pending.stored, transfer_syntax_uid=transfer_syntax_uid,
@@ -94,6 +89,21 @@ class Ingest:
             raise TransientStoreError(f"index: {type(exc).__name__}") from exc
         outcome = Outcome.conflict_replaced if existing is not None else Outcome.stored
         return StoreResult(outcome, header.sop_uid, instance_pk, series_pk, reopened)
+
+    def _resend(self, existing: tuple[str, str] | None, sha256: str, sop_uid: str) -> StoreResult | None:
+        """The answer to a re-sent SOP Instance UID that is not to be stored again, or None."""
+        if existing is None:
+            return None
+        sha, path = existing
+        if not self.archive.exists(path):
+            return None
+        if sha == sha256:
+            return StoreResult(Outcome.duplicate, sop_uid, None, None)
+        if self.duplicate_policy == "replace":
+            return None
+        outcome = Outcome.conflict_kept if self.duplicate_policy == "keep_first" else Outcome.conflict_rejected
+        log.warning("SOP Instance UID %s re-sent with different content: %s", sop_uid, outcome.value)
+        return StoreResult(outcome, sop_uid, None, None)
 
     def store_dataset(self, dataset: Dataset, *, is_result: bool = True) -> StoreResult:
         """Archive a dataset made here (an SR, SEG or SC result)."""

@@ -35,7 +35,7 @@ from node.server import Listener, storage_sop_classes, supported_contexts
 from storage.db import open_index
 from storage.index import counts
 from storage.models import Instance, Job, Series
-from test_storage import file_bytes, make_image, make_mr_slice
+from test_storage import make_image, make_mr_slice
 
 CALLED = "CRADLE"
 DCMTK_TIMEOUT = 120
@@ -316,6 +316,27 @@ def test_routed_series_get_exactly_their_jobs(any_index: Settings, listener: Lis
     assert reasons[uid["ot"]] == "no rule matched: modality OT"
     assert index_counts(node_settings) == {"patients": 2, "studies": 5, "series": 5, "instances": 7,
                                            "jobs": {"queued": 3}}
+
+
+def test_synthetic_studies_end_to_end(listener: Listener, node_settings: Settings, tmp_path: Path,
+                                      enqueued: Enqueued) -> None:
+    """The colleague's synthetic archive (training.synth): radiographs, an MR series, its SEG."""
+    synth = pytest.importorskip("training.synth")
+    summary = synth.generate(tmp_path / "synth", n_cxr=6, n_mri=1, seed=3, cxr_size=256, mri_shape=(12, 64, 64))
+    files = [*summary.cxr_paths, *sorted(p for d in summary.mri_series_dirs for p in d.glob("*.dcm")),
+             *summary.seg_paths]
+    storescu(node_settings.node.port, files, "-R")  # propose what the files need (SEG is not a default)
+    headers = [dcmread(path, stop_before_pixels=True) for path in files]
+    neonatal_radiographs = {ds.SeriesInstanceUID for ds in headers if ds.Modality in ("CR", "DX")
+                            and ds.PatientAge.endswith("D")}
+    expected = sorted([*((uid, "cxr") for uid in neonatal_radiographs),
+                       *((d.name, "lung-mri") for d in summary.mri_series_dirs)])
+    assert sorted((series, pipeline) for series, pipeline, *_ in job_rows(node_settings)) == expected
+    assert len(enqueued) == len(expected)
+    assert index_counts(node_settings)["instances"] == len(files)
+    reasons = dict(rows(node_settings, Series.series_uid, Series.routing_reason))
+    adults = [ds.SeriesInstanceUID for ds in headers if ds.PatientAge.endswith("Y")]
+    assert adults and all("days above 28 for rule neonatal-chest-radiograph" in reasons[uid] for uid in adults)
 
 
 def test_series_without_count_completes_after_quiet_period(node_settings: Settings, enqueued: Enqueued,

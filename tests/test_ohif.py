@@ -131,7 +131,7 @@ def test_mr_lung_seg_and_volumes_in_ohif(orthanc, studies, tmp_path):
                 "layout": {"numRows": 1, "numCols": 2},
                 "viewportIndex": 1,
                 "alignSlices": True,
-                "collapsePanels": ["left"],
+                "collapsePanels": ["left", "right"],
             },
         ],
     )

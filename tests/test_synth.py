@@ -52,7 +52,8 @@ def test_every_kind_of_file_has_zero_dciodvfy_errors(archive: synth.SynthSummary
         pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
     mr_slices = [p for d in archive.mri_series_dirs for p in sorted(d.glob("*.dcm"))[::13]]
     files = [*archive.cxr_paths, *mr_slices, *archive.seg_paths]
-    kinds = {(ds.SOPClassUID, ds.get("PhotometricInterpretation")) for ds in map(lambda p: _read(p, stop_before_pixels=True), files)}
+    headers = [_read(p, stop_before_pixels=True) for p in files]
+    kinds = {(ds.SOPClassUID, ds.get("PhotometricInterpretation")) for ds in headers}
     assert {(CR, "MONOCHROME1"), (CR, "MONOCHROME2"), (DX, "MONOCHROME1"), (DX, "MONOCHROME2"),
             (MR, "MONOCHROME2"), (SEG, "MONOCHROME2")} <= kinds
     failures = {}
@@ -169,7 +170,8 @@ def test_archived_segs_match_series_and_true_volumes(archive: synth.SynthSummary
         frames = _seg_frames_by_source(seg)
         assert {uid for uid, _ in frames} == set(series) == set(study["SOPInstanceUIDs"])
         first = next(iter(series.values()))
-        voxel_ml = float(first.PixelSpacing[0]) * float(first.PixelSpacing[1]) * float(first.SpacingBetweenSlices) / 1000
+        spacing = [float(x) for x in (*first.PixelSpacing, first.SpacingBetweenSlices)]
+        voxel_ml = float(np.prod(spacing)) / 1000.0
         for segment, side in ((synth.LEFT_LUNG, "left"), (synth.RIGHT_LUNG, "right")):
             voxels = sum(int(f.sum()) for (uid, s), f in frames.items() if s == segment)
             assert voxels * voxel_ml == pytest.approx(study["lung_volume_ml"][side], abs=1e-2)
@@ -193,7 +195,8 @@ def test_counts_and_labels_match_the_studies(archive: synth.SynthSummary, truth:
     on_disk |= {_read(next(d.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID for d in archive.mri_series_dirs}
     assert set(rows) == set(studies) == on_disk and len(rows) == archive.n_studies == 29
     patients = {p["PatientID"]: p for p in truth["patients"]}
-    labelled = [s for s in studies.values() if s.get("view_class") == "chest_frontal" and patients[s["PatientID"]]["neonate"]]
+    labelled = [s for s in studies.values()
+                if s["view_class"] == "chest_frontal" and patients[s["PatientID"]]["neonate"]]
     for uid, row in rows.items():
         patient = patients[studies[uid]["PatientID"]]
         if studies[uid] in labelled:
@@ -263,6 +266,26 @@ def _as_model_input(path: Path, size: int) -> np.ndarray:
     return pixels.reshape(size, factor, size, factor).mean(axis=(1, 3)).astype(np.float32)
 
 
+def _recalibrate_batchnorm(model: "torch.nn.Module", x: "torch.Tensor") -> None:
+    """Recompute BatchNorm statistics with the final weights ("precise BN").
+
+    After a few epochs from scratch the running averages lag far behind the weights; on
+    this data eval-mode AUROC was ~0.6 where the same weights with fresh statistics scored
+    ~0.95.
+    """
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the pass below
+    model.train()
+    with torch.no_grad():
+        for batch in x.split(16):
+            model(batch)
+    model.eval()
+
+
 @pytest.mark.slow
 def test_small_cnn_learns_bpd_from_synthetic_radiographs(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
@@ -290,7 +313,7 @@ def test_small_cnn_learns_bpd_from_synthetic_radiographs(tmp_path: Path) -> None
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-    model.eval()
+    _recalibrate_batchnorm(model, x[:n_train])
     with torch.no_grad():
         scores = model(x[n_train:]).squeeze(1).numpy()
     auroc = roc_auc_score(y[n_train:].numpy(), scores)

@@ -438,7 +438,9 @@ def _ribs(cv: _Canvas, body: _Body, half_width: np.ndarray) -> np.ndarray:
     a = np.abs(cv.u)
     out = np.zeros_like(a)
     lateral = _smoothstep((half_width * 0.96 - a) / 0.03) * _smoothstep((a - 0.07) / 0.03)
-    kinds = (("posterior", 0.0, 1.0, 0.022), ("anterior", 0.55, 0.3, 0.018)) if body.adult else (("posterior", 0.0, 1.0, 0.022),)
+    kinds = [("posterior", 0.0, 1.0, 0.022)]
+    if body.adult:  # neonatal anterior ribs are cartilage: invisible
+        kinds.append(("anterior", 0.55, 0.3, 0.018))
     for rib_kind, offset, weight, width in kinds:
         if rib_kind == "posterior":
             g = body.rib_slope * (a - 0.07) + body.rib_curvature * (a - 0.07) ** 2
@@ -450,8 +452,8 @@ def _ribs(cv: _Canvas, body: _Body, half_width: np.ndarray) -> np.ndarray:
         present = (k >= 0) & (k < body.n_ribs)
         if rib_kind == "anterior":
             present &= a > 0.3
-        scale = 1.6 if body.adult else 1.0
-        band = 0.06 * np.exp(-((d / (width * scale)) ** 2)) + 0.04 * np.exp(-(((np.abs(d) - width * scale) / (0.3 * width * scale)) ** 2))
+        w = width * (1.6 if body.adult else 1.0)
+        band = 0.06 * np.exp(-((d / w) ** 2)) + 0.04 * np.exp(-(((np.abs(d) - w) / (0.3 * w)) ** 2))  # cortex
         out += weight * band * present * lateral
     return out
 
@@ -557,10 +559,10 @@ def _radial_streaks(rng: np.random.Generator, cv: _Canvas, body: _Body, layer: n
 def _cysts(rng: np.random.Generator, cv: _Canvas, body: _Body, severity: float,
            lucency: np.ndarray, density: np.ndarray) -> None:
     """Bubbly lucencies with thin walls (cystic BPD)."""
-    for _ in range(int(severity * rng.integers(35, 60))):
+    for _ in range(int(severity * rng.integers(40, 65))):
         cu, cvv, _side = _point_in_lungs(rng, body)
-        rad = rng.uniform(0.04, 0.085)
-        depth = rng.uniform(0.3, 0.55) * severity
+        rad = rng.uniform(0.04, 0.09)
+        depth = rng.uniform(0.45, 0.75) * severity
         _stamp(lucency, cv, cu, cvv, 1.4 * rad, lambda du, dv: depth * _thickness(du, dv, 0, 0, rad, rad, 2))
         _stamp(density, cv, cu, cvv, 1.6 * rad,
                lambda du, dv: 0.06 * severity * np.exp(-(((np.hypot(du, dv) - rad) / (0.25 * rad)) ** 2)))
@@ -640,7 +642,8 @@ def _support_devices(rng: np.random.Generator, cv: _Canvas, body: _Body) -> tupl
         _splat_polyline(wide, cv, _curve([(0.05, -2.4), (0.03 + j(0.02), -1.4), tip]), 1.0)
         present.append("ETT")
     if rng.random() < 0.6:
-        _splat_polyline(thin, cv, _curve([(-0.04, -2.4), (0.0, -1.0), (0.04, 0.2), (0.3 + j(0.05), body.diaphragm[1] + 0.35)]), 0.8)
+        stomach = (0.3 + j(0.05), body.diaphragm[1] + 0.35)
+        _splat_polyline(thin, cv, _curve([(-0.04, -2.4), (0.0, -1.0), (0.04, 0.2), stomach]), 0.8)
         present.append("OGT")
     if rng.random() < 0.5:
         tip = (-0.08 + j(0.03), 0.22 + j(0.1))
@@ -656,7 +659,8 @@ def _support_devices(rng: np.random.Generator, cv: _Canvas, body: _Body) -> tupl
             _stamp(snaps, cv, cu, cvv, 0.1, lambda du, dv: 0.2 * np.exp(-(((np.hypot(du, dv) - 0.06) / 0.008) ** 2))
                    + 0.35 * np.exp(-((np.hypot(du, dv) / 0.015) ** 2)))
         present.append("ECG")
-    layer = 0.3 * _soften_lines(wide, 0.01 / cv.unit_per_px) + 0.25 * _soften_lines(thin, 0.005 / cv.unit_per_px) + snaps
+    layer = (0.3 * _soften_lines(wide, 0.01 / cv.unit_per_px)
+             + 0.25 * _soften_lines(thin, 0.005 / cv.unit_per_px) + snaps)
     return layer, present
 
 
@@ -665,7 +669,8 @@ def _support_devices(rng: np.random.Generator, cv: _Canvas, body: _Body) -> tupl
 # ---------------------------------------------------------------------------
 
 
-def _render_frontal(rng: np.random.Generator, cv: _Canvas, body: _Body, patient: SynthPatient) -> tuple[np.ndarray, list[str]]:
+def _render_frontal(rng: np.random.Generator, cv: _Canvas, body: _Body,
+                    patient: SynthPatient) -> tuple[np.ndarray, list[str]]:
     """Density (projected attenuation) of a frontal neck-to-pelvis projection."""
     u, v = cv.u, cv.v
     half_width = _trunk_half_width(v, body.adult)
@@ -685,7 +690,8 @@ def _render_frontal(rng: np.random.Generator, cv: _Canvas, body: _Body, patient:
     air = np.maximum(air, 0.35 * trachea)
     if not body.adult:
         air = np.maximum(air, _bowel_gas(rng, cv, body))
-    liver = 0.08 * _smoothstep((u + 0.15) / -0.2) * _smoothstep((v - body.diaphragm[0]) / 0.06) * _smoothstep((1.4 - v) / 0.3)
+    liver = (0.08 * _smoothstep((u + 0.15) / -0.2) * _smoothstep((v - body.diaphragm[0]) / 0.06)
+             * _smoothstep((1.4 - v) / 0.3))
 
     density = tissue * (1.0 - 0.62 * air) + tissue * liver + findings.density * lung_mask
     density += (_ribs(cv, body, half_width) + _spine(cv, body) + _clavicles(cv, body)
@@ -694,7 +700,8 @@ def _render_frontal(rng: np.random.Generator, cv: _Canvas, body: _Body, patient:
     return density + devices, present
 
 
-def _render_lateral(rng: np.random.Generator, cv: _Canvas, body: _Body, patient: SynthPatient) -> tuple[np.ndarray, list[str]]:
+def _render_lateral(rng: np.random.Generator, cv: _Canvas, body: _Body,
+                    patient: SynthPatient) -> tuple[np.ndarray, list[str]]:
     """Cross-table lateral: anterior to the image left, spine to the right."""
     u, v = cv.u, cv.v
     depth = np.interp(v, [-1.8, -1.2, -0.9, 1.0, 2.5, 3.5], [0.45, 0.5, 0.72, 0.82, 0.86, 0.8]).astype(np.float32)
@@ -727,11 +734,14 @@ def _render_skull(rng: np.random.Generator, cv: _Canvas) -> tuple[np.ndarray, li
     r = np.hypot(u, v / 1.12)
     fontanelle = 1.0 - _smoothstep((0.12 - np.abs(u)) / 0.05) * (v < -0.6)
     vault = 0.22 * np.exp(-(((r - 0.96) / 0.035) ** 2)) * fontanelle
-    orbits = sum(0.1 * np.exp(-(((np.hypot((u - s * 0.36) / 0.2, (v - 0.35) / 0.16) - 1.0) / 0.15) ** 2)) for s in (-1, 1))
+    orbits = sum(0.1 * np.exp(-(((np.hypot((u - s * 0.36) / 0.2, (v - 0.35) / 0.16) - 1.0) / 0.15) ** 2))
+                 for s in (-1, 1))
     jaw = 0.15 * np.exp(-(((np.hypot(u / 0.62, (v - 0.6) / 0.55) - 1.0) / 0.06) ** 2)) * (v > 0.75)
     face = 0.45 * _thickness(u, v, 0.0, 0.95, 0.6, 0.45)
     neck = 0.5 * np.sqrt(np.clip(1 - (u / 0.5) ** 2, 0, 1)) * _smoothstep((v - 1.1) / 0.1)
-    density = np.maximum(brain, np.maximum(face, neck)) + vault + orbits + jaw + 0.03 * _smooth_noise(rng, u.shape, 0.05 / cv.unit_per_px)
+    tissue = np.maximum(brain, np.maximum(face, neck))
+    texture = 0.03 * _smooth_noise(rng, u.shape, 0.05 / cv.unit_per_px) * (tissue > 0.05)
+    density = tissue + vault + orbits + jaw + texture
     return density, []
 
 
@@ -1069,7 +1079,8 @@ def _mr_lung_labels(geom: _MrGeometry, anat: _MrAnatomy) -> np.ndarray:
     """Label volume (slices, rows, cols): 0 background, 1 left lung, 2 right lung."""
     z, y, x = geom.axes()
     hx, hy, hz, hrx, hry, hrz = anat.heart
-    heart = ((x - hx) / (hrx + 2)) ** 2 + ((y - hy) / (hry + 2)) ** 2 + ((z - (anat.lung_base + hz)) / (hrz + 2)) ** 2 < 1
+    hz = anat.lung_base + hz
+    heart = ((x - hx) / (hrx + 2)) ** 2 + ((y - hy) / (hry + 2)) ** 2 + ((z - hz) / (hrz + 2)) ** 2 < 1  # + margin
     spine = (x / 10.0) ** 2 + ((y - anat.body_ry * 0.72) / 10.0) ** 2 < 1
     labels = np.zeros(geom.shape, np.uint8)
     for i, value in enumerate((LEFT_LUNG, RIGHT_LUNG)):
@@ -1078,7 +1089,8 @@ def _mr_lung_labels(geom: _MrGeometry, anat: _MrAnatomy) -> np.ndarray:
         taper = np.clip(1.0 - t, 0.0, 1.0) ** 0.55 * (1.0 + 0.15 * np.clip(t, 0, 1))
         qx, qy = (x - cx) / rx, (y - cy) / ry
         theta = np.arctan2(qy, qx * np.sign(cx))
-        wobble = 1.0 + w[0] * np.sin(2 * theta + w[3] + 0.03 * z) + w[1] * np.sin(3 * theta + w[4]) + w[2] * np.sin(4 * theta + w[5])
+        wobble = (1.0 + w[0] * np.sin(2 * theta + w[3] + 0.03 * z) + w[1] * np.sin(3 * theta + w[4])
+                  + w[2] * np.sin(4 * theta + w[5]))
         radial = np.sqrt(qx**2 + qy**2) / wobble
         above_dome = (z - anat.lung_base) > anat.dome[i] * np.clip(1.0 - radial**2, 0.0, 1.0)
         inside = (radial < taper) & above_dome & (t >= 0) & (t <= 1) & (np.sign(x) == np.sign(cx)) & (np.abs(x) > 4.0)
@@ -1234,7 +1246,8 @@ def make_reference_seg(series: Sequence[Dataset], labels: np.ndarray) -> hd.seg.
     """
     first = series[0]
     if labels.shape != (len(series), first.Rows, first.Columns):
-        raise ValueError(f"labels {labels.shape} do not match the series ({len(series)}, {first.Rows}, {first.Columns})")
+        expected = (len(series), first.Rows, first.Columns)
+        raise ValueError(f"labels {labels.shape} do not match the series {expected}")
     source_uid = first.SeriesInstanceUID
     reviewed = dt.datetime.strptime(first.StudyDate + first.StudyTime[:6], "%Y%m%d%H%M%S") + dt.timedelta(days=1)
     seg = hd.seg.Segmentation(
@@ -1410,7 +1423,8 @@ def _write(ds: Dataset, path: Path) -> Path:
     return path
 
 
-def _write_radiographs(seed: int, outdir: Path, plans: list[_RadiographPlan], size: int) -> tuple[list[Path], list[dict]]:
+def _write_radiographs(seed: int, outdir: Path, plans: list[_RadiographPlan],
+                       size: int) -> tuple[list[Path], list[dict]]:
     paths, truth = [], []
     for i, plan in enumerate(plans):
         ds = make_cxr(_rng(seed, _STREAM_CXR, i + 1), study=plan.study, view_class=plan.view_class,
@@ -1422,7 +1436,7 @@ def _write_radiographs(seed: int, outdir: Path, plans: list[_RadiographPlan], si
             "SOPInstanceUID": ds.SOPInstanceUID, "SOPClassUID": ds.SOPClassUID, "Modality": ds.Modality,
             "PhotometricInterpretation": ds.PhotometricInterpretation, "ViewPosition": ds.ViewPosition,
             "BodyPartExamined": ds.BodyPartExamined, "pixel_spacing_mm": float(ds.ImagerPixelSpacing[0]),
-            "devices": ds.AcquisitionDeviceProcessingDescription.split() if ds.AcquisitionDeviceProcessingDescription != "NONE" else [],
+            "devices": [d for d in ds.AcquisitionDeviceProcessingDescription.split() if d != "NONE"],
             "path": _relative(path, outdir),
         })
     return paths, truth

@@ -350,19 +350,29 @@ async function openSeries(page, step, index) {
     info = await page.evaluate(displaySetInfo, step.seriesNumber);
     record.displaySet = info;
     // Placing a region (above) precedes drawing it: cornerstone draws the SR's regions
-    // and their labels as SVG on the next render of the viewport, which may come a few
-    // seconds later (e.g. once the radiograph's pixels have arrived). Wait for a drawn
-    // label rather than screenshot an image without its regions.
+    // and their labels as SVG on the next render of the viewport. OHIF 3.13.2 adds them
+    // after it rendered the SR viewport, and when the image was already on screen (a
+    // single radiograph: no jump to another slice) nothing renders again until the
+    // reader interacts (window/level, zoom, ...). So: wait for a drawn label; if none
+    // comes within a few seconds, render the viewports once, as any interaction would
+    // (recorded as renderRequested), and wait again.
     if (record.reached) {
-      record.drawn = await page
+      const labelDrawn = ms => page
         .waitForFunction(
           () => Array.from(document.querySelectorAll(
             '[data-cy="viewport-pane"] svg text, .viewport-element svg text'
           )).some(t => t.textContent.trim()),
           null,
-          { timeout }
+          { timeout: ms }
         )
         .then(() => true, () => false);
+      record.renderRequested = false;
+      record.drawn = await labelDrawn(5000);
+      if (!record.drawn) {
+        record.renderRequested = true;
+        await page.evaluate(() => window.cornerstone.getRenderingEngines().forEach(e => e.render()));
+        record.drawn = await labelDrawn(timeout);
+      }
     }
   }
   if (step.alignSlices) {

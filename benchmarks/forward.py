@@ -1,0 +1,185 @@
+"""Model forward time inside the pipelines over the bare forward of the same architecture and input.
+
+    python -m benchmarks.forward [--small] [--repeat 5] [--threads 2] [--slices 60] [--json]
+
+For every model (view InceptionV3, BPD ResNet-50, pneumonia RegNetY-064 at 512 px; lung-seg
+FlexibleUNet-ResNet-50 at 256 px on a 60-slice series; ``--small``: resnet18 at 128 px and
+flexible_unet_resnet18 at 64 px), in one process and on the same device:
+
+- *pipeline*: the forward seconds the pipeline itself records (``summary["forward_seconds"]``) in a
+  full ``cxr`` / ``lung-mri`` run through the registry and the worker's ModelCache;
+- *bare*: a plain ``model(x)`` of a freshly built network of the same architecture with the same
+  weights, default memory format, under ``torch.no_grad()``, on the identical preprocessed input
+  (for lung-seg: all slices in one batch).
+
+Runs alternate (pipeline, bare, bare, pipeline, ...) after one untimed warm-up; medians are
+reported with their ratio (target: pipeline / bare ≤ 1.1). The pipelines' other time (decoding,
+preprocessing, post-processing, writing SR/SEG) is printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config.settings import load_settings
+from inference.models import create_model, view_taxonomy
+from inference.pipelines import PipelineContext, get_pipeline
+from inference.preprocess import letterbox, modality_values, normalise, prepare_radiograph
+from inference.registry import InputSpec, ModelCache, ModelRegistry, ModelVersion
+from training.synth import make_cxr, make_mr_series
+
+TARGET = 1.1
+PRODUCTION = {"view": ("inception_v3", 512), "bpd": ("resnet50", 512), "pneumonia": ("regnety_064", 512),
+              "lung-seg": ("flexible_unet_resnet50", 256)}
+SMALL = {"view": ("resnet18", 128), "bpd": ("resnet18", 128), "pneumonia": ("resnet18", 128),
+         "lung-seg": ("flexible_unet_resnet18", 64)}
+
+
+@dataclass
+class ModelTiming:
+    task: str
+    arch: str
+    input_shape: list[int]
+    pipeline_seconds: list[float] = field(default_factory=list)
+    bare_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.pipeline_seconds) / statistics.median(self.bare_seconds)
+
+
+def _weights(task: str, arch: str) -> dict[str, torch.Tensor]:
+    """Random weights; the view model leans to chest_frontal and BPD to positive (so the whole cxr
+    path, Grad-CAM included, runs), the segmentation head is left as initialised."""
+    classes = list(view_taxonomy().classes)
+    torch.manual_seed(0)
+    state = create_model(arch, task, num_classes=len(classes) if task == "view" else 1).state_dict()
+    head = {"view": "fc.bias", "bpd": "fc.bias", "pneumonia": "fc.bias"}.get(task)
+    if head is not None:
+        weight_key = head.replace("bias", "weight")
+        if weight_key not in state:  # regnety/efficientnet heads
+            weight_key, head = "head.fc.weight", "head.fc.bias"
+        state[weight_key] = state[weight_key] * 0.01
+        state[head][classes.index("chest_frontal") if task == "view" else 0] = 4.0 if task != "pneumonia" else -4.0
+    return state
+
+
+def _registry(models_dir: Path, archs: dict[str, tuple[str, int]]) -> ModelRegistry:
+    registry = ModelRegistry(models_dir)
+    for task, (arch, size) in archs.items():
+        version = registry.register(task, arch, _weights(task, arch), input_spec=InputSpec(size), threshold=0.5,
+                                    provenance={"source": "benchmark"})
+        registry.activate(task, version.version, accept_unvalidated=True, reason="benchmark")
+    return registry
+
+
+def _bare_model(registry: ModelRegistry, version: ModelVersion, device: torch.device) -> torch.nn.Module:
+    model = create_model(version.arch, version.task, num_classes=version.num_outputs)
+    model.load_state_dict(registry.load(version, "cpu").state_dict())
+    return model.eval().to(device)
+
+
+def _bare_seconds(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _cxr_input(source, version: ModelVersion, device: torch.device) -> torch.Tensor:  # noqa: ANN001
+    spec = version.input_spec
+    image, _ = prepare_radiograph(source, spec.image_size, normalisation=spec.normalisation,
+                                  keep_aspect=spec.keep_aspect, clahe=spec.clahe)
+    return torch.from_numpy(image[None, None]).to(device)
+
+
+def _mr_input(series, version: ModelVersion, device: torch.device) -> torch.Tensor:  # noqa: ANN001
+    spec = version.input_spec
+    ordered = sorted(series, key=lambda ds: float(ds.ImagePositionPatient[2]))
+    volume = normalise(np.stack([modality_values(ds) for ds in ordered]), spec.normalisation)
+    slices = np.stack([letterbox(plane, spec.image_size, keep_aspect=spec.keep_aspect)[0] for plane in volume])
+    return torch.from_numpy(slices[:, None]).to(device)
+
+
+def run(archs: dict[str, tuple[str, int]], repeat: int, slices: int) -> tuple[list[ModelTiming], dict[str, float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(None, models_dir=str(Path(tmp) / "models"))
+        registry = _registry(settings.models_dir, archs)
+        context = PipelineContext(registry=registry, device=settings.inference.device, settings=settings,
+                                  models=ModelCache())
+        device = context.device
+        radiograph = make_cxr(np.random.default_rng(1), modality="CR", photometric="MONOCHROME1", size=1024)
+        series, _ = make_mr_series(np.random.default_rng(2), shape=(slices, 128, 128))
+        jobs = {"cxr": ([radiograph], ("view", "bpd", "pneumonia")), "lung-mri": (series, ("lung-seg",))}
+        bare, inputs, timings = {}, {}, {}
+        for task, (arch, _) in archs.items():
+            version = registry.active(task)
+            bare[task] = _bare_model(registry, version, device)
+            inputs[task] = (_mr_input(series, version, device) if task == "lung-seg"
+                            else _cxr_input(radiograph, version, device))
+            timings[task] = ModelTiming(task, arch, list(inputs[task].shape))
+        wall: dict[str, list[float]] = {"cxr": [], "lung-mri": []}
+        other: dict[str, list[float]] = {"cxr": [], "lung-mri": []}
+        for round_ in range(repeat + 1):  # round 0 warms up (model loading, first-call allocations)
+            for name, (sources, tasks) in jobs.items():
+                order = ("pipeline", "bare") if round_ % 2 else ("bare", "pipeline")
+                for step in order:
+                    if step == "pipeline":
+                        start = time.perf_counter()
+                        output = get_pipeline(name).run(list(sources), context)
+                        elapsed = time.perf_counter() - start
+                        forward = output.summary["forward_seconds"]
+                        if round_:
+                            wall[name].append(elapsed)
+                            other[name].append(elapsed - sum(forward.values()))
+                            for task in tasks:
+                                timings[task].pipeline_seconds.append(forward[task])
+                    else:
+                        for task in tasks:
+                            seconds = _bare_seconds(bare[task], inputs[task], device)
+                            if round_:
+                                timings[task].bare_seconds.append(seconds)
+        overhead = {f"{name}_other_seconds": statistics.median(values) for name, values in other.items()}
+        overhead.update({f"{name}_wall_seconds": statistics.median(values) for name, values in wall.items()})
+        return list(timings.values()), overhead
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="test-sized models (resnet18, flexible_unet_resnet18)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    parser.add_argument("--slices", type=int, default=60, help="slices of the MR series")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    timings, overhead = run(SMALL if args.small else PRODUCTION, args.repeat, args.slices)
+    if args.json:
+        print(json.dumps({"target": TARGET, "models": [{**asdict(t), "ratio": t.ratio} for t in timings],
+                          **overhead}, indent=2))
+    else:
+        print(f"{'task':<10} {'arch':<24} {'input':<20} {'pipeline s':>10} {'bare s':>8} {'ratio':>6}  target ≤ {TARGET}")
+        for t in timings:
+            print(f"{t.task:<10} {t.arch:<24} {'x'.join(map(str, t.input_shape)):<20} "
+                  f"{statistics.median(t.pipeline_seconds):>10.3f} {statistics.median(t.bare_seconds):>8.3f} "
+                  f"{t.ratio:>6.2f}  {'ok' if t.ratio <= TARGET else 'OVER'}")
+        print("pipeline time outside the forwards (decode, preprocess, Grad-CAM, post-processing, SR/SEG): "
+              + ", ".join(f"{k.removesuffix('_other_seconds')} {v:.2f} s" for k, v in overhead.items()
+                          if k.endswith("_other_seconds")))
+    return 0 if all(t.ratio <= TARGET for t in timings) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

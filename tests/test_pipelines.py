@@ -268,6 +268,24 @@ def test_lung_mri_gives_a_seg_with_two_frames_per_slice(context: PipelineContext
                   for series_item in segmentation.ReferencedSeriesSequence
                   for item in series_item.ReferencedInstanceSequence}
     assert referenced == {ds.SOPInstanceUID for ds in series}
+    ordered = sorted(series, key=lambda ds: float(ds.ImagePositionPatient[2]))
+    masks = segmentation.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in ordered], segment_numbers=[1, 2])
+    labels = np.where(masks[..., 0] > 0, LEFT, np.where(masks[..., 1] > 0, RIGHT, 0)).astype(np.uint8)
+    from_seg = lung_volumes_ml(labels, SliceGeometry.from_series(ordered))
+    assert from_seg["left"] == pytest.approx(volumes["left"]) and from_seg["right"] == pytest.approx(volumes["right"])
+
+
+def test_summary_images_when_configured(registry: ModelRegistry, settings: Settings, cr_monochrome1: Dataset,
+                                        mr_series: tuple[list[Dataset], np.ndarray], tmp_path: Path) -> None:
+    with_summary = settings.model_copy(update={"inference": settings.inference.model_copy(
+        update={"summary_image": True})})
+    context = PipelineContext(registry=registry, device="cpu", settings=with_summary, models=ModelCache())
+    cxr = get_pipeline("cxr").run([cr_monochrome1], context)
+    lung = get_pipeline("lung-mri").run(mr_series[0], context)
+    for name, sc in (("cxr", cxr.datasets[-1]), ("lung", lung.datasets[-1])):
+        assert sc.Modality == "OT" and sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert dciodvfy_errors(sc, tmp_path / f"{name}.dcm") == []
+    assert len(cxr.datasets) == 2 and len(lung.datasets) == 3
 
 
 def test_post_processing_recovers_the_phantom_volumes(mr_series: tuple[list[Dataset], np.ndarray]) -> None:

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from pydicom import Dataset
@@ -39,7 +40,7 @@ from inference.pipelines import NoActiveModel, PipelineContext, PipelineInputErr
 from inference.preprocess import Letterbox, letterbox, modality_values, normalise
 from inference.registry import InputSpec, LoadedModel, ModelVersion
 from inference.writers import (BRONCHOPULMONARY_DYSPLASIA, PNEUMONIA, AlgorithmIdentity, Finding, ViewResult,
-                               cxr_report)
+                               cxr_report, summary_image)
 
 __all__ = ["CxrPipeline", "FINDING_TASKS", "RADIOGRAPH_MODALITIES"]
 
@@ -163,15 +164,19 @@ class CxrPipeline:
             not_run.update({task: "not a frontal chest film" for task in finding_models})
         used = [view_model.version, *(m.version for m in finding_models.values())]
         tag = version_tag(used)
+        algorithm = AlgorithmIdentity(name="cradle cxr", version=tag)
         report = cxr_report(
             image.dataset,
             ViewResult(view.label, view.probability, view.is_frontal_chest, algorithm_identity(view_model.version)),
             list(findings.values()),
-            AlgorithmIdentity(name="cradle cxr", version=tag),
+            algorithm,
             model_version_tag=tag,
         )
+        datasets = [report]
+        if context.settings.inference.summary_image:
+            datasets.append(self._summary_image(image.dataset, view, findings, algorithm))
         summary = self._summary(tag, image, view, views, findings, finding_models, not_run, timer, context)
-        return PipelineOutput(model_version=tag, datasets=[report], summary=summary, artefacts=artefacts)
+        return PipelineOutput(model_version=tag, datasets=datasets, summary=summary, artefacts=artefacts)
 
     @staticmethod
     def _radiographs(sources: list[Dataset]) -> list[Dataset]:
@@ -216,6 +221,24 @@ class CxrPipeline:
             artefacts[f"gradcam-{task}.png"] = heat_map_png(model_input, heat)
         return Finding(FINDING_CODES[task], probability, threshold, positive, region=region,
                        label=FINDING_LABELS[task], algorithm=algorithm_identity(version))
+
+    @staticmethod
+    def _summary_image(source: Dataset, view: _ViewCall, findings: dict[str, Finding],
+                       algorithm: AlgorithmIdentity) -> Dataset:
+        """Secondary Capture for viewers without SR support: the image, the positive findings' hot
+        spots (overlay labels 1, 2) and the calls as text."""
+        overlay = np.zeros((int(source.Rows), int(source.Columns)), dtype=np.uint8)
+        lines = [f"View: {view.label} ({view.probability:.0%})"]
+        if not view.is_frontal_chest:
+            lines.append("Not a frontal chest film: no findings assessed")
+        for number, (task, finding) in enumerate(findings.items(), start=1):
+            call = "POSITIVE" if finding.positive else "negative"
+            lines.append(f"{FINDING_LABELS[task]}: {finding.probability:.0%} "
+                         f"(threshold {finding.threshold:.0%}) {call}")
+            if finding.region is not None:
+                cv2.fillPoly(overlay, [np.round(finding.region - 0.5).astype(np.int32)], number)
+        return summary_image(source, overlay if overlay.any() else None, lines, algorithm, pipeline="cxr",
+                             model_version_tag=algorithm.version)
 
     @staticmethod
     def _summary(tag: str, image: _Radiograph, view: _ViewCall, views: list[_ViewCall], findings: dict[str, Finding],

@@ -63,14 +63,13 @@ def _weights(task: str, arch: str) -> dict[str, torch.Tensor]:
     path, Grad-CAM included, runs), the segmentation head is left as initialised."""
     classes = list(view_taxonomy().classes)
     torch.manual_seed(0)
-    state = create_model(arch, task, num_classes=len(classes) if task == "view" else 1).state_dict()
-    head = {"view": "fc.bias", "bpd": "fc.bias", "pneumonia": "fc.bias"}.get(task)
-    if head is not None:
-        weight_key = head.replace("bias", "weight")
-        if weight_key not in state:  # regnety/efficientnet heads
-            weight_key, head = "head.fc.weight", "head.fc.bias"
-        state[weight_key] = state[weight_key] * 0.01
-        state[head][classes.index("chest_frontal") if task == "view" else 0] = 4.0 if task != "pneumonia" else -4.0
+    model = create_model(arch, task, num_classes=len(classes) if task == "view" else 1)
+    state = model.state_dict()
+    if task != "lung-seg":
+        head = next(name for name, module in model.named_modules() if module is model.get_classifier())
+        state[f"{head}.weight"] = state[f"{head}.weight"] * 0.01
+        index = classes.index("chest_frontal") if task == "view" else 0
+        state[f"{head}.bias"][index] = -4.0 if task == "pneumonia" else 4.0
     return state
 
 

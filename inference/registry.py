@@ -267,7 +267,17 @@ def _listed(names: list[str], limit: int = 4) -> str:
     return shown + (f", ... (+{len(names) - limit})" if len(names) > limit else "")
 
 
-def _describe_misfit(fit: _Fit, reading: str, target: str) -> str:
+def _hints(fit: _Fit, model_keys: int) -> list[str]:
+    hints = []
+    if len(fit.missing) + len(fit.mismatched) > model_keys / 2:
+        hints.append("most of the network does not match: were these weights saved from another --arch?")
+    if any(len(a) == 4 and len(b) == 4 and a[1] == 3 and b[1] == 1 and a[0] == b[0] for _, a, b in fit.mismatched):
+        hints.append("the first convolution takes 3 (RGB) input channels and cradle's models take 1: sum its "
+                     "weights over the colour axis (timm.models.adapt_input_conv) and save the state dict again")
+    return hints
+
+
+def _describe_misfit(fit: _Fit, reading: str, target: str, model_keys: int) -> str:
     parts = []
     if fit.missing:
         parts.append(f"{len(fit.missing)} missing key(s): {_listed(fit.missing)}")
@@ -276,7 +286,8 @@ def _describe_misfit(fit: _Fit, reading: str, target: str) -> str:
     if fit.mismatched:
         shapes = [f"{k} weights {tuple(a)} vs model {tuple(b)}" for k, a, b in fit.mismatched]
         parts.append(f"{len(fit.mismatched)} shape mismatch(es): {_listed(shapes, 3)}")
-    return f"the weights ({reading}) do not load into {target}: " + "; ".join(parts)
+    hints = "".join(f" (hint: {hint})" for hint in _hints(fit, model_keys))
+    return f"the weights ({reading}) do not load into {target}: " + "; ".join(parts) + hints
 
 
 def _select_state_dict(loaded: Any, model: nn.Module, target: str) -> tuple[str, dict[str, torch.Tensor]]:
@@ -296,7 +307,7 @@ def _select_state_dict(loaded: Any, model: nn.Module, target: str) -> tuple[str,
     if good:
         return good[0]
     reading, _, fit = min(fits, key=lambda item: item[2].problems)
-    raise ModelLoadError(_describe_misfit(fit, reading, target))
+    raise ModelLoadError(_describe_misfit(fit, reading, target, len(model_state)))
 
 
 def _sha256(data: bytes) -> str:
@@ -377,7 +388,7 @@ class ModelRegistry:
         actor = actor or _actor()
         with self._locked(task) as index:
             entry = self._entry(index, task, version)
-            self._verify_file(ModelVersion.from_json(entry, self._task_dir(task)))
+            self.verify(ModelVersion.from_json(entry, self._task_dir(task)))
             if not entry["validated"]:
                 if not accept_unvalidated:
                     raise NotValidated(f"{version} is not validated; evaluate it with cradle train, or activate "
@@ -405,7 +416,7 @@ class ModelRegistry:
                 raise RegistryError(f"{task} has no earlier active version to roll back to")
             stack.pop()
             previous = stack[-1]
-            self._verify_file(ModelVersion.from_json(self._entry(index, task, previous), self._task_dir(task)))
+            self.verify(ModelVersion.from_json(self._entry(index, task, previous), self._task_dir(task)))
             self._switch(task, index, current, previous, "rollback", actor, reason)
         return self.get(task, previous)
 
@@ -469,9 +480,6 @@ class ModelRegistry:
             raise WeightsIntegrityError(f"weights of {version.version} do not match their registered sha256 "
                                         f"(file changed or damaged): refusing to use them")
         return data
-
-    def _verify_file(self, version: ModelVersion) -> None:
-        self._verified_bytes(version)
 
     def _task_dir(self, task: str) -> Path:
         if task not in TASKS:

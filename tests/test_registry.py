@@ -93,12 +93,20 @@ def test_wrong_architecture_is_refused_with_a_summary(registry: ModelRegistry) -
     assert "do not load into resnet50 for bpd" in message
     assert "missing key(s)" in message and "shape mismatch(es)" in message
     assert "(+" in message  # long lists are summarised, not dumped
+    assert "another --arch" in message
     assert registry.versions("bpd") == []
 
 
 def test_wrong_head_names_the_shapes(registry: ModelRegistry) -> None:
     with pytest.raises(ModelLoadError, match=r"fc.weight weights \(7, 512\) vs model \(1, 512\)"):
         registry.register("bpd", "resnet18", small_state("view"), input_spec=SPEC)
+
+
+def test_an_rgb_first_convolution_gets_a_hint(registry: ModelRegistry) -> None:
+    state = create_model("resnet18", "bpd", in_chans=3).state_dict()
+    with pytest.raises(ModelLoadError, match=r"conv1.weight weights \(64, 3, 7, 7\) vs model \(64, 1, 7, 7\).*"
+                                             r"adapt_input_conv"):
+        registry.register("bpd", "resnet18", state, input_spec=SPEC)
 
 
 def test_tampered_weights_are_refused(registry: ModelRegistry) -> None:

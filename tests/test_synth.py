@@ -293,7 +293,7 @@ def test_small_cnn_learns_bpd_from_synthetic_radiographs(tmp_path: Path) -> None
     from sklearn.metrics import roc_auc_score
 
     n_train, n_test = 80, 40
-    summary = synth.generate(tmp_path / "cxr", n_cxr=n_train + n_test, n_mri=0, seed=2024, cxr_size=512,
+    summary = synth.generate(tmp_path / "cxr", n_cxr=n_train + n_test, n_mri=0, seed=2024, cxr_size=256,
                              adult_share=0.0, non_chest_share=0.0)
     with summary.labels_csv.open(newline="") as fh:
         labels = {row["StudyInstanceUID"]: int(row["bpd"]) for row in csv.DictReader(fh)}
@@ -305,7 +305,7 @@ def test_small_cnn_learns_bpd_from_synthetic_radiographs(tmp_path: Path) -> None
     torch.set_num_threads(2)
     model = timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=1)
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    for _epoch in range(10):
+    for _epoch in range(8):
         model.train()
         for batch in torch.randperm(n_train).split(16):
             xb = torch.where(torch.rand(len(batch), 1, 1, 1) < 0.5, x[batch].flip(-1), x[batch])

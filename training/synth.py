@@ -170,7 +170,7 @@ def make_neonate(rng: np.random.Generator, index: int, birth_date: dt.date) -> S
         bpd=bpd,
         pneumonia=pneumonia,
         irds_grade=irds_grade,
-        bpd_severity=float(rng.uniform(0.6, 1.0)) if bpd else 0.0,
+        bpd_severity=float(rng.uniform(0.45, 1.0)) if bpd else 0.0,
         pneumonia_severity=float(rng.uniform(0.4, 1.0)) if pneumonia else 0.0,
     )
 

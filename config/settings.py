@@ -34,7 +34,7 @@ class Section(BaseModel):
 
 
 class TLSSettings(Section):
-    """DICOM TLS (BCP 195): TLS 1.2 or newer."""
+    """DICOM TLS (BCP 195): TLS 1.2 or newer, the listener's side (and the sender's defaults)."""
 
     enabled: bool = False
     certificate: Path | None = None
@@ -75,6 +75,8 @@ class NodeSettings(Section):
     network_timeout: float = Field(60, gt=0)
     duplicate_policy: Literal["keep_first", "replace", "reject"] = "keep_first"
     tls: TLSSettings = Field(default_factory=TLSSettings)
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint of the listener; 0 = off")
+    metrics_host: str = Field("127.0.0.1", description="address the Prometheus endpoint listens on")
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -156,14 +158,41 @@ class QueueSettings(Section):
         return self
 
 
+class DestinationTLS(Section):
+    """DICOM TLS to one destination (BCP 195: TLS 1.2 or newer, the destination's certificate verified).
+
+    Unset files fall back to ``node.tls``: the CA bundle to ``node.tls.ca_certificates`` (else the
+    system's CAs), the client certificate and key to the node's own (when it has them).
+    """
+
+    enabled: bool = False
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    server_name: str | None = Field(None, description="name expected in the destination's certificate; "
+                                                      "default: its host")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "DestinationTLS":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("tls.certificate and tls.private_key go together")
+        return self
+
+
 class Destination(Section):
     name: str
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
-    tls: bool = False
+    tls: DestinationTLS = Field(default_factory=DestinationTLS)
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("tls", mode="before")
+    @classmethod
+    def _tls_flag(cls, value: Any) -> Any:
+        """``tls: true`` is short for ``tls: {enabled: true}`` (the node's own certificate and CAs)."""
+        return {"enabled": value} if isinstance(value, bool) else value
 
 
 class DispatchSettings(Section):
@@ -197,7 +226,9 @@ class TrainingSettings(Section):
 
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    audit_file: Path | None = None
+    format: Literal["text", "json"] = Field("text", description="json: one object per line, with row ids")
+    audit_file: Path | None = Field(None, description="append-only JSON lines; default "
+                                                      "<storage.archive_dir>/../audit.jsonl")
 
 
 class Settings(BaseSettings):
@@ -227,6 +258,12 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    def audit_path(self) -> Path:
+        """Where the audit trail is appended: ``logging.audit_file``, else beside the archive."""
+        if self.logging.audit_file is not None:
+            return Path(self.logging.audit_file)
+        return Path(self.storage.archive_dir).resolve().parent / "audit.jsonl"
 
     def redacted(self) -> dict[str, Any]:
         """The resolved settings as plain data, with passwords in URLs hidden."""

@@ -31,6 +31,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import QueueSettings
+from storage.audit import audit, current_user
 from storage.db import transaction
 from storage.models import DispatchState, Job, JobState, utcnow
 
@@ -152,6 +153,9 @@ def claim(sessions: sessionmaker[Session], job_id: int, owner: str, *, lease_for
     if not _compare_and_set(sessions, job_id, seen, values):
         log.info("job %d: another worker took it first", job_id)
         return None
+    audit("job.running", job_id=job_id, series_pk=seen["series_pk"], pipeline=seen["pipeline"],
+          attempt=seen["attempts"] + 1, generation=seen["generation"], owner=owner,
+          reason="stale lease taken over" if seen["state"] == JobState.running else None)
     return Lease(job_id, owner, seen["series_pk"], seen["pipeline"], seen["generation"], seen["attempts"] + 1)
 
 
@@ -183,6 +187,8 @@ def _fail_stale(sessions: sessionmaker[Session], job_id: int, seen: dict[str, An
         "finished_at": utcnow()})
     if failed:
         log.warning("job %d: failed: %s", job_id, error)
+        audit("job.failed", job_id=job_id, series_pk=seen["series_pk"], pipeline=seen["pipeline"],
+              attempt=seen["attempts"], reason="worker lost", owner=seen["lease_owner"])
     return failed
 
 
@@ -214,6 +220,9 @@ def complete(sessions: sessionmaker[Session], lease: Lease, *, model_version: st
     if _update_owned(sessions, lease, Job.generation == lease.generation, state=JobState.done,
                      model_version=model_version[:128], result=result, error="", finished_at=now,
                      **_RELEASE, **dispatch):
+        audit("job.done", **_about(lease), model_version=model_version[:128],
+              result_uids=[item.get("sop_uid") for item in result.get("instances") or []],
+              dispatch_state="pending" if has_output else "none")
         return Finish.done
     if release_superseded(sessions, lease) == Finish.requeued:
         log.info("job %d: series re-opened while running; re-queued to supersede", lease.job_id)
@@ -235,6 +244,7 @@ def release_superseded(sessions: sessionmaker[Session], lease: Lease) -> Finish:
     counted. When someone else already re-queued or took the job, nothing is written."""
     if _update_owned(sessions, lease, Job.generation != lease.generation, state=JobState.queued,
                      attempts=Job.attempts - 1, error="", **_RELEASE):
+        audit("job.queued", **_about(lease), reason="series re-opened while running: superseded")
         return Finish.requeued
     return Finish.lost
 
@@ -243,6 +253,7 @@ def skip(sessions: sessionmaker[Session], lease: Lease, reason: str) -> Finish:
     """No clinical output by design (e.g. no active model): ``skipped`` with the reason."""
     if _update_owned(sessions, lease, state=JobState.skipped, error=reason[:ERROR_LIMIT], result=None,
                      finished_at=utcnow(), dispatch_state=DispatchState.none, **_RELEASE):
+        audit("job.skipped", **_about(lease), reason=reason[:200])
         return Finish.skipped
     return Finish.lost
 
@@ -252,19 +263,28 @@ def fail_attempt(sessions: sessionmaker[Session], lease: Lease, error: str, *, m
     """An attempt raised: back to ``queued`` (the error stays visible) or, after the last attempt
     (or at once when retrying cannot help), ``failed``."""
     error = error[:ERROR_LIMIT]
+    error_type = error.split(":", 1)[0][:80]  # the audit trail keeps the kind of error, not its text
     if permanent:
         if _update_owned(sessions, lease, state=JobState.failed, error=error, finished_at=utcnow(), **_RELEASE):
+            audit("job.failed", **_about(lease), error_type=error_type, reason="permanent")
             return Finish.failed
         return Finish.lost
     if lease.attempts >= max_attempts:
         message = f"failed on attempt {lease.attempts} of {max_attempts}: {error}"
         if _update_owned(sessions, lease, state=JobState.failed, error=message[:ERROR_LIMIT],
                          finished_at=utcnow(), **_RELEASE):
+            audit("job.failed", **_about(lease), error_type=error_type, reason="last attempt")
             return Finish.failed
         return Finish.lost
     if _update_owned(sessions, lease, state=JobState.queued, error=error, **_RELEASE):
+        audit("job.queued", **_about(lease), error_type=error_type, reason="attempt failed; retried")
         return Finish.requeued
     return Finish.lost
+
+
+def _about(lease: Lease) -> dict[str, Any]:
+    return {"job_id": lease.job_id, "series_pk": lease.series_pk, "pipeline": lease.pipeline,
+            "attempt": lease.attempts, "generation": lease.generation}
 
 
 def mark_enqueued(sessions: sessionmaker[Session], job_id: int) -> None:
@@ -296,6 +316,9 @@ def retry(sessions: sessionmaker[Session], job_id: int) -> RetryAction:
             job.state, job.error = JobState.done, ""
             job.dispatch_state, job.dispatch_attempts, job.dispatch_due_at = DispatchState.pending, 0, now
     log.info("job %d: manual retry: %s", job_id, action.value)
+    audit("job.retry", job_id=job_id, action=action.value, by=current_user(),
+          state="queued" if action == RetryAction.rerun else "done", dispatch_state="pending"
+          if action == RetryAction.resend else None)
     return action
 
 
@@ -388,5 +411,7 @@ class Reconciler:
                 failed += _fail_stale(self.sessions, job_id, seen, self.queue.max_attempts)
             elif _compare_and_set(self.sessions, job_id, seen, {"state": JobState.queued, **_RELEASE}):
                 log.warning("job %d: worker lost on attempt %d; re-queued", job_id, seen["attempts"])
+                audit("job.queued", job_id=job_id, series_pk=seen["series_pk"], pipeline=seen["pipeline"],
+                      attempt=seen["attempts"], owner=seen["lease_owner"], reason="worker lost; re-queued")
                 requeued.append(job_id)
         return requeued, failed

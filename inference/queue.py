@@ -33,8 +33,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from inference import jobs
+from node.logs import log_context
 from storage.archive import Archive, safe_component
-from storage.db import create_db_engine, session_factory
+from storage.db import create_db_engine, create_private_file, session_factory
 from storage.ingest import Ingest
 from storage.models import Instance, Series
 
@@ -116,9 +117,10 @@ def _sqla_database_url(url: str) -> str:
 
 
 def _prepare_sqlite_broker(url: str) -> None:
+    """The embedded broker's file, created owner-only (SQLite would use the umask)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        create_private_file(Path(parsed.database))
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -285,16 +287,22 @@ class JobRunner:
             log.warning("worker warm-up failed: %s", describe_error(exc))
 
     def run(self, job_id: int) -> jobs.Finish:
-        res = self.resources()
-        lease = jobs.claim(res.sessions, job_id, jobs.process_identity(),
-                           lease_for=jobs.lease_seconds(self.settings.queue),
-                           max_attempts=self.settings.queue.max_attempts)
-        if lease is None:
-            return jobs.Finish.not_run
-        log.info("job %d: %s on series %d, attempt %d", job_id, lease.pipeline, lease.series_pk, lease.attempts)
-        if res.pipelines is None:
-            res.pipelines = self.pipeline_host(self.settings)
-        return self._run_leased(res, lease)
+        """Every line logged meanwhile carries the job's, series' and study's row ids."""
+        with log_context(job_id=job_id):
+            res = self.resources()
+            lease = jobs.claim(res.sessions, job_id, jobs.process_identity(),
+                               lease_for=jobs.lease_seconds(self.settings.queue),
+                               max_attempts=self.settings.queue.max_attempts)
+            if lease is None:
+                return jobs.Finish.not_run
+            with res.sessions() as session:
+                study_pk = session.scalar(select(Series.study_pk).where(Series.id == lease.series_pk))
+            with log_context(series_pk=lease.series_pk, study_pk=study_pk):
+                log.info("job %d: %s on series %d, attempt %d", job_id, lease.pipeline, lease.series_pk,
+                         lease.attempts)
+                if res.pipelines is None:
+                    res.pipelines = self.pipeline_host(self.settings)
+                return self._run_leased(res, lease)
 
     def _run_leased(self, res: _ProcessResources, lease: jobs.Lease) -> jobs.Finish:
         host = res.pipelines

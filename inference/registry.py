@@ -48,6 +48,7 @@ from inference.models import (TASKS, create_model, is_segmentation_arch, output_
 from inference.pipelines import (NoActiveModel, PipelineContext, PipelineInputError, PipelineOutput,
                                  get_pipeline)
 from inference.preprocess import NORMALISATIONS
+from storage.audit import audit
 
 __all__ = [
     "InputSpec",
@@ -539,6 +540,7 @@ class ModelRegistry:
                                  "reason": reason})
         self._write(task, index)
         log.info("active model for %s: %s -> %s (%s)", task, previous or "none", new or "none", action)
+        audit(f"model.{action}", task=task, version=new, previous=previous, by=actor, reason=reason[:200])
 
 
 # --------------------------------------------------------------------------- per-process model cache

@@ -7,6 +7,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -98,19 +99,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SERVICES = ("listen", "worker", "dispatch")
+"""The long-running parts: each records the configuration it starts with in the audit trail."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.umask(0o077)  # whatever cradle creates (archive, index, audit, models, runs) is the owner's only
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"cradle: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(level=settings.logging.level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    component = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    setup_process(settings, component, args.config, record_config=args.command in SERVICES)
     try:
         return int(args.run(args, settings) or 0)
     except KeyboardInterrupt:
         return 130
+
+
+def setup_process(settings: Settings, component: str, config_file: str | None = None, *,
+                  record_config: bool = False) -> None:
+    """Logging (text or JSON, with row ids) and the audit trail of this process."""
+    from config.settings import resolve_config_path
+    from node.logs import configure_logging
+    from storage import audit
+
+    configure_logging(settings.logging.level, settings.logging.format, component)
+    audit.configure_audit(settings.audit_path(), component)
+    if record_config:
+        resolved = resolve_config_path(config_file)
+        try:
+            audit.record_config(settings.redacted(), settings.audit_path(), component,
+                                str(resolved) if resolved else None)
+        except OSError as exc:
+            logging.getLogger(__name__).warning("audit trail %s not writable: %s", settings.audit_path(),
+                                                exc.strerror or exc)
 
 
 def print_json(value: Any) -> None:

@@ -88,13 +88,16 @@ def _stop_on_signals(stopping: threading.Event) -> Iterator[None]:
 # --- cradle status ----------------------------------------------------------------------------
 
 def status(args: argparse.Namespace, settings: Settings) -> int:
+    """The node at a glance, from the index: what it holds, jobs by state, the queue, job durations
+    and outcomes by pipeline and model version, dispatch, sends by destination, recent failures.
+    ``--json`` keeps ``patients``, ``studies``, ``series``, ``instances``, ``jobs`` (state → count) and
+    adds the rest under their own keys. The same numbers as the Prometheus endpoint (storage.stats)."""
     quiet_migrations()
     from storage.db import open_index
-    from storage.index import counts
 
     sessions = open_index(settings.storage.database_url)
     with sessions() as session:
-        summary = counts(session)
+        summary = status_summary(session)
     if getattr(args, "json", False):
         from node.cli import print_json
         print_json(summary)
@@ -103,12 +106,63 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def status_summary(session) -> dict:  # noqa: ANN001 - SQLAlchemy Session
+    import datetime as dt
+
+    from storage import stats
+    from storage.index import counts
+    from storage.models import utcnow
+
+    day_ago = utcnow() - dt.timedelta(hours=24)
+    summary = counts(session)
+    summary["queue"] = stats.queue(session)
+    summary["dispatch"] = stats.dispatch_states(session)
+    summary["received"] = stats.received(session)
+    summary["received_24h"] = stats.received(session, since=day_ago)
+    summary["sends"] = stats.sends(session)
+    summary["sends_24h"] = stats.sends(session, since=day_ago)
+    summary["durations"] = [
+        {"pipeline": d.pipeline, "model_version": d.model_version, "outcome": d.outcome, "count": d.count,
+         "mean_seconds": round(d.mean_seconds, 3), "max_seconds": round(d.max_seconds, 3)}
+        for d in sorted(stats.durations(session), key=lambda d: (d.pipeline, d.model_version, d.outcome))]
+    summary["recent_failures"] = stats.recent_failures(session)
+    return summary
+
+
 def format_status(summary: dict) -> str:
     rows = [(key, str(summary[key])) for key in ("patients", "studies", "series", "instances")]
     jobs = summary.get("jobs") or {}
     rows += [(f"jobs {state}", str(n)) for state, n in sorted(jobs.items())] or [("jobs", "0")]
+    if "queue" in summary:
+        queue = summary["queue"]
+        rows.append(("queue depth", f"{queue['queued']} (oldest {queue['oldest_queued_seconds']:.0f} s)"))
+        rows += [(f"dispatch {state}", str(n)) for state, n in sorted(summary["dispatch"].items())]
+        day = summary["received_24h"]
+        rows.append(("received 24 h", f"{day['instances']} instances, {_size(day['bytes'])}"))
+        for destination, counts in sorted(summary["sends_24h"].items()):
+            rows.append((f"sent 24 h {destination}", f"{counts['delivered']} delivered, {counts['failed']} failed"))
     width = max(len(key) for key, _ in rows)
-    return "\n".join(f"{key:<{width}}  {value:>8}" for key, value in rows)
+    lines = [f"{key:<{width}}  {value:>8}" for key, value in rows]
+    if summary.get("durations"):
+        lines += ["", f"{'PIPELINE':<10} {'MODEL':<22} {'OUTCOME':<8} {'JOBS':>6} {'MEAN S':>8} {'MAX S':>8}"]
+        lines += [f"{d['pipeline']:<10} {(d['model_version'] or '-')[:22]:<22} {d['outcome']:<8} {d['count']:>6} "
+                  f"{d['mean_seconds']:>8.2f} {d['max_seconds']:>8.2f}" for d in summary["durations"]]
+    failures = summary.get("recent_failures") or {}
+    if failures.get("jobs") or failures.get("sends"):
+        lines += ["", "recent failures:"]
+        lines += [f"  job {f['id']} ({f['pipeline']}, series {f['series_pk']}) {f['finished_at'] or ''}: "
+                  f"{f['error'][:100]}" for f in failures.get("jobs", [])]
+        lines += [f"  send of job {f['job_id']} to {f['destination']} {f['sent_at']}: {f['status'] or 'no answer'} "
+                  f"{f['error'][:80]}" for f in failures.get("sends", [])]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 # --- cradle config check ----------------------------------------------------------------------

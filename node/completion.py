@@ -30,7 +30,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import RoutingRule
+from node.logs import log_context
 from node.routing import RoutingDecision, route_series
+from storage.audit import audit
 from storage.db import transaction
 from storage.index import InstanceHeader
 from storage.ingest import Outcome, StoreResult
@@ -107,9 +109,17 @@ class Completion:
             series.completions = (series.completions or 0) + 1
             decision, job_ids = route_series(session, series, self.rules)
             recompleted = series.completions > 1
-        log.info("series %s complete%s: %s; jobs %s", series_pk, " again" if recompleted else "",
-                 decision.reason, list(job_ids) or "none")
-        self._enqueue(job_ids)
+            study_pk, series_uid = series.study_pk, series.series_uid
+        with log_context(series_pk=series_pk, study_pk=study_pk):
+            log.info("series %s complete%s: %s; jobs %s", series_pk, " again" if recompleted else "",
+                     decision.reason, list(job_ids) or "none")
+            audit("series.complete", series_pk=series_pk, study_pk=study_pk, series_uid=series_uid,
+                  rules=list(decision.rules), pipelines=list(decision.pipelines), job_ids=list(job_ids),
+                  reopened=recompleted)
+            for job_id in job_ids:
+                audit("job.queued", job_id=job_id, series_pk=series_pk, study_pk=study_pk,
+                      reason="series complete again" if recompleted else "series complete")
+            self._enqueue(job_ids)
         return Completed(series_pk, decision, tuple(job_ids), recompleted)
 
     def _expected_count_reached(self, series_pk: int, expected: int | None) -> bool:

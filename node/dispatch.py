@@ -25,7 +25,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Destination, DispatchSettings, Settings
 from node import sender
+from node.logs import log_context
 from node.sender import Outgoing, SendOutcome
+from storage.audit import audit
 from storage.archive import Archive
 from storage.db import transaction
 from storage.models import DispatchState, Instance, Job, JobState, Send, utcnow
@@ -79,10 +81,11 @@ class Dispatcher:
         """Dispatch every job due now; return how many were attempted."""
         attempted = 0
         for job_id in self._due():
-            claimed = self._claim(job_id)
-            if claimed is not None:
-                self.dispatch(claimed)
-                attempted += 1
+            with log_context(job_id=job_id):
+                claimed = self._claim(job_id)
+                if claimed is not None:
+                    self.dispatch(claimed)
+                    attempted += 1
         return attempted
 
     def _due(self) -> list[int]:
@@ -150,6 +153,12 @@ class Dispatcher:
         ok = sum(o.delivered for o in outcomes)
         log.info("job %d: %s: %d of %d instance(s) delivered (attempt %d)", claimed.job_id,
                  destination.name, ok, len(outcomes), claimed.attempt)
+        for o in outcomes:
+            audit("result.sent", job_id=claimed.job_id, destination=destination.name,
+                  destination_ae=destination.ae_title, address=destination.host, port=destination.port,
+                  tls=destination.tls.enabled, sop_uid=o.sop_uid, delivered=o.delivered,
+                  status=None if o.status is None else f"0x{o.status:04X}", round=claimed.round,
+                  attempt=claimed.attempt, reason=o.error[:200] or None)
 
     def _retry_or_park(self, claimed: Round, problems: list[str]) -> DispatchState:
         limit = self.settings.dispatch.max_attempts
@@ -173,7 +182,10 @@ class Dispatcher:
             log.info("job %d: results delivered to every destination", claimed.job_id)
         if outcome == DispatchState.failed:
             values["state"] = JobState.failed
-        self._update(claimed, **values)
+        if self._update(claimed, **values) and outcome != DispatchState.none:
+            audit("job.dispatched" if outcome == DispatchState.sent else "job.failed", job_id=claimed.job_id,
+                  dispatch_state=outcome.value, round=claimed.round, attempt=claimed.attempt,
+                  reason="dispatch failed after the last attempt" if outcome == DispatchState.failed else None)
         return outcome
 
     def _update(self, claimed: Round, **values: Any) -> bool:

@@ -22,6 +22,7 @@ Logs carry UIDs, row ids, AE titles and addresses only, never patient identifier
 from __future__ import annotations
 
 import logging
+import ssl
 import struct
 import zlib
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from pynetdicom import evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 
+from node.logs import log_context
+from storage.audit import audit
 from storage.index import InstanceHeader, MissingIdentifiers
 from storage.ingest import Ingest, Outcome, StoreResult, TransientStoreError
 
@@ -62,6 +65,14 @@ class MalformedDataset(ValueError):
 
 
 # --- association control ---------------------------------------------------------------------
+#
+# Every outcome is counted (``metrics``: a node.metrics.ListenerMetrics, or None) and written to the
+# audit trail with the calling AE title and the peer address. Per association, the instances stored
+# and failed are counted on the Association object and audited when it ends.
+
+REJECT_REASON = "_cradle_reject_reason"
+COUNTS = "_cradle_counts"
+
 
 def handle_requested(event: Event, called_ae_title: str, allowed: dict[str, list[str]]) -> None:
     """EVT_REQUESTED: reject an unknown calling AE (or a known one from a host not its own), before
@@ -72,37 +83,95 @@ def handle_requested(event: Event, called_ae_title: str, allowed: dict[str, list
     calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
     address = assoc.requestor.address
     if called != called_ae_title:
-        _reject(assoc, DIAGNOSTIC_CALLED_AE_NOT_RECOGNISED)
         log.warning("rejected association from %r at %s: called AE title %r is not %r",
                     calling, address, called, called_ae_title)
+        _reject(assoc, DIAGNOSTIC_CALLED_AE_NOT_RECOGNISED, "called_ae")
         return
     if calling not in allowed:
-        _reject(assoc, DIAGNOSTIC_CALLING_AE_NOT_RECOGNISED)
         log.warning("rejected association from %r at %s: not in node.allowed_calling_aets", calling, address)
+        _reject(assoc, DIAGNOSTIC_CALLING_AE_NOT_RECOGNISED, "calling_ae")
         return
     hosts = allowed[calling]
     if hosts and address not in hosts:
-        _reject(assoc, DIAGNOSTIC_CALLING_AE_NOT_RECOGNISED)
         log.warning("rejected association from %r at %s: host not allowed for this AE title", calling, address)
+        _reject(assoc, DIAGNOSTIC_CALLING_AE_NOT_RECOGNISED, "host")
 
 
-def _reject(assoc, diagnostic: int) -> None:  # noqa: ANN001 - pynetdicom Association
+def _reject(assoc, diagnostic: int, reason: str) -> None:  # noqa: ANN001 - pynetdicom Association
+    setattr(assoc, REJECT_REASON, reason)
     assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
     evt.trigger(assoc, evt.EVT_REJECTED, {})
     assoc.kill()
 
 
-def handle_accepted(event: Event) -> None:
-    requestor = event.assoc.requestor
-    log.info("association from %r at %s:%s accepted", requestor.ae_title, requestor.address, requestor.port)
+def handle_rejected(event: Event, metrics=None) -> None:  # noqa: ANN001 - ListenerMetrics
+    """EVT_REJECTED: ours (reason set by handle_requested) and pynetdicom's own (association limit)."""
+    assoc = event.assoc
+    request = assoc.requestor.primitive
+    reason = getattr(assoc, REJECT_REASON, "limit")
+    if reason == "limit":
+        log.warning("rejected association from %s: node.max_associations reached", assoc.requestor.address)
+    if metrics is not None:
+        metrics.associations.labels(result="rejected").inc()
+        metrics.rejections.labels(reason=reason).inc()
+    audit("association.rejected", reason=reason, address=assoc.requestor.address, port=assoc.requestor.port,
+          calling_ae=request.calling_ae_title.strip() if request is not None else None,
+          called_ae=request.called_ae_title.strip() if request is not None else None, tls=_tls(assoc)[0])
+
+
+def tls_rejected(address: tuple, reason: str, metrics=None) -> None:  # noqa: ANN001 - ListenerMetrics
+    """A TLS handshake that failed (plaintext peer, no or untrusted client certificate, old protocol):
+    the connection is closed before any DICOM message is read."""
+    log.warning("rejected connection from %s: TLS handshake failed: %s", address[0], reason)
+    if metrics is not None:
+        metrics.associations.labels(result="rejected").inc()
+        metrics.rejections.labels(reason="tls").inc()
+    audit("association.rejected", reason=f"tls: {reason}"[:200], address=address[0], port=address[1], tls=True)
+
+
+def handle_accepted(event: Event, metrics=None) -> None:  # noqa: ANN001 - ListenerMetrics
+    assoc = event.assoc
+    requestor = assoc.requestor
+    setattr(assoc, COUNTS, {"stored": 0, "failed": 0})
+    tls, version, peer = _tls(assoc)
+    log.info("association from %r at %s:%s accepted%s", requestor.ae_title, requestor.address, requestor.port,
+             f" ({version})" if tls else "")
+    if metrics is not None:
+        metrics.associations.labels(result="accepted").inc()
+    audit("association.accepted", calling_ae=requestor.ae_title.strip(), called_ae=assoc.acceptor.ae_title.strip(),
+          address=requestor.address, port=requestor.port, tls=tls, tls_version=version, peer_certificate=peer)
+
+
+def _tls(assoc) -> tuple[bool, str | None, str | None]:  # noqa: ANN001 - pynetdicom Association
+    """(TLS in use, protocol version, the peer certificate's subject) of an association."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return False, None, None
+    try:
+        certificate = sock.getpeercert() or {}
+        subject = ", ".join(f"{k}={v}" for rdn in certificate.get("subject", ()) for k, v in rdn) or None
+        return True, sock.version(), subject
+    except (OSError, ValueError):
+        return True, None, None
+
+
+def _ended(event: Event, how: str) -> None:
+    assoc = event.assoc
+    counts = getattr(assoc, COUNTS, None)
+    if counts is None:  # rejected before it was accepted: audited as rejected
+        return
+    audit(f"association.{how}", calling_ae=assoc.requestor.ae_title.strip(), address=assoc.requestor.address,
+          port=assoc.requestor.port, stored=counts["stored"], failed=counts["failed"])
 
 
 def handle_released(event: Event) -> None:
     log.info("association from %r released", event.assoc.requestor.ae_title)
+    _ended(event, "released")
 
 
 def handle_aborted(event: Event) -> None:
     log.warning("association from %r aborted", event.assoc.requestor.ae_title)
+    _ended(event, "aborted")
 
 
 def handle_echo(event: Event) -> int:
@@ -119,32 +188,59 @@ class Received:
     transfer_syntax_uid: str
 
 
-def handle_store(event: Event, ingest: Ingest, after_store: AfterStore | None = None) -> int | Dataset:
-    """EVT_C_STORE: archive the data set as received and answer the truth about it."""
+def handle_store(event: Event, ingest: Ingest, after_store: AfterStore | None = None,
+                 metrics=None) -> int | Dataset:  # noqa: ANN001 - ListenerMetrics
+    """EVT_C_STORE: archive the data set as received and answer the truth about it (and count it)."""
     calling = event.assoc.requestor.ae_title.strip()
     command_sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+    if metrics is not None and event.request.DataSet is not None:
+        metrics.bytes.inc(len(event.request.DataSet.getbuffer()))
+    with log_context(sop_uid=command_sop_uid or None):
+        answer, result, header = _store(event, ingest, after_store, calling, command_sop_uid)
+    code = int(answer.Status) if isinstance(answer, Dataset) else int(answer)
+    outcome = result.outcome.value if result is not None else "failed"
+    if metrics is not None:
+        metrics.instances.labels(outcome=outcome).inc()
+        metrics.response(code)
+    counts = getattr(event.assoc, COUNTS, None)
+    if counts is not None:
+        counts["stored" if code == SUCCESS or 0xB000 <= code <= 0xBFFF else "failed"] += 1
+    audit("instance.received", sop_uid=header.sop_uid if header else command_sop_uid,
+          sop_class_uid=header.sop_class_uid if header else str(event.request.AffectedSOPClassUID or ""),
+          series_uid=header.series_uid if header else None, study_uid=header.study_uid if header else None,
+          instance_pk=result.instance_pk if result else None, series_pk=result.series_pk if result else None,
+          study_pk=result.study_pk if result else None, outcome=outcome, status=f"0x{code:04X}",
+          calling_ae=calling, address=event.assoc.requestor.address,
+          bytes=len(event.request.DataSet.getbuffer()) if event.request.DataSet is not None else 0,
+          reopened=result.reopened if result else None)
+    return answer
+
+
+def _store(event: Event, ingest: Ingest, after_store: AfterStore | None, calling: str,
+           command_sop_uid: str) -> tuple[int | Dataset, StoreResult | None, InstanceHeader | None]:
     try:
         received = read_received(event)
     except (MalformedDataset, MissingIdentifiers) as exc:
         log.warning("C-STORE %s from %r: cannot understand the data set: %s", command_sop_uid, calling, exc)
-        return status(FAILURE_CANNOT_UNDERSTAND, str(exc))
+        return status(FAILURE_CANNOT_UNDERSTAND, str(exc)), None, None
     header = received.header
     mismatch = command_mismatch(event, header)
     if mismatch:
         log.warning("C-STORE %s from %r: %s", command_sop_uid, calling, mismatch)
-        return status(FAILURE_DOES_NOT_MATCH, "data set UIDs differ from the C-STORE command's")
+        return status(FAILURE_DOES_NOT_MATCH, "data set UIDs differ from the C-STORE command's"), None, header
     try:
         result = ingest.store(encoded_parts(event), header, transfer_syntax_uid=received.transfer_syntax_uid,
                               calling_ae_title=calling)
     except TransientStoreError as exc:
         log.error("C-STORE %s from %r: not stored, sender should retry: %s", header.sop_uid, calling, exc)
-        return status(FAILURE_OUT_OF_RESOURCES, "temporary storage failure, please retry")
+        return status(FAILURE_OUT_OF_RESOURCES, "temporary storage failure, please retry"), None, header
     except Exception as exc:  # noqa: BLE001 - pynetdicom would answer 0xC211 (permanent) otherwise
         log.exception("C-STORE %s from %r: unexpected %s", header.sop_uid, calling, type(exc).__name__)
-        return status(FAILURE_OUT_OF_RESOURCES, "temporary storage failure, please retry")
-    _log_result(result, calling)
-    _run_after_store(after_store, result, header)
-    return status_for(result)
+        return status(FAILURE_OUT_OF_RESOURCES, "temporary storage failure, please retry"), None, header
+    with log_context(instance_pk=result.instance_pk, series_pk=result.series_pk, study_pk=result.study_pk):
+        _log_result(result, calling)
+        _run_after_store(after_store, result, header)
+    return status_for(result), result, header
 
 
 def read_received(event: Event) -> Received:

@@ -20,6 +20,7 @@ from pynetdicom import AE
 from pynetdicom.status import code_to_category
 
 from config.settings import Destination, NodeSettings
+from node.tls import harden
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,18 @@ def send(destination: Destination, instances: Sequence[Outgoing], node: NodeSett
         return []
     ae = _application_entity(node, instances)
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             tls_args=_tls_args(destination, node))
+        tls_args = _tls_args(destination, node)
+    except (OSError, ssl.SSLError) as exc:  # a certificate, key or CA file missing or unreadable
+        log.error("destination %s: TLS set-up failed: %s", destination.name, exc)
+        return _all(instances, None, f"TLS set-up failed: {type(exc).__name__}")
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     except (OSError, ssl.SSLError) as exc:
         return _all(instances, None, f"cannot connect: {type(exc).__name__}")
     if not assoc.is_established:
         reason = ("association rejected" if assoc.is_rejected else
-                  "no association (connection refused, aborted or timed out)")
+                  "no association (connection refused, TLS handshake failed, aborted or timed out)" if tls_args
+                  else "no association (connection refused, aborted or timed out)")
         log.warning("destination %s (%s@%s:%d): %s", destination.name, destination.ae_title,
                     destination.host, destination.port, reason)
         return _all(instances, None, reason)
@@ -134,12 +140,17 @@ def _all(instances: Sequence[Outgoing], status: int | None, error: str) -> list[
 
 
 def _tls_args(destination: Destination, node: NodeSettings) -> tuple[ssl.SSLContext, str] | None:
-    """DICOM TLS to this destination (BCP 195: TLS 1.2+), verifying its certificate against
-    ``node.tls.ca_certificates`` and presenting the node's own certificate when configured."""
-    if not destination.tls:
+    """DICOM TLS to this destination (BCP 195: TLS 1.2+), verifying its certificate and name against
+    ``destination.tls.ca_certificates`` (else ``node.tls.ca_certificates``, else the system's CAs) and
+    presenting ``destination.tls.certificate`` (else the node's own, when it has one)."""
+    tls = destination.tls
+    if not tls.enabled:
         return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=node.tls.ca_certificates)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if node.tls.certificate and node.tls.private_key:
-        context.load_cert_chain(node.tls.certificate, node.tls.private_key)
-    return context, destination.host
+    cafile = tls.ca_certificates or node.tls.ca_certificates
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cafile) if cafile else None)
+    harden(context)
+    certificate, key = ((tls.certificate, tls.private_key) if tls.certificate
+                        else (node.tls.certificate, node.tls.private_key))
+    if certificate and key:
+        context.load_cert_chain(str(certificate), str(key))
+    return context, tls.server_name or destination.host

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -23,11 +24,14 @@ from pydicom.uid import AllTransferSyntaxes, MediaStorageDirectoryStorage
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import NodeSettings, Settings, TLSSettings
+from config.settings import NodeSettings, Settings
 from node import handlers
 from node.completion import Completion, CompletionMonitor
+from node.metrics import IndexCollector, ListenerMetrics, MetricsServer
+from node.tls import tls_context
 from storage.archive import Archive
 from storage.db import open_index
 from storage.ingest import Ingest, SweepReport
@@ -76,28 +80,57 @@ def build_ae(node: NodeSettings) -> AE:
     return ae
 
 
-def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
-    """The server side of DICOM TLS (TLS 1.2 or newer), or None when TLS is off."""
-    if not tls.enabled:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
-    if tls.ca_certificates is not None:
-        context.load_verify_locations(str(tls.ca_certificates))
-    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
-    return context
+class AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved into the connection's own thread.
+
+    pynetdicom wraps an accepted socket in ``get_request()``, on the accepting thread, with the
+    handshake done at once and no timeout: one peer that connects and stays silent would stop the
+    node from accepting anybody. Here the accepting thread only wraps; the handshake runs in the
+    connection's thread with ``acse_timeout``, and a failure (plaintext peer, no or untrusted client
+    certificate, TLS below 1.2) closes the connection, counted and audited as a rejection.
+    """
+
+    metrics: ListenerMetrics | None = None
+    handshake_timeout: float = 30.0
+
+    def get_request(self):  # noqa: ANN201 - (socket, address)
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request, client_address) -> None:  # noqa: ANN001 - socketserver types
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.handshake_timeout)
+                request.do_handshake()
+                request.settimeout(None)
+            except (OSError, ValueError) as exc:
+                handlers.tls_rejected(client_address, _ssl_reason(exc), self.metrics)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
 
-def event_handlers(node: NodeSettings, ingest: Ingest, completion: Completion | None) -> list:
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or exc.__class__.__name__
+    if isinstance(exc, TimeoutError):
+        return "no handshake within the time limit"
+    return type(exc).__name__
+
+
+def event_handlers(node: NodeSettings, ingest: Ingest, completion: Completion | None,
+                   metrics: ListenerMetrics | None = None) -> list:
     after_store = completion.after_store if completion is not None else None
     return [
         (evt.EVT_REQUESTED, handlers.handle_requested, [node.ae_title, node.calling_ae_hosts()]),
-        (evt.EVT_ACCEPTED, handlers.handle_accepted),
+        (evt.EVT_ACCEPTED, handlers.handle_accepted, [metrics]),
+        (evt.EVT_REJECTED, handlers.handle_rejected, [metrics]),
         (evt.EVT_RELEASED, handlers.handle_released),
         (evt.EVT_ABORTED, handlers.handle_aborted),
         (evt.EVT_C_ECHO, handlers.handle_echo),
-        (evt.EVT_C_STORE, handlers.handle_store, [ingest, after_store]),
+        (evt.EVT_C_STORE, handlers.handle_store, [ingest, after_store, metrics]),
     ]
 
 
@@ -115,6 +148,9 @@ class Listener:
                                      quiet_seconds=settings.completion.quiet_seconds, enqueue=enqueue)
         self.monitor = CompletionMonitor(self.completion, settings.completion.poll_seconds)
         self.ae = build_ae(settings.node)
+        self.metrics = ListenerMetrics()
+        self.metrics.registry.register(IndexCollector(self.sessions))
+        self.metrics_server: MetricsServer | None = None
         self._server = None
 
     @property
@@ -134,12 +170,24 @@ class Listener:
         node = self.settings.node
         if not node.allowed_calling_aets:
             log.warning("node.allowed_calling_aets is empty: every association will be rejected")
-        self._server = self.ae.start_server(
-            (node.host, node.port), block=False, ae_title=node.ae_title,
-            evt_handlers=event_handlers(node, self.ingest, self.completion), ssl_context=tls_context(node.tls))
+        self._server = self._start_server(node)
         self.monitor.start()
-        log.info("listening as %s on %s:%d", node.ae_title, *self.address)
+        if node.metrics_port:
+            self.metrics_server = MetricsServer(self.metrics.registry, node.metrics_host, node.metrics_port).start()
+        log.info("listening as %s on %s:%d%s", node.ae_title, *self.address, " (DICOM TLS)" if node.tls.enabled else "")
         return report
+
+    def _start_server(self, node: NodeSettings) -> AssociationServer:
+        """``AE.start_server(block=False)`` with our server class (see :class:`AssociationServer`)."""
+        server = self.ae.make_server((node.host, node.port), ae_title=node.ae_title,
+                                     ssl_context=tls_context(node.tls), server_class=AssociationServer,
+                                     evt_handlers=event_handlers(node, self.ingest, self.completion, self.metrics))
+        server.metrics = self.metrics
+        server.handshake_timeout = node.acse_timeout
+        thread = threading.Thread(target=server.serve_forever, name="cradle-acceptor", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # as start_server does: ae.shutdown() and server.shutdown() use it
+        return server
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Close the port, give running associations ``grace_seconds`` to finish (an answered
@@ -154,6 +202,9 @@ class Listener:
             log.warning("aborting %d association(s) still running", len(self.ae.active_associations))
         self.ae.shutdown()
         self.monitor.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
         if self._owns_index:
             self.sessions.kw["bind"].dispose()
         log.info("listener stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +36,7 @@ def create_db_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            create_private_file(Path(parsed.database))
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
                                hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -45,6 +46,18 @@ def create_db_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
 
 
+def create_private_file(path: Path) -> None:
+    """Create ``path`` (and its directory) owner-only before SQLite does: SQLite creates a database
+    with the process umask, and its ``-wal`` and ``-shm`` files with the database's own mode."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 MIGRATION_LOCK_ID = 0x63726164  # "crad": PostgreSQL advisory lock held while migrating
 
 
@@ -52,9 +65,12 @@ MIGRATION_LOCK_ID = 0x63726164  # "crad": PostgreSQL advisory lock held while mi
 def _migration_lock(engine: Engine) -> Iterator[None]:
     """Serialise migrations of processes starting together (listener, worker, dispatcher)."""
     if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-        with open(f"{engine.url.database}.migrate.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        fd = os.open(f"{engine.url.database}.migrate.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(fd)
         return
     if engine.dialect.name == "postgresql":
         with engine.connect() as connection:

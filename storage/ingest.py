@@ -43,6 +43,7 @@ class StoreResult:
     instance_pk: int | None
     series_pk: int | None
     reopened: bool = False
+    study_pk: int | None = None
 
 
 class Ingest:
@@ -77,6 +78,7 @@ class Ingest:
                         session, header, pending.stored, transfer_syntax_uid=transfer_syntax_uid,
                         calling_ae_title=calling_ae_title, is_result=is_result)
                     instance_pk, series_pk = instance.id, instance.series_pk
+                    study_pk = session.get(Series, series_pk).study_pk  # in the session already: no query
                     pending.commit()
             except BaseException:
                 pending.discard()
@@ -88,7 +90,7 @@ class Ingest:
             # overwrites it, or the startup sweep indexes it. Nothing is lost or half-written.
             raise TransientStoreError(f"index: {type(exc).__name__}") from exc
         outcome = Outcome.conflict_replaced if existing is not None else Outcome.stored
-        return StoreResult(outcome, header.sop_uid, instance_pk, series_pk, reopened)
+        return StoreResult(outcome, header.sop_uid, instance_pk, series_pk, reopened, study_pk)
 
     def _resend(self, existing: tuple[str, str] | None, sha256: str, sop_uid: str) -> StoreResult | None:
         """The answer to a re-sent SOP Instance UID that is not to be stored again, or None."""

@@ -30,6 +30,15 @@ def require(tool: str) -> str:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _no_audit_trail_left_behind() -> Iterator[None]:
+    """A test that ran ``cradle`` in-process configured this process's audit trail: remove it again."""
+    yield
+    from storage.audit import unconfigure_audit
+
+    unconfigure_audit()
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()

@@ -4,7 +4,8 @@
 series (so a re-run replaces, like the real writers); ``test-nomodel`` raises NoActiveModel.
 Behaviour is steered by environment variables so a worker subprocess can be told to be slow
 (``CRADLE_TEST_SLEEP`` seconds, or the number in the file ``CRADLE_TEST_SLEEP_FILE`` when it
-exists, read at each run) and to leave one marker file per run (``CRADLE_TEST_RUNS_DIR``).
+exists, read at each run), to busy the CPU (``CRADLE_TEST_CPU`` seconds) and to leave one marker
+file per run (``CRADLE_TEST_RUNS_DIR``).
 
 A worker subprocess registers them with :func:`register` before running ``cradle worker``
 (see :func:`worker_command`); in-process tests hand :class:`FakeHost` to the JobRunner instead.
@@ -94,11 +95,20 @@ def sleep_seconds() -> float:
     return float(os.environ.get("CRADLE_TEST_SLEEP", "0"))
 
 
-def note_run() -> None:
+def note_run(sources: list[Dataset] | None = None) -> None:
+    """One marker file per run: ``<pid>-<source series UID>-<random>`` (the series when known)."""
     runs = os.environ.get("CRADLE_TEST_RUNS_DIR")
     if runs:
         Path(runs).mkdir(parents=True, exist_ok=True)
-        (Path(runs) / f"{os.getpid()}-{uuid.uuid4().hex}").touch()
+        series = str(sources[0].SeriesInstanceUID) if sources else "unknown"
+        (Path(runs) / f"{os.getpid()}-{series}-{uuid.uuid4().hex}").touch()
+
+
+def spin(seconds: float) -> None:
+    """Busy the CPU (one core, holding the GIL) for ``seconds``: a stand-in for a model on a CPU."""
+    deadline = time.process_time() + seconds
+    while time.process_time() < deadline:
+        sum(i * i for i in range(2000))
 
 
 class CopyPipeline:
@@ -106,8 +116,9 @@ class CopyPipeline:
     tasks: tuple[str, ...] = ()
 
     def run(self, sources: list[Dataset], context: Any) -> Any:
-        note_run()
+        note_run(sources)
         time.sleep(sleep_seconds())
+        spin(float(os.environ.get("CRADLE_TEST_CPU", "0")))
         result = secondary_capture(sources[0], self.name, value=len(sources))
         return _output(MODEL_VERSION, [result], {"sources": len(sources), "probability": np.float32(0.25)})
 
@@ -126,10 +137,27 @@ FAKE_PIPELINES = {"test-copy": "fake_pipelines:CopyPipeline", "test-nomodel": "f
 
 
 def register() -> None:
-    """Add the fake pipelines to the registry of *this* process (a worker subprocess)."""
+    """Add the fake pipelines to the registry of *this* process (a worker subprocess).
+
+    With ``CRADLE_TEST_LIGHT_HOST=1`` the worker also gets a light pipeline host running only the fake
+    pipelines (the real host imports torch, ~5-10 s per worker start); the rest of ``cradle worker``
+    (Celery, leases, reconciler, archive, index) is the real one."""
     from inference import pipelines
 
     pipelines.PIPELINES.update(FAKE_PIPELINES)
+    if os.environ.get("CRADLE_TEST_LIGHT_HOST") == "1":
+        from inference import queue
+
+        queue._default_pipeline_host = lambda _settings: FakeHost(_run_by_name)
+
+
+def _run_by_name(pipeline: str, sources: list[Dataset]) -> Any:
+    classes = {"test-copy": CopyPipeline, "test-nomodel": NoModelPipeline}
+    if pipeline not in classes:
+        from inference.queue import UnknownPipeline
+
+        raise UnknownPipeline(pipeline)
+    return classes[pipeline]().run(sources, None)
 
 
 class FakeHost:

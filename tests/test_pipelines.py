@@ -20,8 +20,10 @@ from pydicom.uid import JPEG2000Lossless
 from scipy import ndimage
 
 from config.settings import Settings, load_settings
+from inference.gradcam import grad_cam, hot_spot_polygon, upsample
 from inference.models import create_model, view_taxonomy
-from inference.pipelines import NoActiveModel, PipelineContext, get_pipeline
+from inference.pipelines import NoActiveModel, PipelineContext, PipelineInputError, get_pipeline
+from inference.pipelines.cxr import classify
 from inference.pipelines.lung_mri import (LEFT, RIGHT, SliceGeometry, lung_volumes_ml, postprocess,
                                           split_left_right)
 from inference.preprocess import letterbox, minmax_clipped, modality_values, prepare_radiograph
@@ -133,6 +135,29 @@ def test_resize_keeps_the_aspect_ratio_and_pads() -> None:
     np.testing.assert_allclose(corners, [[0, 0], [100, 200]])
 
 
+# --------------------------------------------------------------------------- Grad-CAM
+
+
+def test_grad_cam_points_at_the_activations_that_raise_the_logit() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet18", "bpd").eval()
+    x = torch.rand(1, 1, 128, 128)
+    features, logits = classify(model, x[0].numpy(), torch.device("cpu"))
+    with torch.no_grad():
+        np.testing.assert_allclose(logits.numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)  # = the bare forward
+    planted = torch.zeros(1, 512, 4, 4)
+    planted[0, :, 1, 2] = torch.relu(model.fc.weight[0]).detach()  # channels that vote for the finding
+    cam = grad_cam(model, planted)
+    assert np.unravel_index(np.argmax(cam), cam.shape) == (1, 2) and cam.max() == 1.0
+    source = np.zeros((300, 200), dtype=np.float32)
+    _, box = letterbox(source, 128)
+    polygon = hot_spot_polygon(upsample(cam, box))
+    centre = polygon[:-1].mean(axis=0)  # (column, row) in the source image
+    expected = box.to_source(np.array([[2.5 * 32, 1.5 * 32]]))[0]  # centre of grid cell (row 1, column 2)
+    assert np.abs(centre - expected).max() < 10, (centre, expected)
+    assert np.array_equal(polygon[0], polygon[-1])
+
+
 # --------------------------------------------------------------------------- cxr
 
 
@@ -207,6 +232,21 @@ def test_no_active_model_refuses_before_any_output(settings: Settings, cr_monoch
     assert output.summary["tasks_run"] == ["view", "pneumonia"]
     assert output.summary["tasks_not_run"] == {"bpd": "no active model for bpd"}
     assert output.summary["findings"]["pneumonia"]["threshold_source"] == "default"
+
+
+def test_a_series_the_pipeline_cannot_read_is_a_permanent_error(context: PipelineContext,
+                                                                mr_series: tuple[list[Dataset], np.ndarray],
+                                                                cr_monochrome1: Dataset) -> None:
+    with pytest.raises(PipelineInputError, match="holds no CR/DX image"):
+        get_pipeline("cxr").run(mr_series[0][:2], context)
+    with pytest.raises(PipelineInputError, match="ImageOrientationPatient"):
+        get_pipeline("lung-mri").run([cr_monochrome1], context)
+
+
+def test_context_from_settings(settings: Settings) -> None:
+    context = PipelineContext.from_settings(settings)
+    assert context.device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert context.registry.models_dir == settings.models_dir and context.models.loaded() == {}
 
 
 def test_not_a_frontal_chest_film_still_gets_an_sr(registry: ModelRegistry, context: PipelineContext,

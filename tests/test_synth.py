@@ -232,6 +232,7 @@ def test_shares_views_and_headers(archive: synth.SynthSummary, truth: dict) -> N
             assert 0.3 <= float(ds.ImagerPixelSpacing[0]) <= 0.5
             continue
         assert 0.1 <= float(ds.ImagerPixelSpacing[0]) <= 0.2
+        assert 0.09 <= float(ds.PixelSpacing[0]) < float(ds.ImagerPixelSpacing[0])  # magnification
         assert ds.PatientAge == "001D"
         assert _da(ds.PatientBirthDate) == _da(ds.StudyDate) - dt.timedelta(days=1)
         assert 0.5 <= float(ds.PatientWeight) <= 4.0
@@ -270,8 +271,8 @@ def _recalibrate_batchnorm(model: "torch.nn.Module", x: "torch.Tensor") -> None:
     """Recompute BatchNorm statistics with the final weights ("precise BN").
 
     After a few epochs from scratch the running averages lag far behind the weights; on
-    this data eval-mode AUROC was ~0.6 where the same weights with fresh statistics scored
-    ~0.95.
+    this data eval-mode AUROC stayed at 0.6-0.75 where the same weights with fresh
+    statistics scored 0.95-1.0.
     """
     import torch
 
@@ -305,7 +306,7 @@ def test_small_cnn_learns_bpd_from_synthetic_radiographs(tmp_path: Path) -> None
     torch.set_num_threads(2)
     model = timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=1)
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    for _epoch in range(8):
+    for _epoch in range(7):
         model.train()
         for batch in torch.randperm(n_train).split(16):
             xb = torch.where(torch.rand(len(batch), 1, 1, 1) < 0.5, x[batch].flip(-1), x[batch])

@@ -39,14 +39,15 @@ def labels_import(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _summary_line(summary: dict[str, Any]) -> str:
     metrics = summary["metrics"]
-    if "dice_mean" in metrics:
-        scores = (f"Dice {metrics['dice_mean']:.3f} ± {metrics['dice_std']:.3f} (folds), "
-                  f"{metrics.get('test_dice', float('nan')):.3f} held-out")
-    else:
-        scores = (f"AUROC {metrics['auroc_mean']:.3f} ± {metrics['auroc_std']:.3f} (folds), "
-                  f"{metrics.get('test_auroc', float('nan')):.3f} held-out")
+    name = "dice" if "dice_mean" in metrics else "auroc"
+    scores = (f"{'Dice' if name == 'dice' else 'AUROC'} {_number(metrics.get(f'{name}_mean'))} ± "
+              f"{_number(metrics.get(f'{name}_std'))} (folds), {_number(metrics.get(f'test_{name}'))} held-out")
     state = "promoted to active" if summary["promoted"] else "kept as candidate"
     return f"{summary['version']}: {scores}; {state}: {summary['reason']}\nreport: {summary['report']}"
 
@@ -71,7 +72,7 @@ def train(args: argparse.Namespace, settings: Settings) -> int:
         _err(f"cradle: {exc}")
         return EXIT_FAILURE
     if args.json:
-        json.dump(summary, sys.stdout, indent=2, default=str)
+        json.dump(summary, sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     else:
         print(_summary_line(summary))

@@ -69,13 +69,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --- objectives -------------------------------------------------------------------------------
 
 class BinaryObjective:
-    """One logit, sigmoid; BCE (optionally with a positive-class weight)."""
+    """One logit, sigmoid; BCE (optionally with a positive-class weight). Threshold metrics are taken
+    at the threshold that reaches ``target_sensitivity`` on the same predictions (AUROC needs none)."""
 
     kind = "binary"
 
-    def __init__(self, pos_weight: float | None = None) -> None:
+    def __init__(self, pos_weight: float | None = None, target_sensitivity: float = 0.9) -> None:
         weight = torch.tensor([pos_weight]) if pos_weight else None
         self.bce = nn.BCEWithLogitsLoss(pos_weight=weight)
+        self.target_sensitivity = target_sensitivity
 
     def to(self, device: torch.device) -> "BinaryObjective":
         self.bce = self.bce.to(device)
@@ -85,7 +87,9 @@ class BinaryObjective:
         return self.bce(outputs[:, 0], targets.float())
 
     def metrics(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-        return ev.binary_metrics(targets, ev.sigmoid(outputs[:, 0]))
+        probabilities = ev.sigmoid(outputs[:, 0])
+        threshold = ev.threshold_for_sensitivity(targets, probabilities, self.target_sensitivity)
+        return ev.binary_metrics(targets, probabilities, threshold)
 
 
 class MulticlassObjective:
@@ -132,12 +136,13 @@ Objective = BinaryObjective | MulticlassObjective | SegmentationObjective
 def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device, *,
                 before_step: Callable[[], None] | None = None,
-                mix: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None) -> float:
+                mix: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None,
+                memory_format: torch.memory_format = torch.contiguous_format) -> float:
     """One pass over ``batches``; returns the mean training loss (one host sync, at the end)."""
     total = torch.zeros((), device=device)
     count = 0
     for images, targets in batches:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         if mix is not None:
             images, targets = mix(images, targets)
@@ -155,13 +160,14 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
 @torch.inference_mode()
 def predict(model: nn.Module, loader: Iterable[Batch], device: torch.device,
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-            on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+            on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+            memory_format: torch.memory_format = torch.contiguous_format) -> tuple[np.ndarray, np.ndarray, float]:
     """Outputs and targets over ``loader`` (eval mode) and the mean loss. With ``on_batch``, outputs
     are handed over batch by batch and not kept (segmentation: memory stays flat)."""
     model.eval()
     outputs, targets, total, count = [], [], 0.0, 0
     for images, target in loader:
-        images, target = images.to(device), target.to(device)
+        images, target = images.to(device, memory_format=memory_format), target.to(device)
         output = model(images).float()
         if loss_fn is not None:
             total += float(loss_fn(output, target)) * images.shape[0]
@@ -218,24 +224,29 @@ class OverlapCounter:
 
 
 def validate(model: nn.Module, loader: DataLoader, objective: Objective, device: torch.device,
-             volumes: list[str] | None = None) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+             volumes: list[str] | None = None, memory_format: torch.memory_format = torch.contiguous_format
+             ) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
     """Metrics (with ``loss``) over ``loader``; classification also returns outputs and targets."""
     if objective.kind == "segmentation":
         counter = OverlapCounter(volumes or [])
-        _, _, loss = predict(model, loader, device, objective.loss, on_batch=counter)
+        _, _, loss = predict(model, loader, device, objective.loss, on_batch=counter, memory_format=memory_format)
         return {**counter.result(), "loss": loss}, None, None
-    outputs, targets, loss = predict(model, loader, device, objective.loss)
+    outputs, targets, loss = predict(model, loader, device, objective.loss, memory_format=memory_format)
     return {**objective.metrics(outputs, targets), "loss": loss}, outputs, targets
 
 
 # --- optimisation -----------------------------------------------------------------------------
 
 def make_optimizer(recipe: Recipe, groups: list[dict]) -> torch.optim.Optimizer:
+    """Adam/AdamW use the fused kernels (CPU and CUDA): about ten times faster per step on a CPU."""
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True)
-    if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=recipe.lr)
-    return torch.optim.Adam(groups, lr=recipe.lr)
+    kind = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, lr=recipe.lr, fused=True)
+
+
+def memory_format_of(recipe: Recipe) -> torch.memory_format:
+    return torch.channels_last if recipe.channels_last else torch.contiguous_format
 
 
 def make_schedule(recipe: Recipe, steps_per_epoch: int, mode: str) -> Schedule:
@@ -297,18 +308,25 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def atomic_json(obj: Any, path: Path) -> None:
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    temp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    temp.write_text(json.dumps(plain(obj), indent=2, allow_nan=False) + "\n")
     os.replace(temp, path)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
+def plain(value: Any) -> Any:
+    """JSON-ready: numpy scalars and arrays as Python values, NaN and infinities as None."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return plain(value.tolist())
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return plain(value.item())
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -330,7 +348,8 @@ class Trainer:
         epochs = self.epochs or recipe.epochs
         metric = recipe.monitor_metric
         groups = layer_groups(model)
-        model.to(self.device)
+        fmt = memory_format_of(recipe)
+        model.to(self.device, memory_format=fmt)
         optimizer = make_optimizer(recipe, parameter_groups(model, groups, recipe.weight_decay))
         schedule = make_schedule(recipe, max(len(train_loader), 1), monitor_mode(metric))
         early = EarlyStopping(recipe.early_stopping_patience if self.early_stopping else 0, monitor_mode(metric))
@@ -348,10 +367,10 @@ class Trainer:
             step = self._step_hook(optimizer, stage, schedule, state)
             batches = self._bar(train_loader, f"fold {fold} epoch {epoch + 1}/{epochs}")
             train_loss = train_epoch(model, batches, optimizer, self.objective.loss, self.device,
-                                     before_step=step, mix=mix)
+                                     before_step=step, mix=mix, memory_format=fmt)
             record = {"epoch": epoch, "train_loss": train_loss, "lr": group_learning_rates(optimizer)}
             if val_loader is not None:
-                metrics, outputs, targets = validate(model, val_loader, self.objective, self.device, volumes)
+                metrics, outputs, targets = validate(model, val_loader, self.objective, self.device, volumes, fmt)
                 value = metrics[metric] if metric != "loss" else metrics["loss"]
                 record.update({"val_loss": metrics["loss"], f"val_{metric}": value})
                 schedule.end_epoch(value)

@@ -116,6 +116,7 @@ class Recipe(Strict):
     num_workers: int | None = Field(None, ge=0, description="default: training.num_workers")
     device: str | None = Field(None, description="default: training.device")
     deterministic: bool = True
+    channels_last: bool = Field(True, description="NHWC memory format (faster convolutions on CPU and GPU)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
@@ -140,7 +141,7 @@ class Recipe(Strict):
 
     def digest(self) -> str:
         """A hash of every setting that changes the result (not the device or worker count)."""
-        data = self.model_dump(mode="json", exclude={"num_workers", "device"})
+        data = self.model_dump(mode="json", exclude={"num_workers", "device", "channels_last"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

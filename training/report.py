@@ -20,6 +20,8 @@ SEGMENTATION_ROWS = ("dice", "iou", "dice_slice")
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value)

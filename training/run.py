@@ -35,8 +35,8 @@ from training import labels as lb
 from training import promote, report
 from training.augment import Augment
 from training.engine import (BinaryObjective, FoldPaths, FoldResult, MulticlassObjective, Objective,
-                             SegmentationObjective, Trainer, atomic_json, predict, seed_everything, seed_worker,
-                             validate)
+                             SegmentationObjective, Trainer, atomic_json, memory_format_of, plain, predict,
+                             seed_everything, seed_worker, validate)
 from training.recipe import Recipe
 from training.strategies import backbone_names
 
@@ -194,7 +194,7 @@ def make_objective(ctx: Context, samples: list[ds.Sample]) -> Objective:
         return MulticlassObjective()
     positives = sum(1 for s in samples if s.label >= 0.5)
     weight = (len(samples) - positives) / max(positives, 1) if ctx.recipe.pos_weight == "balanced" else None
-    return BinaryObjective(weight).to(ctx.device)
+    return BinaryObjective(weight, ctx.recipe.target_sensitivity).to(ctx.device)
 
 
 def train_fold(ctx: Context, collection: ds.Collection, train: list[ds.Sample], val: list[ds.Sample] | None,
@@ -257,7 +257,7 @@ def test_outputs(ctx: Context, collection: ds.Collection, model: nn.Module, samp
                  spec: InputSpec | None = None) -> np.ndarray:
     dataset = make_dataset(ctx, collection, samples, train=False, spec=spec)
     loader = make_loader(ctx, dataset, train=False, generator=torch.Generator().manual_seed(0))
-    outputs, _, _ = predict(model.to(ctx.device), loader, ctx.device)
+    outputs, _, _ = predict(model.to(ctx.device), loader, ctx.device, memory_format=memory_format_of(ctx.recipe))
     return outputs
 
 
@@ -266,7 +266,7 @@ def test_overlap(ctx: Context, collection: ds.Collection, model: nn.Module, samp
     dataset = make_dataset(ctx, collection, samples, train=False, spec=spec)
     loader = make_loader(ctx, dataset, train=False, generator=torch.Generator().manual_seed(0))
     metrics, _, _ = validate(model.to(ctx.device), loader, SegmentationObjective(), ctx.device,
-                             [s.series_uid for s in samples])
+                             [s.series_uid for s in samples], memory_format_of(ctx.recipe))
     return metrics
 
 
@@ -474,7 +474,7 @@ def run_training(settings: Settings, recipe: Recipe, *, progress: bool = True,
     decision = decide(ctx, test, comparisons)
     metrics = headline_metrics(ctx, cv_summary(folds), test)
     init_name = init[1].version if init[1] else "random"
-    version = register(ctx, collection, model, test, metrics, manifest, run_dir, init_name)
+    version = register(ctx, collection, model, test, plain(metrics), manifest, run_dir, init_name)
     promoted = decision.passed and recipe.gate.auto_promote
     reason = decision.reason
     if decision.passed and not recipe.gate.auto_promote:
@@ -486,12 +486,12 @@ def run_training(settings: Settings, recipe: Recipe, *, progress: bool = True,
             "seconds": time.monotonic() - started, "folds": [_fold_json(f) for f in folds],
             "chosen_fold": chosen, "cv": cv_summary(folds), "test": _test_json(test),
             "comparisons": comparisons, "decision": decision.as_dict(), "promoted": promoted, "metrics": metrics}
-    report.write_report(run_dir / "report", body, curves(ctx, folds, test, comparisons))
+    report.write_report(run_dir / "report", plain(body), plain(curves(ctx, folds, test, comparisons)))
     publish(ctx, run_dir, version.version)
     if promoted:
         ctx.registry.activate(recipe.task, version.version, reason=f"cradle train: {decision.reason}")
-    summary = {"version": version.version, "metrics": metrics, "promoted": promoted, "reason": reason,
-               "report": str(_reports_dir(ctx, version.version) / "report.html"), "run_dir": str(run_dir)}
+    summary = plain({"version": version.version, "metrics": metrics, "promoted": promoted, "reason": reason,
+                     "report": str(_reports_dir(ctx, version.version) / "report.html"), "run_dir": str(run_dir)})
     atomic_json(summary, run_dir / "summary.json")
     return summary
 

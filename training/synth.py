@@ -39,7 +39,10 @@ from pydicom.uid import (
 
 __all__ = [
     "GENERATED_VIEW_CLASSES",
+    "INSTITUTION_NAME",
     "LABEL_COLUMNS",
+    "LEFT_LUNG",
+    "RIGHT_LUNG",
     "SYNTHETIC_COMMENT",
     "VIEW_CLASSES",
     "SynthPatient",
@@ -229,10 +232,11 @@ def _gaussian_blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
     """Periodic Gaussian blur via FFT (fine: the canvases have empty margins)."""
     if sigma_px <= 0.0:
         return img
-    fy = np.fft.fftfreq(img.shape[0])[:, None]
-    fx = np.fft.rfftfreq(img.shape[1])[None, :]
-    transfer = np.exp(-2.0 * (np.pi * sigma_px) ** 2 * (fx**2 + fy**2))
-    return np.fft.irfft2(np.fft.rfft2(img) * transfer, s=img.shape).astype(np.float32)
+    fy = np.fft.fftfreq(img.shape[0]).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(img.shape[1]).astype(np.float32)[None, :]
+    transfer = np.exp(np.float32(-2.0 * (np.pi * sigma_px) ** 2) * (fx**2 + fy**2))
+    spectrum = np.fft.rfft2(img.astype(np.float32, copy=False)) * transfer
+    return np.fft.irfft2(spectrum, s=img.shape).astype(np.float32, copy=False)
 
 
 def _soften_lines(layer: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -526,17 +530,16 @@ def _head(cv: _Canvas, adult: bool) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------
 
 
-def _point_in_lungs(rng: np.random.Generator, body: _Body, side: int | None = None) -> tuple[float, float, int]:
-    """A random point well inside a lung (rejection sampling on the lung ellipse)."""
+def _point_in_lungs(rng: np.random.Generator, body: _Body) -> tuple[float, float, int]:
+    """A random point well inside either lung: (u, v, side), by rejection sampling."""
+    side = int(rng.choice([-1, 1]))
+    i = 0 if side < 0 else 1
     for _ in range(100):
-        s = side if side is not None else int(rng.choice([-1, 1]))
-        au = body.lung_au[0 if s < 0 else 1]
         du, dv = rng.uniform(-0.85, 0.85, 2)
-        if du * du + dv * dv < 0.7:
-            cvv = body.lung_cv + dv * body.lung_av
-            if cvv < body.diaphragm[0 if s < 0 else 1] - 0.08:
-                return s * body.lung_cu + du * au, cvv, s
-    return s * body.lung_cu, body.lung_cv, s
+        v = body.lung_cv + dv * body.lung_av
+        if du * du + dv * dv < 0.7 and v < body.diaphragm[i] - 0.08:
+            return side * body.lung_cu + du * body.lung_au[i], v, side
+    return side * body.lung_cu, body.lung_cv, side
 
 
 def _radial_streaks(rng: np.random.Generator, cv: _Canvas, body: _Body, layer: np.ndarray, count: int,
@@ -589,7 +592,7 @@ class _LungState:
 
     @classmethod
     def normal(cls, shape: tuple[int, ...]) -> _LungState:
-        return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        return cls(*(np.zeros(shape, np.float32) for _ in range(3)))
 
     def air(self, lung: np.ndarray) -> np.ndarray:
         """Projected air of the lungs given their thickness (0–1); > 1 is hyperlucent."""
@@ -598,9 +601,9 @@ class _LungState:
 
 
 def _lung_findings(rng: np.random.Generator, cv: _Canvas, body: _Body, patient: SynthPatient) -> _LungState:
+    """Vessels for everyone; iRDS, BPD and pneumonia according to the patient's labels."""
     shape = cv.u.shape
-    state = _LungState.normal(shape)
-    aeration, lucency, density = state.aeration, state.lucency, state.density
+    aeration, lucency, density = (np.zeros(shape, np.float32) for _ in range(3))
     strands = np.zeros(shape, np.float32)
     _radial_streaks(rng, cv, body, strands, int(rng.integers(12, 20)), (0.12, 0.35), 0.05, central=True)
     density += _soften_lines(strands, 0.01 / cv.unit_per_px)
@@ -615,14 +618,15 @@ def _lung_findings(rng: np.random.Generator, cv: _Canvas, body: _Body, patient: 
     if patient.bpd:
         s = patient.bpd_severity
         fibrosis = np.zeros(shape, np.float32)
-        _radial_streaks(rng, cv, body, fibrosis, int(s * rng.integers(35, 60)), (0.08, 0.24), 0.1 * s, central=False)
+        count = int(s * rng.integers(35, 60))
+        _radial_streaks(rng, cv, body, fibrosis, count, (0.08, 0.24), 0.1 * s, central=False)
         density += _soften_lines(fibrosis, 0.018 / cv.unit_per_px)
         density += 0.03 * s * _smooth_noise(rng, shape, 0.03 / cv.unit_per_px)
         aeration += 0.05 * s  # hyperlucent, over-inflated lungs
         _cysts(rng, cv, body, s, lucency, density)
     if patient.pneumonia:
         aeration -= _consolidation(rng, cv, body, patient.pneumonia_severity)
-    return state
+    return _LungState(aeration, lucency, density)
 
 
 # ---------------------------------------------------------------------------
@@ -781,8 +785,14 @@ def _thorax_width_mm(patient: SynthPatient, weight_kg: float) -> float:
 @dataclass(frozen=True)
 class _Projection:
     stored: np.ndarray        # MONOCHROME2 sense (higher = more attenuation), uint16
-    spacing_mm: float
+    imager_spacing_mm: float  # at the detector
+    magnification: float      # source-detector / source-patient distance
     devices: list[str]
+
+    @property
+    def spacing_mm(self) -> float:
+        """Pixel spacing in the patient plane (what the anatomy was drawn with)."""
+        return round(self.imager_spacing_mm / self.magnification, 4)
 
 
 def _render_projection(rng: np.random.Generator, study: SynthStudy, view_class: str, size: int) -> _Projection:
@@ -791,13 +801,13 @@ def _render_projection(rng: np.random.Generator, study: SynthStudy, view_class: 
     spec = _VIEW_SPECS[view_class]
     width_mm = _thorax_width_mm(patient, study.weight_kg)
     if view_class == "head":
-        width_mm = 2.0 * (42.0 + 12.0 * study.weight_kg)  # skull width 8–14 cm
-    fov_mm = spec.fov_units * width_mm / 2.0 * rng.uniform(1.0, 1.12)
+        width_mm = 52.0 + 14.0 * study.weight_kg  # biparietal width ~6 cm (500 g) to ~10 cm (term)
+    magnification = round(float(rng.uniform(1.04, 1.09)), 3)  # baby on the incubator tray / adult erect
+    fov_mm = spec.fov_units * width_mm / 2.0 * rng.uniform(1.0, 1.12) * magnification
     lo, hi = (0.1, 0.2) if patient.is_neonate else (0.35, 0.45)
-    spacing_mm = float(np.clip(fov_mm / 1024.0, lo, hi)) * 1024.0 / size
-    spacing_mm = round(spacing_mm, 4)
+    imager_spacing_mm = round(float(np.clip(fov_mm / 1024.0, lo, hi)) * 1024.0 / size, 4)
     work = min(size, 512)
-    unit_per_px = spacing_mm * size / work / (width_mm / 2.0)
+    unit_per_px = imager_spacing_mm / magnification * size / work / (width_mm / 2.0)
     cv = _Canvas.build(work, float(rng.normal(0, 0.04)), spec.v_centre + float(rng.normal(0, 0.05)),
                        unit_per_px, float(rng.normal(0, np.deg2rad(3))))
     hyperinflation = 0.1 * patient.bpd_severity
@@ -809,7 +819,7 @@ def _render_projection(rng: np.random.Generator, study: SynthStudy, view_class: 
     else:
         density, devices = _render_frontal(rng, cv, body, patient)
     density = _resize_bilinear(density.astype(np.float32), (size, size))
-    return _Projection(_expose(rng, density), spacing_mm, devices)
+    return _Projection(_expose(rng, density), imager_spacing_mm, magnification, devices)
 
 
 def _expose(rng: np.random.Generator, density: np.ndarray) -> np.ndarray:
@@ -967,8 +977,13 @@ def make_cxr(
     ds.AnatomicRegionSequence = DicomSequence([_code_item(*spec.region)])
     ds.KVP = _ds(float(rng.integers(52, 66)) if not adult else float(rng.integers(110, 126)))
     ds.ExposureInuAs = int(rng.integers(600, 2000)) if not adult else int(rng.integers(1500, 5000))
-    ds.DistanceSourceToDetector = _ds(1000.0 if not adult else 1800.0)
-    ds.ImagerPixelSpacing = [_ds(proj.spacing_mm), _ds(proj.spacing_mm)]
+    source_to_detector = 1000.0 if not adult else 1800.0
+    ds.DistanceSourceToDetector = _ds(source_to_detector)
+    ds.DistanceSourceToPatient = _ds(round(source_to_detector / proj.magnification, 1))
+    ds.ImagerPixelSpacing = [_ds(proj.imager_spacing_mm), _ds(proj.imager_spacing_mm)]
+    ds.PixelSpacing = [_ds(proj.spacing_mm), _ds(proj.spacing_mm)]
+    ds.PixelSpacingCalibrationType = "GEOMETRY"  # Pixel Spacing = Imager Pixel Spacing / magnification
+    ds.PixelSpacingCalibrationDescription = "Magnification from source-patient distance"
     ds.AcquisitionDeviceProcessingDescription = " ".join(proj.devices) or "NONE"
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
@@ -978,14 +993,12 @@ def make_cxr(
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
     _voi_window(ds, stored, "SYNTHETIC DEFAULT")
     if modality == "DX":
-        _dx_attributes(ds, photometric, proj.spacing_mm)
+        _dx_attributes(ds, photometric, proj.magnification)
         ds.ViewCodeSequence = DicomSequence([_code_item(*_VIEW_CODES[ds.ViewPosition])])
-    else:
-        ds.PixelSpacing = ds.ImagerPixelSpacing
     return _file_meta(ds)
 
 
-def _dx_attributes(ds: Dataset, photometric: str, spacing_mm: float) -> None:
+def _dx_attributes(ds: Dataset, photometric: str, magnification: float) -> None:
     """DX Series/Image/Detector/Positioning specifics of DX Image Storage - For Presentation."""
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.ImageType = ["DERIVED", "PRIMARY"]
@@ -997,9 +1010,7 @@ def _dx_attributes(ds: Dataset, photometric: str, spacing_mm: float) -> None:
     ds.DetectorType = "SCINTILLATOR"
     ds.DetectorConfiguration = "AREA"
     ds.AcquisitionContextSequence = DicomSequence([])
-    ds.PixelSpacing = [_ds(spacing_mm), _ds(spacing_mm)]
-    ds.PixelSpacingCalibrationType = "GEOMETRY"
-    ds.PixelSpacingCalibrationDescription = "SYNTHETIC: detector plane"
+    ds.EstimatedRadiographicMagnificationFactor = _ds(magnification)
 
 
 # ---------------------------------------------------------------------------
@@ -1070,8 +1081,8 @@ def _mr_anatomy(rng: np.random.Generator) -> _MrAnatomy:
                     (float(rng.uniform(16, 22) * size), float(rng.uniform(22, 29) * size))),
         dome=(float(rng.uniform(6, 13)), float(rng.uniform(8, 15))),
         warp=(warp(), warp()),
-        heart=(float(rng.uniform(6, 12)), float(rng.uniform(-16, -10)), float(rng.uniform(12, 20)),
-               float(rng.uniform(17, 22) * size), float(rng.uniform(13, 17) * size), float(rng.uniform(14, 19))),
+        heart=(float(rng.uniform(4, 9)), float(rng.uniform(-16, -10)), float(rng.uniform(12, 20)),
+               float(rng.uniform(13, 17) * size), float(rng.uniform(11, 14) * size), float(rng.uniform(12, 16))),
     )
 
 
@@ -1356,7 +1367,8 @@ def _plan_radiographs(seed: int, n_cxr: int, adult_share: float, non_chest_share
             if kind == "other":
                 view = GENERATED_VIEW_CLASSES[n_other_seen % len(GENERATED_VIEW_CLASSES)]
                 n_other_seen += 1
-        study = make_study(patient, index, when, key=(seed, "radiograph", index))
+        weight = None if patient.is_neonate else round(float(rng.uniform(50, 110)), 1)
+        study = make_study(patient, index, when, key=(seed, "radiograph", index), weight_kg=weight)
         modality, photometric = combos[int(encodings[i])]
         plans.append(_RadiographPlan(study, view, modality, photometric))
     return plans
@@ -1435,7 +1447,8 @@ def _write_radiographs(seed: int, outdir: Path, plans: list[_RadiographPlan],
             **_study_truth(plan.study), "kind": "radiograph", "view_class": plan.view_class,
             "SOPInstanceUID": ds.SOPInstanceUID, "SOPClassUID": ds.SOPClassUID, "Modality": ds.Modality,
             "PhotometricInterpretation": ds.PhotometricInterpretation, "ViewPosition": ds.ViewPosition,
-            "BodyPartExamined": ds.BodyPartExamined, "pixel_spacing_mm": float(ds.ImagerPixelSpacing[0]),
+            "BodyPartExamined": ds.BodyPartExamined, "pixel_spacing_mm": float(ds.PixelSpacing[0]),
+            "imager_pixel_spacing_mm": float(ds.ImagerPixelSpacing[0]),
             "devices": [d for d in ds.AcquisitionDeviceProcessingDescription.split() if d != "NONE"],
             "path": _relative(path, outdir),
         })
@@ -1492,6 +1505,9 @@ def generate(
     `non_chest_share` are other views (lateral, abdomen, skull, babygram); the rest are
     day-1 neonatal frontal chests, the only ones with disease labels in labels.csv.
     """
+    if n_cxr < 0 or n_mri < 0 or cxr_size < 16 or min(mri_shape) < 1:
+        raise ValueError(f"invalid counts or sizes: n_cxr={n_cxr}, n_mri={n_mri}, "
+                         f"cxr_size={cxr_size}, mri_shape={mri_shape}")
     outdir = Path(outdir).resolve()
     outdir.mkdir(parents=True, exist_ok=True)
     base = dt.datetime(2022, 1, 3, 0, 0) + dt.timedelta(days=int(_rng(seed, _STREAM_PLAN, 1).integers(0, 900)))

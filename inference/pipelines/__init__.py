@@ -86,13 +86,15 @@ class PipelineContext:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, num_threads: int | None = None) -> "PipelineContext":
-        """A context for one worker process; ``num_threads`` sets torch's intra-op threads (CPU)."""
+        """A context for one worker process. ``num_threads`` (else ``inference.num_threads`` when the
+        settings have it) sets torch's intra-op threads on the CPU; otherwise torch's default."""
         import torch
 
         from inference.registry import ModelCache, ModelRegistry
 
+        num_threads = num_threads or getattr(settings.inference, "num_threads", None)
         if num_threads:
-            torch.set_num_threads(num_threads)
+            torch.set_num_threads(int(num_threads))
         return cls(ModelRegistry(settings.models_dir), settings.inference.device, settings, ModelCache())
 
     def model(self, task: str) -> LoadedModel:

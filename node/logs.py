@@ -1,0 +1,110 @@
+"""Process logging: text or JSON lines on stderr, each line carrying the row ids it is about.
+
+``log_context(job_id=..., study_pk=..., series_pk=...)`` sets the ids for everything logged inside
+it (by us or by a library, in this thread); the formatter adds them: ``[job=12 study=3 series=7]``
+in text, fields ``job_id``, ``study_pk`` ... in JSON (``logging.format: json``), so a log shipper
+can follow one study or one job across the listener, the workers and the dispatcher.
+
+Only ids and UIDs go in the context, never data set values.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+CONTEXT_KEYS = ("job_id", "study_pk", "series_pk", "instance_pk", "sop_uid", "destination")
+_SHORT = {"job_id": "job", "study_pk": "study", "series_pk": "series", "instance_pk": "instance",
+          "sop_uid": "sop", "destination": "destination"}
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("cradle_log_context", default={})
+
+
+@contextmanager
+def log_context(**ids: Any) -> Iterator[None]:
+    """Row ids (``job_id``, ``study_pk``, ``series_pk``, ``instance_pk``, ``sop_uid``,
+    ``destination``) for every record logged inside the block."""
+    unknown = set(ids) - set(CONTEXT_KEYS)
+    if unknown:
+        raise ValueError(f"not a log context key: {', '.join(sorted(unknown))}")
+    token = _context.set({**_context.get(), **{k: v for k, v in ids.items() if v is not None}})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def current_context() -> dict[str, Any]:
+    return dict(_context.get())
+
+
+class ContextFilter(logging.Filter):
+    """Puts the current ids on the record (``record.job_id`` ...) unless the call gave its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _context.get().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+def _ids(record: logging.LogRecord) -> dict[str, Any]:
+    return {key: getattr(record, key) for key in CONTEXT_KEYS if getattr(record, key, None) is not None}
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        ids = _ids(record)
+        if not ids:
+            return text
+        suffix = " ".join(f"{_SHORT[k]}={v}" for k, v in ids.items())
+        first, newline, rest = text.partition("\n")
+        return f"{first} [{suffix}]{newline}{rest}"
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self.component = component
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+            "component": self.component, "pid": record.process, "thread": record.threadName,
+        }
+        entry.update(_ids(record))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, fmt: str = "text", component: str = "cradle") -> logging.Handler | None:
+    """One stderr handler on the root logger, in the chosen format (replacing one set up before).
+
+    Like ``logging.basicConfig``, it leaves a root logger alone that has handlers of someone else's
+    (an embedding application, pytest's capture) and returns None then."""
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if getattr(h, "cradle", False)]
+    if len(ours) != len(root.handlers):
+        return None
+    for old in ours:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.cradle = True  # type: ignore[attr-defined]
+    handler.setFormatter(JsonFormatter(component) if fmt == "json" else TextFormatter())
+    handler.addFilter(ContextFilter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler

@@ -1,0 +1,148 @@
+"""The Prometheus endpoint (``node.metrics_port``, served by the listener process).
+
+Two kinds of numbers, one endpoint:
+
+* :class:`ListenerMetrics`: counters kept by the listener as it works — instances received (by
+  outcome), bytes received, associations (accepted/rejected) and rejections by reason (calling AE,
+  called AE, host, TLS handshake, association limit), C-STORE responses by status.
+* :class:`IndexCollector`: read from the index at scrape time (cached ``cache_seconds``) — queue depth
+  and the oldest queued job's age, jobs by pipeline and state, job durations and outcomes by pipeline
+  and model version (a histogram over finished jobs), dispatch states, sends delivered and failed by
+  destination. The workers and the dispatcher write these outcomes to the index, which is the truth
+  for jobs, so one endpoint covers every worker process on every machine: no per-process ports, no
+  multiprocess files, nothing lost when a worker is killed. Counts derived from rows only grow
+  (``cradle_sends_total``) or are gauges; the duration histogram can step back when a job is re-run
+  (its row holds the last attempt), which Prometheus treats as a counter reset.
+
+Each Listener owns its registry (no module-level metric objects), so several listeners in one test
+process do not collide. Nothing here reads a data set or a patient row.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage import stats
+
+log = logging.getLogger(__name__)
+
+
+class ListenerMetrics:
+    """The listener's own counters, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.instances = Counter("cradle_instances_received", "C-STORE data sets received, by outcome "
+                                 "(stored, duplicate, conflict_*, failed)", ["outcome"], registry=r)
+        self.bytes = Counter("cradle_received_bytes", "Bytes of C-STORE data sets received", registry=r)
+        self.associations = Counter("cradle_associations", "Association requests, by result (accepted, rejected)",
+                                    ["result"], registry=r)
+        self.rejections = Counter("cradle_association_rejections", "Associations rejected, by reason "
+                                  "(calling_ae, called_ae, host, tls, limit)", ["reason"], registry=r)
+        self.responses = Counter("cradle_c_store_responses", "C-STORE responses sent, by DIMSE status",
+                                 ["status"], registry=r)
+
+    def response(self, status: int) -> None:
+        self.responses.labels(status=f"0x{status:04X}").inc()
+
+
+class IndexCollector:
+    """Queue depth, jobs, durations, dispatch and sends, read from the index at scrape time."""
+
+    def __init__(self, sessions: sessionmaker[Session], cache_seconds: float = 5.0) -> None:
+        self.sessions = sessions
+        self.cache_seconds = cache_seconds
+        self._lock = threading.Lock()
+        self._cached: tuple[float, list[Metric]] | None = None
+
+    def describe(self) -> list[Metric]:
+        return []  # families are dynamic; the registry need not query the index when this is registered
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            if self._cached is None or time.monotonic() - self._cached[0] > self.cache_seconds:
+                self._cached = (time.monotonic(), self._read())
+            yield from self._cached[1]
+
+    def _read(self) -> list[Metric]:
+        up = GaugeMetricFamily("cradle_index_up", "1 when the index answered the last scrape")
+        try:
+            with self.sessions() as session:
+                families = self._families(session)
+        except Exception as exc:  # noqa: BLE001 - a scrape must answer even with the database down
+            log.warning("metrics: index unavailable (%s)", type(exc).__name__)
+            up.add_metric([], 0)
+            return [up]
+        up.add_metric([], 1)
+        return [up, *families]
+
+    @staticmethod
+    def _families(session: Session) -> list[Metric]:
+        queue = stats.queue(session)
+        depth = GaugeMetricFamily("cradle_queue_depth", "Jobs waiting for a worker (state queued)")
+        depth.add_metric([], queue["queued"])
+        oldest = GaugeMetricFamily("cradle_queue_oldest_seconds", "Age of the oldest queued job, seconds")
+        oldest.add_metric([], queue["oldest_queued_seconds"])
+        jobs = GaugeMetricFamily("cradle_jobs", "Jobs by pipeline and state", labels=["pipeline", "state"])
+        for pipeline, state, n in stats.jobs_by_pipeline_and_state(session):
+            jobs.add_metric([pipeline, state], n)
+        durations = HistogramMetricFamily(
+            "cradle_job_duration_seconds", "Duration of finished jobs (last attempt), by pipeline, model "
+            "version and outcome (done, failed, skipped)", labels=["pipeline", "model_version", "outcome"])
+        finished = CounterMetricFamily("cradle_jobs_finished", "Finished jobs by pipeline, model version and "
+                                       "outcome", labels=["pipeline", "model_version", "outcome"])
+        for d in stats.durations(session):
+            labels = [d.pipeline, d.model_version, d.outcome]
+            buckets = [(_le(bound), n) for bound, n in zip(stats.DURATION_BUCKETS, d.buckets)] + [("+Inf", d.count)]
+            durations.add_metric(labels, buckets, sum_value=d.total_seconds)
+            finished.add_metric(labels, d.count)
+        dispatch = GaugeMetricFamily("cradle_dispatch_jobs", "Jobs by dispatch state (pending, sent, failed)",
+                                     labels=["state"])
+        for state, n in stats.dispatch_states(session).items():
+            dispatch.add_metric([state], n)
+        sends = CounterMetricFamily("cradle_sends", "C-STORE attempts of results, by destination and result "
+                                    "(delivered, failed)", labels=["destination", "result"])
+        failures = CounterMetricFamily("cradle_send_failures", "C-STORE attempts of results a destination did "
+                                       "not take (failure status or no answer)", labels=["destination"])
+        for destination, counts in stats.sends(session).items():
+            sends.add_metric([destination, "delivered"], counts["delivered"])
+            sends.add_metric([destination, "failed"], counts["failed"])
+            failures.add_metric([destination], counts["failed"])
+        return [depth, oldest, jobs, durations, finished, dispatch, sends, failures]
+
+
+def _le(bound: float) -> str:
+    return f"{bound:g}" if bound != int(bound) else f"{bound:.1f}"
+
+
+class MetricsServer:
+    """``http://host:port/metrics`` over a registry; ``stop()`` closes it."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self.registry, self.host, self.port = registry, host, port
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "MetricsServer":
+        self._server, self._thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+        self.port = self._server.server_address[1]
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pydicom import Dataset
 from pydicom.valuerep import DA, DT, TM
 from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -147,10 +148,19 @@ def find_instance(session: Session, sop_uid: str) -> Instance | None:
 
 
 def _get_or_create(session: Session, model: type, lookup: dict, values: dict):  # noqa: ANN202
-    """The row matching ``lookup``, created with ``values`` if absent (safe against a concurrent insert)."""
+    """The row matching ``lookup``, created with ``values`` if absent (safe against a concurrent insert).
+
+    ``INSERT ... ON CONFLICT DO NOTHING`` rather than catching the unique violation: PostgreSQL logs
+    a violation with a DETAIL line quoting the key, and the patient key is the patient's ID and
+    birth date — which must stay out of every log, the database server's included."""
     row = session.scalar(select(model).filter_by(**lookup))
     if row is not None:
         return row
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        session.execute(insert(model).values(**lookup, **values).on_conflict_do_nothing(index_elements=list(lookup)))
+        return session.scalar(select(model).filter_by(**lookup))
     try:
         with session.begin_nested():
             row = model(**lookup, **values)

@@ -376,12 +376,15 @@ def test_phi_sentinels_appear_in_no_log_audit_or_broker(tmp_path: Path, path: st
         monitor = subprocess.Popen(["redis-cli", "-p", str(redis.port), "monitor"], stdout=monitor_log,
                                    stderr=subprocess.STDOUT)
     deployment = Deployment.create(tmp_path, values)
+    tap = SqliteBrokerTap(tmp_path / "broker.db") if path == "embedded serve" else None
     files = []
     for i, ds in enumerate(sentinel_datasets()):
         files.append(tmp_path / "push" / f"{i}.dcm")
         files[-1].parent.mkdir(exist_ok=True)
         ds.save_as(files[-1], enforce_file_format=True)
     try:
+        if tap is not None:
+            tap.start()
         if path == "embedded serve":
             serve = deployment.start("serve")
             wait_for_echo(port, serve)
@@ -404,6 +407,8 @@ def test_phi_sentinels_appear_in_no_log_audit_or_broker(tmp_path: Path, path: st
                 redis_keys += key + b"=" + repr(_redis_value(client, key)).encode() + b"\n"
             client.close()
     finally:
+        if tap is not None:
+            tap.stop()
         deployment.stop()
         pacs.stop()
         if monitor is not None:
@@ -420,14 +425,12 @@ def test_phi_sentinels_appear_in_no_log_audit_or_broker(tmp_path: Path, path: st
         searched["redis keys"] = redis_keys
         assert b"cradle.run_job" in searched["redis commands (MONITOR)"], "the monitor saw the task messages"
     else:
-        broker = tmp_path / "broker.db"
-        searched["sqlite broker (file and WAL)"] = b"".join(p.read_bytes() for p in tmp_path.glob("broker.db*"))
-        with sqlite3.connect(broker) as connection:
-            rows = connection.execute("SELECT payload FROM kombu_message").fetchall()
-        searched["sqlite broker (rows)"] = "\n".join(row[0] for row in rows).encode()
-        assert b"cradle.run_job" in searched["sqlite broker (file and WAL)"], "the broker file held task messages"
+        searched["sqlite broker (every message seen)"] = "\n".join(tap.messages.values()).encode()
+        searched["sqlite broker (files)"] = b"".join(p.read_bytes() for p in tmp_path.glob("broker.db*"))
+        assert len(tap.messages) >= 2 and all("cradle.run_job" in m for m in tap.messages.values()), tap.messages
     events = audit_events(tmp_path / "audit.jsonl")
     assert {"association.accepted", "instance.received", "job.done", "result.sent"} <= {e["event"] for e in events}
+    assert sentinels_in(base64.b64encode(b'{"PatientID": "ZNTPID4471"}')) == {"ZNTPID4471"}  # the search works
     leaks = {where: sentinels_in(blob) for where, blob in searched.items()}
     assert all(not found for found in leaks.values()), leaks
     # the sentinels were there to be found: in the index and the archive (where they belong)
@@ -436,6 +439,31 @@ def test_phi_sentinels_appear_in_no_log_audit_or_broker(tmp_path: Path, path: st
     print(f"\nPHI sentinels ({path}): searched " + ", ".join(f"{where} {len(blob) // 1024} KB"
                                                           for where, blob in searched.items())
           + f"; {len(events)} audit events; found none")
+
+
+class SqliteBrokerTap(threading.Thread):
+    """Reads every message row of the embedded broker while it exists (every 20 ms): a delivered
+    message is deleted by the reconciler's housekeeping, so the file alone would prove nothing."""
+
+    def __init__(self, database: Path) -> None:
+        super().__init__(name="broker-tap", daemon=True)
+        self.database = database
+        self.messages: dict[int, str] = {}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.02):
+            if not self.database.exists():
+                continue
+            try:
+                with sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=1) as connection:
+                    self.messages.update(connection.execute("SELECT id, payload FROM kombu_message").fetchall())
+            except sqlite3.Error:
+                continue  # no table yet, or busy
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
 
 
 def _redis_value(client, key: bytes) -> object:  # noqa: ANN001 - redis.Redis

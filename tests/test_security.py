@@ -477,3 +477,31 @@ def _status_json(settings: Settings, capsys: pytest.CaptureFixture) -> dict:
     capsys.readouterr()
     assert commands.status(argparse.Namespace(json=True), settings) == 0
     return json.loads(capsys.readouterr().out)
+
+
+def test_model_promotions_are_audited(tmp_path: Path) -> None:
+    """``cradle models import --activate``, ``promote`` and ``rollback``: each change of the active
+    model is an audit event naming the task, the versions and who did it."""
+    pytest.importorskip("torch")
+    from safetensors.torch import save_file
+    from test_registry import small_state
+
+    from node.cli import main
+
+    config = tmp_path / "cradle.yaml"
+    config.write_text(json.dumps({"storage": {"archive_dir": str(tmp_path / "archive"),
+                                              "database_url": f"sqlite:///{tmp_path / 'cradle.db'}"},
+                                  "models_dir": str(tmp_path / "models")}))
+    for seed in (1, 2):
+        save_file(small_state(seed=seed), str(tmp_path / f"w{seed}.safetensors"))
+    assert main(["models", "import", "bpd", str(tmp_path / "w1.safetensors"), "--arch", "resnet18",
+                 "--image-size", "128", "--activate", "--config", str(config)]) == 0
+    assert main(["models", "import", "bpd", str(tmp_path / "w2.safetensors"), "--arch", "resnet18",
+                 "--image-size", "128", "--config", str(config)]) == 0
+    assert main(["models", "promote", "bpd", "bpd-2", "--config", str(config)]) == 0
+    assert main(["models", "rollback", "bpd", "--config", str(config)]) == 0
+    events = [e for e in audit_events(tmp_path / "audit.jsonl") if e["event"].startswith("model.")]
+    assert [(e["event"], e["previous"], e["version"]) for e in events] == [
+        ("model.activate", None, "bpd-1"), ("model.activate", "bpd-1", "bpd-2"), ("model.rollback", "bpd-2", "bpd-1")]
+    assert all(e["task"] == "bpd" and e["by"] and e["reason"] for e in events)
+    assert [e["component"] for e in events] == ["models import", "models promote", "models rollback"]

@@ -160,12 +160,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _merge(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``path`` to ``value``; a mapping is merged into an existing section, key by key."""
     node = data
     for part in path[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"--set {'.'.join(path)}: {part} is not a section")
-    node[path[-1]] = value
+    key = path[-1]
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for inner, inner_value in value.items():
+            _merge(node, [key, str(inner)], inner_value)
+    else:
+        node[key] = value
 
 
 def _describe(exc: ValidationError, source: str) -> str:

@@ -101,7 +101,7 @@ class SliceGeometry:
 
     def patient_x(self, shape: tuple[int, int, int]) -> np.ndarray:
         """Patient x (LPS: + is the patient's left) of every voxel, (slices, rows, columns) float32."""
-        slices, rows, columns = shape
+        _, rows, columns = shape
         x0 = self.positions[:, 0].astype(np.float32)[:, None, None]
         along_rows = (self.column_direction[0] * self.row_spacing * np.arange(rows, dtype=np.float32))[None, :, None]
         along_columns = (self.row_direction[0] * self.column_spacing

@@ -435,7 +435,7 @@ def test_metrics_endpoint_and_status(node_settings: Settings, tmp_path: Path,
             job_id = node.add_job(index_series(node, images[0].SeriesInstanceUID), "test-copy")
             assert node.runner(FakeHost()).run(job_id).value == "done"
             Dispatcher(settings, node.sessions).run_once()  # refused: the job fails at dispatch
-            time.sleep(1.1)  # past the index collector's cache
+            # (the first scrape: the index collector has nothing cached yet)
             samples = scrape(settings.node.metrics_port)
     finally:
         scp.stop()

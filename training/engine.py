@@ -385,7 +385,7 @@ class Trainer:
             state["seconds"] += time.monotonic() - started
             started = time.monotonic()
             self._checkpoint(paths.checkpoint, model, optimizer, schedule, early, generator, state)
-            if self.early_stopping and early.should_stop:
+            if self.early_stopping and early.should_stop and epoch + 1 >= recipe.min_epochs:
                 log.info("fold %s: early stop after epoch %d (best %d)", fold, epoch + 1, early.best_epoch + 1)
                 break
         model.load_state_dict(torch.load(paths.best, map_location=self.device, weights_only=True))

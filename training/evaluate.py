@@ -87,18 +87,22 @@ def multiclass_metrics(y_true: Array, probabilities: Array) -> dict[str, float]:
 
 
 def threshold_for_sensitivity(y_true: Array, probabilities: Array, target: float) -> float:
-    """The highest threshold whose sensitivity on (y_true, probabilities) is at least ``target``.
+    """A threshold whose sensitivity on (y_true, probabilities) is at least ``target``, keeping
+    specificity as high as the target allows.
 
-    The highest such threshold keeps specificity as high as the target allows. Without positives
-    the conventional 0.5 is returned.
+    It lies halfway between the lowest positive score that must be called positive and the next
+    lower score, rather than on that score itself, so that it is less tuned to these very
+    examples. Without positives the conventional 0.5 is returned.
     """
     y = np.asarray(y_true).astype(bool)
-    positives = np.sort(np.asarray(probabilities)[y])[::-1]
+    scores = np.asarray(probabilities, dtype=float)
+    positives = np.sort(scores[y])[::-1]
     if len(positives) == 0:
         return 0.5
-    needed = int(np.ceil(target * len(positives)))
-    needed = min(max(needed, 1), len(positives))
-    return float(positives[needed - 1])
+    needed = min(max(int(np.ceil(target * len(positives) - 1e-9)), 1), len(positives))
+    cut = positives[needed - 1]
+    below = scores[scores < cut]
+    return float((cut + below.max()) / 2) if len(below) else float(cut)
 
 
 def summarise_folds(per_fold: Sequence[Mapping[str, float]]) -> dict[str, float]:

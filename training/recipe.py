@@ -93,6 +93,7 @@ class Recipe(Strict):
     plateau_factor: float = Field(0.1, gt=0, lt=1)
     plateau_patience: int = Field(3, ge=0)
     early_stopping_patience: int = Field(5, ge=0, description="0 disables early stopping")
+    min_epochs: int = Field(0, ge=0, description="early stopping never stops before this many epochs")
     monitor: Literal["auto", "auroc", "loss", "dice", "balanced_accuracy"] = "auto"
 
     cutmix_prob: float = Field(0.0, ge=0, le=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -120,7 +121,7 @@ def push(folder: Path, port: int) -> int:
     """Send every DICOM file under ``folder`` to the node; return how many were accepted."""
     files = sorted(p for p in folder.rglob("*.dcm"))
     if shutil.which("storescu"):
-        subprocess.run(["storescu", "-aet", DEMO_AE, "-aec", "CRADLE", "-nh", "127.0.0.1", str(port),
+        subprocess.run(["storescu", "-R", "-aet", DEMO_AE, "-aec", "CRADLE", "-nh", "127.0.0.1", str(port),
                         *map(str, files)], check=True)
         return len(files)
     ae = AE(ae_title=DEMO_AE)
@@ -191,6 +192,8 @@ def describe_results(paths: DemoPaths, received: list[Path]) -> list[str]:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:  # noqa: ARG001 - the demo makes its own config
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     paths = DemoPaths(Path(getattr(args, "workdir", None) or "var/demo").resolve())
     if paths.root.exists():
         shutil.rmtree(paths.root)

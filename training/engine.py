@@ -157,6 +157,32 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
     return float(total) / max(count, 1)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch], device: torch.device, max_batches: int,
+                          memory_format: torch.memory_format = torch.contiguous_format) -> int:
+    """Precise BN: replace the running mean/var of every BatchNorm layer by their average over
+    ``max_batches`` training batches with the current weights. Returns how many batches were used."""
+    norms = [m for m in model.modules()  # frozen stages keep their BatchNorms in eval mode: left alone
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training]
+    if not norms or max_batches <= 0:
+        return 0
+    saved = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+    used = 0
+    try:
+        for images, _ in batches:
+            model(images.to(device, non_blocking=True, memory_format=memory_format))
+            used += 1
+            if used >= max_batches:
+                break
+    finally:
+        for m, momentum in saved.items():
+            m.momentum = momentum
+    return used
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, loader: Iterable[Batch], device: torch.device,
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -368,6 +394,8 @@ class Trainer:
             batches = self._bar(train_loader, f"fold {fold} epoch {epoch + 1}/{epochs}")
             train_loss = train_epoch(model, batches, optimizer, self.objective.loss, self.device,
                                      before_step=step, mix=mix, memory_format=fmt)
+            if recipe.precise_bn_batches:
+                recalibrate_batchnorm(model, train_loader, self.device, recipe.precise_bn_batches, fmt)
             record = {"epoch": epoch, "train_loss": train_loss, "lr": group_learning_rates(optimizer)}
             if val_loader is not None:
                 metrics, outputs, targets = validate(model, val_loader, self.objective, self.device, volumes, fmt)

@@ -94,6 +94,9 @@ class Recipe(Strict):
     plateau_patience: int = Field(3, ge=0)
     early_stopping_patience: int = Field(5, ge=0, description="0 disables early stopping")
     min_epochs: int = Field(0, ge=0, description="early stopping never stops before this many epochs")
+    precise_bn_batches: int = Field(
+        16, ge=0, description="after each epoch, re-estimate BatchNorm statistics over this many training "
+                              "batches (0 = off): short runs otherwise evaluate with stale running averages")
     monitor: Literal["auto", "auroc", "loss", "dice", "balanced_accuracy"] = "auto"
 
     cutmix_prob: float = Field(0.0, ge=0, le=1)

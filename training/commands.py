@@ -25,11 +25,14 @@ def labels_import(args: argparse.Namespace, settings: Settings) -> int:
     from training.labels import LabelFileError, import_labels
 
     path = Path(args.file)
+    sessions = open_index(settings.storage.database_url)
     try:
-        report = import_labels(open_index(settings.storage.database_url), path)
+        report = import_labels(sessions, path)
     except LabelFileError as exc:
         _err(f"cradle: {exc}")
         return EXIT_FAILURE
+    finally:
+        sessions.kw["bind"].dispose()
     if not report.ok:
         _err(f"{path.name}: {len(report.rejections)} problem(s); nothing was applied")
         for rejection in report.rejections:

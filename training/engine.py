@@ -275,8 +275,8 @@ def memory_format_of(recipe: Recipe) -> torch.memory_format:
     return torch.channels_last if recipe.channels_last else torch.contiguous_format
 
 
-def make_schedule(recipe: Recipe, steps_per_epoch: int, mode: str) -> Schedule:
-    return Schedule(recipe.schedule, total_steps=recipe.epochs * steps_per_epoch,
+def make_schedule(recipe: Recipe, steps_per_epoch: int, mode: str, epochs: int | None = None) -> Schedule:
+    return Schedule(recipe.schedule, total_steps=(epochs or recipe.epochs) * steps_per_epoch,
                     warmup_steps=int(round(recipe.warmup_epochs * steps_per_epoch)), power=recipe.poly_power,
                     plateau_factor=recipe.plateau_factor, plateau_patience=recipe.plateau_patience, mode=mode)
 
@@ -377,7 +377,7 @@ class Trainer:
         fmt = memory_format_of(recipe)
         model.to(self.device, memory_format=fmt)
         optimizer = make_optimizer(recipe, parameter_groups(model, groups, recipe.weight_decay))
-        schedule = make_schedule(recipe, max(len(train_loader), 1), monitor_mode(metric))
+        schedule = make_schedule(recipe, max(len(train_loader), 1), monitor_mode(metric), epochs)
         early = EarlyStopping(recipe.early_stopping_patience if self.early_stopping else 0, monitor_mode(metric))
         state = {"epoch": 0, "step": 0, "history": [], "stages": [], "outputs": None, "targets": None,
                  "best_metrics": {}, "seconds": 0.0}

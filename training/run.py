@@ -77,14 +77,17 @@ def open_context(settings: Settings, recipe: Recipe, *, progress: bool = True,
 def collect(ctx: Context) -> ds.Collection:
     recipe = ctx.recipe
     sessions = open_index(ctx.settings.storage.database_url)
-    with sessions() as session:
-        if recipe.task == "lung-seg":
-            references = lb.reference_segmentations(session, ctx.archive, ctx.settings.training.reviewer_aets)
-            return ds.collect_segmentation(session, references, ctx.archive, recipe.split_salt)
-        taxonomy = lb.load_view_taxonomy(recipe.taxonomy if recipe.task == "view" else None)
-        if recipe.task == "view":
-            return ds.collect_views(session, taxonomy, recipe.split_salt, recipe.max_per_class)
-        return ds.collect_binary(session, recipe.task, taxonomy, recipe.views, recipe.split_salt)
+    try:
+        with sessions() as session:
+            if recipe.task == "lung-seg":
+                references = lb.reference_segmentations(session, ctx.archive, ctx.settings.training.reviewer_aets)
+                return ds.collect_segmentation(session, references, ctx.archive, recipe.split_salt)
+            taxonomy = lb.load_view_taxonomy(recipe.taxonomy if recipe.task == "view" else None)
+            if recipe.task == "view":
+                return ds.collect_views(session, taxonomy, recipe.split_salt, recipe.max_per_class)
+            return ds.collect_binary(session, recipe.task, taxonomy, recipe.views, recipe.split_salt)
+    finally:
+        sessions.kw["bind"].dispose()
 
 
 def make_dataset(ctx: Context, collection: ds.Collection, samples: list[ds.Sample], *, train: bool,

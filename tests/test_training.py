@@ -1,0 +1,572 @@
+"""Retraining from the archive: end to end on a synthetic archive pushed over C-STORE, and the parts
+(splits, memory, strategies, resume and determinism, metrics, gate, recipes, in-domain init, queue)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader, TensorDataset
+
+from config.settings import Settings, load_settings
+from conftest import free_port, require
+from inference.models import create_model
+from inference.registry import InputSpec, ModelRegistry
+from node.cli import main
+from training import datasets as ds
+from training import evaluate as ev
+from training import promote
+from training import synth
+from training.engine import BinaryObjective, FoldPaths, Trainer, seed_everything
+from training.recipe import GateConfig, RecipeError, load_recipe
+from training.run import transfer_weights
+from training.strategies import (EarlyStopping, Schedule, StrategyConfig, backbone_names, cutmix, layer_groups,
+                                 stage_at)
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+# Small settings: resnet18 at 128 px, 3 folds, plain augmentation (flips), at most 10 epochs.
+BPD = ["--set", "arch=resnet18", "--set", "image_size=128", "--set", "epochs=10", "--set", "min_epochs=6",
+       "--set", "early_stopping_patience=3", "--set", "folds=3", "--set", "strategy=full", "--set", "init=random",
+       "--set", "batch_size=16", "--set", "lr=1e-3", "--set", "optimizer=adamw", "--set", "weight_decay=1e-4",
+       "--set", "schedule=constant", "--set", "cutmix_prob=0", "--set", "bootstrap=500",
+       "--set", "augment={hflip: 0.5, affine_prob: 0, brightness: 0, contrast: 0, gamma: 0, noise_std: 0, "
+                "blur_prob: 0, sharpen_prob: 0}"]
+LUNG = ["--set", "arch=flexible_unet_resnet18", "--set", "image_size=64", "--set", "epochs=10", "--set",
+        "min_epochs=6", "--set", "early_stopping_patience=3", "--set", "folds=3", "--set", "batch_size=8",
+        "--set", "lr=1e-3", "--set", "bootstrap=500"]
+
+
+# --- a synthetic archive, pushed over C-STORE --------------------------------------------------
+
+
+@dataclass
+class Node:
+    settings: Settings
+    config: Path
+    synth: synth.SynthSummary
+    root: Path
+
+
+def _settings(root: Path, port: int) -> dict:
+    return {
+        "node": {"ae_title": "CRADLE", "host": "127.0.0.1", "port": port, "allowed_calling_aets": ["STORESCU"]},
+        "storage": {"archive_dir": str(root / "archive"), "database_url": f"sqlite:///{root / 'cradle.db'}",
+                    "fsync": False},
+        "queue": {"broker_url": f"sqla+sqlite:///{root / 'broker.db'}"},
+        "models_dir": str(root / "models"),
+        "training": {"runs_dir": str(root / "runs"), "cache_dir": str(root / "cache")},
+        "completion": {"quiet_seconds": 60},
+    }
+
+
+def push(settings: Settings, files: list[Path]) -> None:
+    """Send ``files`` with DCMTK's storescu to a running listener (``-R``: only the contexts needed)."""
+    command = [require("storescu"), "-aet", "STORESCU", "-aec", "CRADLE", "-R", "127.0.0.1",
+               str(settings.node.port), *map(str, files)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Node:
+    """300 radiographs (225 labelled neonatal frontal chests) and 8 MR series with reviewer SEGs,
+    received by the listener over C-STORE; labels imported from the generator's CSV."""
+    from node.server import Listener
+
+    root = tmp_path_factory.mktemp("node")
+    values = _settings(root, free_port())
+    config = root / "cradle.yaml"
+    config.write_text(yaml.safe_dump(values))
+    settings = load_settings(config)
+    summary = synth.generate(root / "synth", n_cxr=300, n_mri=8, seed=0, cxr_size=128, mri_shape=(16, 64, 64))
+    files = [*summary.cxr_paths, *sorted(p for d in summary.mri_series_dirs for p in d.glob("*.dcm")),
+             *summary.seg_paths]
+    with Listener(settings, enqueue=lambda _job: None):
+        push(settings, files)
+    assert main(["labels", "import", str(summary.labels_csv), "--config", str(config)]) == 0
+    return Node(settings, config, summary, root)
+
+
+def train(node: Node, task: str, sets: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    capsys.readouterr()
+    assert main(["train", task, "--config", str(node.config), *sets, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def write_labels(path: Path, source: Path, *, shuffle_seed: int | None = None) -> Path:
+    """``source``'s bpd column (optionally permuted among the labelled studies) as a new CSV."""
+    rows = list(csv.DictReader(source.open(newline="")))
+    labelled = [i for i, row in enumerate(rows) if row["bpd"] != ""]
+    values = [rows[i]["bpd"] for i in labelled]
+    if shuffle_seed is not None:
+        values = [values[j] for j in np.random.default_rng(shuffle_seed).permutation(len(values))]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["StudyInstanceUID", "bpd"])
+        writer.writerows([rows[i]["StudyInstanceUID"], v] for i, v in zip(labelled, values))
+    return path
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bpd_learns_is_registered_reported_and_promoted(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    summary = train(node, "bpd", BPD, capsys)
+    metrics = summary["metrics"]
+    print(f"bpd: AUROC {metrics['auroc_mean']:.3f} ± {metrics['auroc_std']:.3f} over folds, "
+          f"{metrics['test_auroc']:.3f} held-out (CI {metrics['test_auroc_ci']})", file=sys.stderr)
+    assert metrics["test_auroc"] >= 0.9
+    assert metrics["auroc_mean"] >= 0.85
+    for key in ("balanced_accuracy_mean", "f1_mean", "sensitivity_mean", "specificity_mean", "ppv_mean",
+                "npv_mean", "test_auroc_ci", "threshold", "temperature", "ece_after"):
+        assert key in metrics
+    assert summary["promoted"] is True and "reaches the floor" in summary["reason"]
+
+    registry = ModelRegistry(node.settings.models_dir)
+    active = registry.active("bpd")
+    assert active is not None and active.version == summary["version"] and active.validated
+    assert active.provenance["manifest_hash"] and active.provenance["seed"] == 0
+    assert active.provenance["code_version"] and active.provenance["recipe"]["arch"] == "resnet18"
+    assert active.threshold == pytest.approx(metrics["threshold"])
+    assert active.input_spec == InputSpec(image_size=128)
+    reports = Path(node.settings.models_dir) / "bpd" / "reports" / summary["version"]
+    for name in ("report.json", "report.md", "report.html", "roc.png", "reliability.png", "loss.png",
+                 "manifest.json", "recipe.yaml"):
+        assert (reports / name).is_file(), name
+    manifest = json.loads((reports / "manifest.json").read_text())
+    assert manifest["hash"] == active.provenance["manifest_hash"]
+    assert manifest["counts"]["test"] >= 30 and len(manifest["entries"]) == 225
+    report = json.loads((reports / "report.json").read_text())
+    assert report["comparisons"]["irds_grade"]["summary"].startswith("AUROC")
+
+    # The same command again is the same run: nothing is trained or registered twice.
+    again = train(node, "bpd", BPD, capsys)
+    assert again == summary
+    assert [v.version for v in registry.versions("bpd")] == [summary["version"]]
+
+
+@pytest.mark.slow
+def test_shuffled_labels_score_chance_and_are_not_promoted(node: Node, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    registry = ModelRegistry(node.settings.models_dir)
+    active_before = registry.active("bpd")
+    shuffled = write_labels(tmp_path / "shuffled.csv", node.synth.labels_csv, shuffle_seed=7)
+    try:
+        assert main(["labels", "import", str(shuffled), "--config", str(node.config)]) == 0
+        summary = train(node, "bpd", BPD, capsys)
+    finally:
+        original = write_labels(tmp_path / "original.csv", node.synth.labels_csv)
+        assert main(["labels", "import", str(original), "--config", str(node.config)]) == 0
+    metrics = summary["metrics"]
+    print(f"bpd, shuffled labels: AUROC {metrics['auroc_mean']:.3f} ± {metrics['auroc_std']:.3f} over folds, "
+          f"{metrics['test_auroc']:.3f} held-out; {summary['reason']}", file=sys.stderr)
+    assert abs(metrics["auroc_mean"] - 0.5) < 0.15
+    assert metrics["test_auroc"] < 0.8
+    assert summary["promoted"] is False
+    assert "below the floor 0.70" in summary["reason"]
+    candidate = registry.get("bpd", summary["version"])
+    assert candidate.state == "candidate" and candidate.validated
+    active_after = registry.active("bpd")
+    assert (active_after and active_after.version) == (active_before and active_before.version)
+
+
+@pytest.mark.slow
+def test_lung_segmentation_from_reviewer_segs(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    summary = train(node, "lung-seg", LUNG, capsys)
+    metrics = summary["metrics"]
+    print(f"lung-seg: Dice {metrics['dice_mean']:.3f} ± {metrics['dice_std']:.3f} over folds, "
+          f"{metrics['test_dice']:.3f} held-out per volume, {metrics['test_dice_slice']:.3f} per slice",
+          file=sys.stderr)
+    assert metrics["test_dice"] >= 0.85
+    assert {"iou_mean", "dice_slice_mean", "test_iou", "test_dice_ci"} <= set(metrics)
+    assert summary["promoted"] is True
+    reports = Path(node.settings.models_dir) / "lung-seg" / "reports" / summary["version"]
+    assert (reports / "dice_box.png").is_file() and (reports / "loss.png").is_file()
+    version = ModelRegistry(node.settings.models_dir).active("lung-seg")
+    assert version.arch == "flexible_unet_resnet18" and version.input_spec.image_size == 64
+
+
+# --- splits and memory --------------------------------------------------------------------------
+
+
+def _samples(patients: int, seed: int = 0, prefix: str = "patient") -> list[ds.Sample]:
+    """1-4 images per patient, the label fixed per patient (about 40 % positive)."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for p in range(patients):
+        label = float(rng.random() < 0.4)
+        for i in range(int(rng.integers(1, 5))):
+            samples.append(ds.Sample(f"1.2.{seed}.{p}.{i}", f"p{p}/{i}.dcm", f"{seed}{p}{i}", f"{prefix}-{p}",
+                                     f"1.3.{seed}.{p}", f"1.4.{seed}.{p}", label))
+    return samples
+
+
+def _assert_patient_level(split: ds.Split) -> None:
+    test_patients = {s.group for s in split.test}
+    validation = [{split.dev[i].group for i in va} for _, va in split.folds]
+    assert not test_patients & set().union(*validation)
+    for a in range(len(validation)):
+        for b in range(a + 1, len(validation)):
+            assert not validation[a] & validation[b]
+    for train_index, val_index in split.folds:
+        assert not {split.dev[i].group for i in train_index} & {split.dev[i].group for i in val_index}
+    assert sorted(i for _, va in split.folds for i in va) == list(range(len(split.dev)))
+
+
+def test_no_patient_in_two_folds_or_in_train_and_test() -> None:
+    samples = _samples(120)
+    split = ds.split(samples, "binary", folds=5, test_fraction=0.2, salt="site", seed=3)
+    _assert_patient_level(split)
+    assert {int(s.label) for s in split.test} == {0, 1}
+    for _, va in split.folds:  # stratified: each fold holds both classes in about the overall share
+        share = np.mean([split.dev[i].label for i in va])
+        assert 0.2 < share < 0.6
+    # the held-out patients stay held out when the archive grows
+    grown = ds.split(samples + _samples(480, seed=1, prefix="newcomer"), "binary", folds=5, test_fraction=0.2,
+                     salt="site", seed=3)
+    assert {s.group for s in split.test} <= {s.group for s in grown.test}
+
+
+def test_no_patient_in_two_folds_on_the_archive(node: Node) -> None:
+    from training.run import collect, open_context
+
+    for task, kind in (("bpd", "binary"), ("lung-seg", "segmentation")):
+        recipe = load_recipe(task, overrides=["folds=3"])
+        collection = collect(open_context(node.settings, recipe))
+        split = ds.split(collection.samples, kind, folds=3, test_fraction=0.2, salt="cradle", seed=0)
+        _assert_patient_level(split)
+        if kind == "segmentation":  # slices of one volume never straddle folds
+            series = [{split.dev[i].series_uid for i in va} for _, va in split.folds]
+            assert sum(len(s) for s in series) == len(set().union(*series))
+
+
+MEMORY_PROBE = textwrap.dedent("""
+    import json, sys, tracemalloc
+    import torch
+    from config.settings import load_settings
+    from training import run
+    from training.recipe import load_recipe
+
+    settings = load_settings(sys.argv[1])
+    recipe = load_recipe("view", overrides=["image_size=64", "batch_size=8", "init=random", "num_workers=0"])
+    context = run.open_context(settings, recipe, progress=False)
+    tracemalloc.start()
+    collection = run.collect(context)
+    dataset = run.make_dataset(context, collection, collection.samples, train=True)
+    seen = 0
+    for _ in range(2):  # cold cache (decode + preprocess), then warm
+        loader = run.make_loader(context, dataset, train=True, generator=torch.Generator().manual_seed(0))
+        for images, _targets in loader:
+            seen += len(images)
+    print(json.dumps({"images": seen, "peak": tracemalloc.get_traced_memory()[1]}))
+""")
+
+
+def _peak(root: Path, n_cxr: int) -> dict:
+    from pydicom import dcmread
+
+    from storage.archive import Archive
+    from storage.db import open_index
+    from storage.index import InstanceHeader
+    from storage.ingest import Ingest
+
+    values = _settings(root, 11112)
+    config = root / "cradle.yaml"
+    config.write_text(yaml.safe_dump(values))
+    settings = load_settings(config)
+    summary = synth.generate(root / "synth", n_cxr=n_cxr, n_mri=0, seed=5, cxr_size=512)
+    archive = Archive(settings.storage.archive_dir, fsync=False)
+    archive.ensure_root()
+    sessions = open_index(settings.storage.database_url)
+    ingest = Ingest(archive, sessions)
+    for path in summary.cxr_paths:
+        header = dcmread(path, stop_before_pixels=True)
+        ingest.store(path.read_bytes(), InstanceHeader.from_dataset(header),
+                     transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID))
+    sessions.kw["bind"].dispose()
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(config)], cwd=REPOSITORY,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_archive(tmp_path: Path) -> None:
+    small = _peak(tmp_path / "small", 12)
+    large = _peak(tmp_path / "large", 60)
+    print(f"dataset iteration peak (tracemalloc): {small['peak'] / 1e6:.2f} MB for {small['images'] // 2} "
+          f"radiographs, {large['peak'] / 1e6:.2f} MB for {large['images'] // 2}", file=sys.stderr)
+    assert large["images"] >= 4 * small["images"]
+    assert large["peak"] <= 1.2 * small["peak"] + 256 * 1024
+
+
+# --- strategies ---------------------------------------------------------------------------------
+
+
+def test_strategy_stages_say_what_trains_at_which_rate() -> None:
+    n = 6  # resnet18: stem, layer1-4, fc
+    progressive = StrategyConfig("progressive", layer_decay=0.5, unfreeze_every=2)
+    for epoch in range(12):
+        stage = stage_at(progressive, epoch, n)
+        unfrozen = 1 + epoch // 2
+        assert stage.trainable == tuple([False] * max(n - unfrozen, 0) + [True] * min(unfrozen, n))
+        assert stage.lr_scale == tuple(0.5 ** d for d in range(n - 1, -1, -1))
+    lp_ft = StrategyConfig("lp_ft", layer_decay=0.8, lp_epochs=3, ft_lr_scale=0.1)
+    assert stage_at(lp_ft, 2, n).trainable == (False,) * 5 + (True,)
+    assert stage_at(lp_ft, 2, n).lr_scale == (1.0,) * n
+    assert stage_at(lp_ft, 3, n).trainable == (True,) * n
+    assert stage_at(lp_ft, 3, n).lr_scale == pytest.approx(tuple(0.1 * 0.8 ** d for d in range(n - 1, -1, -1)))
+    assert stage_at(StrategyConfig("linear_probe"), 7, n).trainable == (False,) * 5 + (True,)
+    assert stage_at(StrategyConfig("full", layer_decay=0.9), 0, n).lr_scale[0] == pytest.approx(0.9 ** 5)
+
+
+def _tiny_loaders(n: int = 32, size: int = 32, seed: int = 0) -> tuple[DataLoader, DataLoader, torch.Generator]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, size, size, generator=generator)
+    y = (x.mean(dim=(1, 2, 3)) > x.mean()).float()
+    train_loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=generator, drop_last=True)
+    val_loader = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8)
+    return train_loader, val_loader, generator
+
+
+def _trainer(overrides: list[str]) -> Trainer:
+    recipe = load_recipe("bpd", overrides=["arch=resnet18", "image_size=32", "epochs=6", "early_stopping_patience=0",
+                                           "init=random", "cutmix_prob=0", *overrides])
+    return Trainer(recipe, BinaryObjective(), torch.device("cpu"), progress=False)
+
+
+def test_trainer_freezes_and_decays_learning_rates_as_the_strategy_says(tmp_path: Path) -> None:
+    trainer = _trainer(["strategy=progressive", "layer_decay=0.5", "unfreeze_every=1", "lr=1e-3",
+                        "schedule=constant", "optimizer=adamw", "weight_decay=1e-2"])
+    seed_everything(0)
+    model = create_model("resnet18", "bpd")
+    groups = layer_groups(model)
+    before = copy.deepcopy(model.state_dict())
+    train_loader, val_loader, generator = _tiny_loaders()
+    trainer.epochs = 2  # stage 0: only the head; stage 1: head + layer4
+    trainer.fit(model, train_loader, val_loader, FoldPaths.in_dir(tmp_path, 0), 0, generator)
+    after = torch.load(tmp_path / "fold-0.ckpt", weights_only=True)["model"]
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    frozen = {n for g in groups[:4] for n in g}
+    assert not changed & {n for n in before if n.split(".")[0] in ("conv1", "bn1", "layer1", "layer2", "layer3")}
+    assert not frozen & changed
+    assert any(n.startswith("fc.") for n in changed) and any(n.startswith("layer4.") for n in changed)
+    # frozen batch norms keep their running statistics
+    assert torch.equal(before["layer1.0.bn1.running_mean"], after["layer1.0.bn1.running_mean"])
+    history = json.loads(json.dumps(torch.load(tmp_path / "fold-0.ckpt", weights_only=True)["state"]["history"]))
+    stages = torch.load(tmp_path / "fold-0.ckpt", weights_only=True)["state"]["stages"]
+    assert stages[0]["trainable"] == [False] * 5 + [True]
+    assert stages[1]["trainable"] == [False] * 4 + [True, True]
+    for record in history:
+        rates = {int(k): v for k, v in record["lr"].items()}
+        assert rates == pytest.approx({g: 1e-3 * 0.5 ** (5 - g) for g in range(6)})
+
+
+def test_warmup_poly_and_plateau_schedules() -> None:
+    poly = Schedule("warmup_poly", total_steps=100, warmup_steps=10, power=1.0)
+    assert [poly.factor(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [poly.factor(s) for s in (10, 55, 100)] == pytest.approx([1.0, 0.5, 0.0])
+    plateau = Schedule("plateau", total_steps=0, plateau_factor=0.1, plateau_patience=1, mode="min")
+    for value in (1.0, 0.9, 0.95, 0.95):
+        plateau.end_epoch(value)
+    assert plateau.factor(0) == pytest.approx(0.1)
+    early = EarlyStopping(patience=2)
+    assert [early.update(e, v) for e, v in enumerate((0.6, 0.7, 0.65, 0.69))] == [True, True, False, False]
+    assert early.should_stop and early.best_epoch == 1
+
+
+def test_cutmix_mixes_images_and_targets_by_area() -> None:
+    images = torch.cat([torch.zeros(4, 1, 32, 32), torch.ones(4, 1, 32, 32)])
+    targets = torch.tensor([0.0] * 4 + [1.0] * 4)
+    mixed, mixed_targets = cutmix(images, targets, 1.0, torch.Generator().manual_seed(1))
+    # an image's mean is the share of ones in it, which is its target by area
+    assert torch.allclose(mixed_targets, mixed.mean(dim=(1, 2, 3)), atol=1e-6)
+    assert ((mixed_targets > 0) & (mixed_targets < 1)).any()
+
+
+class PowerCut(Exception):
+    pass
+
+
+class CrashingLoader:
+    """A loader whose ``crash_in``-th pass (0-based) stops half-way, like a machine losing power."""
+
+    def __init__(self, loader: DataLoader, crash_in: int | None) -> None:
+        self.loader, self.crash_in, self.passes = loader, crash_in, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        crashing = self.passes == self.crash_in
+        self.passes += 1
+        for step, batch in enumerate(self.loader):
+            if crashing and step == 1:
+                raise PowerCut
+            yield batch
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path: Path) -> None:
+    def run(directory: Path, crash_in: int | None) -> dict[str, torch.Tensor]:
+        trainer = _trainer(["strategy=lp_ft", "lp_epochs=1", "epochs=3", "lr=1e-3", "optimizer=adam",
+                            "schedule=warmup_poly", "warmup_epochs=1"])
+        paths = FoldPaths.in_dir(directory, 0)
+        if crash_in is not None:
+            seed_everything(0)
+            model = create_model("resnet18", "bpd")
+            train_loader, val_loader, generator = _tiny_loaders()
+            with pytest.raises(PowerCut):
+                trainer.fit(model, CrashingLoader(train_loader, crash_in), val_loader, paths, 0, generator)
+            seed_everything(123)  # a new process: nothing carried over in memory
+        else:
+            seed_everything(0)
+        model = create_model("resnet18", "bpd")
+        train_loader, val_loader, generator = _tiny_loaders()
+        trainer.fit(model, train_loader, val_loader, paths, 0, generator)
+        return torch.load(paths.checkpoint, weights_only=True)["model"]
+
+    straight = run(tmp_path / "a", None)
+    again = run(tmp_path / "b", None)
+    resumed = run(tmp_path / "c", 2)  # the third epoch dies; the checkpoint of the second survives
+    assert all(torch.equal(straight[k], again[k]) for k in straight)  # deterministic with a seed
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # resume = no interruption
+
+
+# --- evaluation and the gate --------------------------------------------------------------------
+
+
+def _naive_delong(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    def components(s: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        pos, neg = s[y == 1], s[y == 0]
+        psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+        return psi.mean(), psi.mean(axis=1), psi.mean(axis=0)
+
+    (auc_a, a10, a01), (auc_b, b10, b01) = components(a), components(b)
+    m, n = (y == 1).sum(), (y == 0).sum()
+    s = np.cov(np.vstack([a10, b10])) / m + np.cov(np.vstack([a01, b01])) / n
+    return (auc_a - auc_b) / np.sqrt(s[0, 0] + s[1, 1] - 2 * s[0, 1])
+
+
+def test_fast_delong_matches_the_definition_and_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    a = y + rng.normal(0, 1, 300)
+    b = np.round(y + rng.normal(0, 1.6, 300), 1)  # ties
+    result = ev.delong_test(y, a, b)
+    assert result.auc_a == pytest.approx(roc_auc_score(y, a))
+    assert result.auc_b == pytest.approx(roc_auc_score(y, b))
+    assert result.z == pytest.approx(_naive_delong(y, a, b))
+    assert 0 < result.p_value < 0.05 and result.p_a_lower > 0.95
+    assert ev.delong_test(y, a, a).p_value == pytest.approx(1.0)
+
+
+def test_calibration_threshold_and_bootstrap() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    logits = 3.0 * (2 * y - 1) + rng.normal(0, 2.5, 400)
+    overconfident = 4 * logits
+    temperature = ev.fit_temperature(y, overconfident)
+    assert 2.5 < temperature < 6
+    assert ev.expected_calibration_error(y, ev.sigmoid(overconfident / temperature)) < \
+        ev.expected_calibration_error(y, ev.sigmoid(overconfident))
+    threshold = ev.threshold_for_sensitivity(y, ev.sigmoid(logits), 0.9)
+    assert ev.binary_metrics(y, ev.sigmoid(logits), threshold)["sensitivity"] >= 0.9
+    groups = np.array([f"p{i // 2}" for i in range(400)])
+    interval = ev.bootstrap_ci(y, logits, ev.auroc, resamples=200, groups=groups)
+    assert interval.low < interval.estimate < interval.high
+    overlap = ev.dice_iou(np.eye(4), np.eye(4) + np.eye(4, k=1))
+    assert overlap == pytest.approx((2 * 4 / 11, 4 / 7))
+
+
+def test_gate_floor_delong_and_dice() -> None:
+    gate = GateConfig(min_auroc=0.7, max_auroc_drop=0.0, delong_alpha=0.05)
+    assert promote.gate_auroc(gate, 0.52, None).passed is False
+    assert promote.gate_auroc(gate, 0.91, None).passed is True
+    worse = {"version": "bpd-1", "n": 80, "auc_active": 0.93, "auc_candidate": 0.85, "p_value": 0.01,
+             "p_candidate_lower": 0.005}
+    decision = promote.gate_auroc(gate, 0.85, worse)
+    assert not decision.passed and "significantly lower" in decision.reason
+    slightly = {**worse, "auc_candidate": 0.92, "p_value": 0.7, "p_candidate_lower": 0.35}
+    assert not promote.gate_auroc(gate, 0.92, slightly).passed
+    assert promote.gate_auroc(gate.model_copy(update={"max_auroc_drop": 0.02}), 0.92, slightly).passed
+    better = {**worse, "auc_candidate": 0.95, "p_value": 0.3, "p_candidate_lower": 0.85}
+    assert promote.gate_auroc(gate, 0.95, better).passed
+    assert not promote.gate_auroc(gate.model_copy(update={"require_significant": True}), 0.95, better).passed
+    dice = {"version": "lung-seg-1", "n": 3, "dice_active": 0.9, "dice_candidate": 0.88}
+    assert not promote.gate_dice(gate, 0.88, dice).passed
+    assert promote.gate_dice(gate, 0.92, {**dice, "dice_candidate": 0.92}).passed
+
+
+# --- recipes, initialisation, queue -------------------------------------------------------------
+
+
+def test_recipes_and_overrides() -> None:
+    for task in ("bpd", "pneumonia", "view", "lung-seg"):
+        recipe = load_recipe(task)
+        for key in ("arch", "image_size", "epochs", "batch_size", "folds", "strategy", "lr", "seed", "init"):
+            assert getattr(recipe, key) is not None
+    assert load_recipe("bpd").strategy == "progressive" and load_recipe("bpd").cutmix_prob > 0
+    assert load_recipe("view").arch == "inception_v3" and load_recipe("view").class_balanced
+    recipe = load_recipe("bpd", overrides=["gate.min_auroc=0.8", "augment={hflip: 0.5}", "views=[]", "lr=3e-4"])
+    assert recipe.gate.min_auroc == 0.8 and recipe.gate.delong_alpha == 0.05
+    assert recipe.augment.hflip == 0.5 and recipe.augment.rotate_degrees == 10  # merged into the YAML's
+    assert recipe.views == [] and recipe.lr == 3e-4
+    with pytest.raises(RecipeError, match="gat: unknown key"):
+        load_recipe("bpd", overrides=["gat.min_auroc=1"])
+    with pytest.raises(RecipeError, match="divisible by 32"):
+        load_recipe("lung-seg", overrides=["image_size=100"])
+    assert load_recipe("bpd").digest() == load_recipe("bpd", overrides=["num_workers=4"]).digest()
+    assert load_recipe("bpd").digest() != load_recipe("bpd", overrides=["seed=1"]).digest()
+
+
+def test_view_model_initialises_downstream_backbones() -> None:
+    view = create_model("resnet18", "view", num_classes=7).state_dict()
+    bpd = create_model("resnet18", "bpd")
+    loaded, total = transfer_weights(bpd, view, whole=False)
+    assert loaded == total > 100
+    assert all(torch.equal(bpd.state_dict()[k], view[k]) for k in view if not k.startswith("fc."))
+    assert not torch.equal(bpd.state_dict()["fc.weight"], view["fc.weight"][:1])  # the head stays new
+    unet = create_model("flexible_unet_resnet18", "lung-seg")
+    loaded, _ = transfer_weights(unet, view, whole=False)
+    assert loaded > 100  # the U-Net's ResNet-18 encoder takes the view model's layers
+    assert torch.equal(unet.state_dict()["encoder.layer3.0.conv1.weight"], view["layer3.0.conv1.weight"])
+    assert "fc.weight" not in backbone_names(bpd)
+
+
+@pytest.mark.slow
+def test_queued_run_reaches_the_training_queue_and_runs_on_a_worker(node: Node,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from inference.queue import make_celery
+    from training.tasks import TRAIN_TASK, TRAINING_QUEUE, register
+
+    tiny = ["--set", "arch=resnet18", "--set", "image_size=32", "--set", "epochs=1", "--set", "folds=2",
+            "--set", "bootstrap=0", "--set", "batch_size=32"]
+    capsys.readouterr()
+    assert main(["train", "view", "--config", str(node.config), *tiny, "--queue", "--json"]) == 0
+    queued = json.loads(capsys.readouterr().out)
+    assert queued["queued"] and queued["queue"] == TRAINING_QUEUE
+    app = make_celery(node.settings)
+    register(app, node.settings)
+    with app.connection_for_read() as connection:
+        message = connection.SimpleQueue(TRAINING_QUEUE).get(timeout=10)
+        _args, kwargs, _embed = message.decode()
+        message.ack()
+    assert message.headers["task"] == TRAIN_TASK
+    assert kwargs == {"task": "view", "recipe": None, "overrides": [a for a in tiny if a != "--set"]}
+    summary = app.tasks[TRAIN_TASK].apply(kwargs=kwargs).get()
+    assert summary["version"].startswith("view-") and "auroc_mean" in summary["metrics"]
+    app.close()

@@ -13,37 +13,20 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-import torch
 import yaml
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
 
 from conftest import free_port, require
-from inference.models import create_model
 from training.demo import Pacs
 from training.synth import generate
 
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-TEST_MODELS = {  # task: (arch, outputs, image size)
-    "view": ("resnet18", 7, 128), "bpd": ("resnet18", 1, 128), "pneumonia": ("resnet18", 1, 128),
-    "lung-seg": ("flexible_unet_resnet18", 1, 64),
-}
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # ``benchmarks`` lives at the repository root, not installed
 
-
-def cradle(config: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node.cli", *args, "--config", str(config)],
-                          check=True, capture_output=True, text=True)
-
-
-def import_test_weights(config: Path, folder: Path) -> None:
-    """Random but registered weights, activated by the admin's explicit act (`--activate`)."""
-    torch.manual_seed(0)
-    for task, (arch, outputs, size) in TEST_MODELS.items():
-        weights = folder / f"{task}.pt"
-        torch.save(create_model(arch, task, num_classes=outputs).state_dict(), weights)
-        cradle(config, "models", "import", task, str(weights), "--arch", arch, "--activate",
-               "--image-size", str(size))
+from benchmarks.latency import cradle, import_test_weights  # noqa: E402
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

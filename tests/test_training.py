@@ -334,7 +334,7 @@ def test_strategy_stages_say_what_trains_at_which_rate() -> None:
     assert stage_at(StrategyConfig("full", layer_decay=0.9), 0, n).lr_scale[0] == pytest.approx(0.9 ** 5)
 
 
-def _tiny_loaders(n: int = 32, size: int = 32, seed: int = 0) -> tuple[DataLoader, DataLoader, torch.Generator]:
+def _tiny_loaders(n: int = 24, size: int = 32, seed: int = 0) -> tuple[DataLoader, DataLoader, torch.Generator]:
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 1, size, size, generator=generator)
     y = (x.mean(dim=(1, 2, 3)) > x.mean()).float()

@@ -41,6 +41,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # our ops write what they allocate
         torch.backends.cudnn.benchmark = False
 
 
@@ -372,6 +373,7 @@ class Trainer:
         started = time.monotonic()
         recipe = self.recipe
         epochs = self.epochs or recipe.epochs
+        paths.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         metric = recipe.monitor_metric
         groups = layer_groups(model)
         fmt = memory_format_of(recipe)

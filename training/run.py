@@ -494,7 +494,8 @@ def run_training(settings: Settings, recipe: Recipe, *, progress: bool = True,
     if promoted:
         ctx.registry.activate(recipe.task, version.version, reason=f"cradle train: {decision.reason}")
     summary = plain({"version": version.version, "metrics": metrics, "promoted": promoted, "reason": reason,
-                     "report": str(_reports_dir(ctx, version.version) / "report.html"), "run_dir": str(run_dir)})
+                     "report": str(_reports_dir(ctx, version.version) / "report.html"), "run_dir": str(run_dir),
+                     "seconds": round(time.monotonic() - started, 1)})
     atomic_json(summary, run_dir / "summary.json")
     return summary
 

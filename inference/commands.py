@@ -144,6 +144,7 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
     the pool enforces ``queue.task_time_limit`` by replacing a child that overruns. Run one worker
     per GPU (``inference.device: cuda:N``). The reconciler runs as a thread of the parent.
     SIGTERM (or Ctrl-C) is Celery's warm shutdown: the running job finishes, then the worker exits.
+    ``--queue training`` makes this worker also run ``cradle train --queue`` runs.
     """
     import os
     import socket
@@ -154,10 +155,12 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
     from inference.queue import DEFAULT_QUEUE, JobQueue, make_celery
     from node.server import protect_logs
     from storage.db import open_index
+    from training.tasks import register as register_training
 
     protect_logs()  # pydicom warnings quote element values; pynetdicom logs identifiers
     sessions = open_index(settings.storage.database_url)  # migrations run once, here
     app = make_celery(settings)
+    register_training(app, settings)  # runs only on a worker started with --queue training
     queue = JobQueue(settings, sessions, app=app)
 
     def init_child(**_: Any) -> None:

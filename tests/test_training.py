@@ -8,9 +8,11 @@ import copy
 import csv
 import io
 import json
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -553,25 +555,36 @@ def test_view_model_initialises_downstream_backbones() -> None:
 
 
 @pytest.mark.slow
-def test_queued_run_reaches_the_training_queue_and_runs_on_a_worker(node: Node,
+def test_queued_run_reaches_the_training_queue_and_runs_on_a_worker(node: Node, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from inference.queue import make_celery
-    from training.tasks import TRAIN_TASK, TRAINING_QUEUE, register
+    """``cradle train --queue`` puts the run on the ``training`` queue; ``cradle worker --queue training``,
+    a real process on the same broker, trains it and registers the version."""
+    from training.tasks import TRAINING_QUEUE
 
     tiny = ["--set", "arch=resnet18", "--set", "image_size=32", "--set", "epochs=1", "--set", "folds=2",
             "--set", "bootstrap=0", "--set", "batch_size=32"]
+    registry = ModelRegistry(node.settings.models_dir)
+    before = {v.version for v in registry.versions("view")}
     capsys.readouterr()
     assert main(["train", "view", "--config", str(node.config), *tiny, "--queue", "--json"]) == 0
     queued = json.loads(capsys.readouterr().out)
     assert queued["queued"] and queued["queue"] == TRAINING_QUEUE
-    app = make_celery(node.settings)
-    register(app, node.settings)
-    with app.connection_for_read() as connection:
-        message = connection.SimpleQueue(TRAINING_QUEUE).get(timeout=10)
-        _args, kwargs, _embed = message.decode()
-        message.ack()
-    assert message.headers["task"] == TRAIN_TASK
-    assert kwargs == {"task": "view", "recipe": None, "overrides": [a for a in tiny if a != "--set"]}
-    summary = app.tasks[TRAIN_TASK].apply(kwargs=kwargs).get()
-    assert summary["version"].startswith("view-") and "auroc_mean" in summary["metrics"]
-    app.close()
+    assert {v.version for v in registry.versions("view")} == before  # nothing trained here
+
+    log = tmp_path / "worker.log"
+    with log.open("wb") as output:
+        worker = subprocess.Popen([sys.executable, "-m", "node.cli", "worker", "--config", str(node.config),
+                                   "--queue", TRAINING_QUEUE], cwd=REPOSITORY, stdout=output,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and {v.version for v in registry.versions("view")} == before:
+            assert worker.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=120)
+    new = [v for v in registry.versions("view") if v.version not in before]
+    assert len(new) == 1, log.read_text()[-3000:]
+    assert new[0].provenance["recipe"]["image_size"] == 32 and "auroc_mean" in new[0].metrics
+    assert f"training run view: version {new[0].version}" in log.read_text()

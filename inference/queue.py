@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from inference import jobs
-from node.logs import log_context
+from node.logs import describe_exception, log_context
 from storage.archive import Archive, safe_component
 from storage.db import create_db_engine, create_private_file, session_factory
 from storage.ingest import Ingest
@@ -284,7 +284,7 @@ class JobRunner:
                 res.pipelines = self.pipeline_host(self.settings)
             log.info("worker process %d ready: pipelines loaded", os.getpid())
         except Exception as exc:  # noqa: BLE001 - the first job will report it on its row
-            log.warning("worker warm-up failed: %s", describe_error(exc))
+            log.warning("worker warm-up failed: %s", describe_exception(exc))
 
     def run(self, job_id: int) -> jobs.Finish:
         """Every line logged meanwhile carries the job's, series' and study's row ids."""
@@ -342,20 +342,14 @@ class JobRunner:
     def _failed(self, res: _ProcessResources, lease: jobs.Lease, exc: BaseException, *,
                 permanent: bool) -> jobs.Finish:
         error = (f"over the time limit of {self.settings.queue.task_time_limit} s"
-                 if isinstance(exc, SoftTimeLimitExceeded) else describe_error(exc))
+                 if isinstance(exc, SoftTimeLimitExceeded) else describe_exception(exc))[:jobs.ERROR_LIMIT]
         log.warning("job %d: attempt %d failed: %s", lease.job_id, lease.attempts, error,
-                    exc_info=log.isEnabledFor(logging.DEBUG))
+                    exc_info=log.isEnabledFor(logging.DEBUG))  # our formatters withhold library messages
         finish = jobs.fail_attempt(res.sessions, lease, error, max_attempts=self.settings.queue.max_attempts,
                                    permanent=permanent)
         if finish == jobs.Finish.requeued:
             self._requeue(lease.job_id, float(min(RETRY_DELAY_MAX_SECONDS, 2 ** lease.attempts)))
         return finish
-
-
-def describe_error(exc: BaseException) -> str:
-    """The error text kept on the job: the exception type and its message, one line."""
-    message = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {message}"[:jobs.ERROR_LIMIT] if message else type(exc).__name__
 
 
 def load_sources(sessions: sessionmaker[Session], archive: Archive, series_pk: int) -> list[Dataset]:

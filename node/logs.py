@@ -15,13 +15,16 @@ import datetime as dt
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Any
 
 CONTEXT_KEYS = ("job_id", "study_pk", "series_pk", "instance_pk", "sop_uid", "destination")
 _SHORT = {"job_id": "job", "study_pk": "study", "series_pk": "series", "instance_pk": "instance",
           "sop_uid": "sop", "destination": "destination"}
+OWN_PACKAGES = frozenset({"config", "inference", "node", "storage", "training"})
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("cradle_log_context", default={})
@@ -59,12 +62,53 @@ def _ids(record: logging.LogRecord) -> dict[str, Any]:
     return {key: getattr(record, key) for key in CONTEXT_KEYS if getattr(record, key, None) is not None}
 
 
+def describe_exception(exc: BaseException) -> str:
+    """An exception on one line: its type and, for cradle's own exception classes (whose messages
+    carry UIDs and row ids only), its message.
+
+    Any other message may quote the data element value it choked on (pydicom's or Python's
+    "could not convert string to float: '<value>'"), which can be a name, an ID or a birth date;
+    for those only the type and the place it was raised are kept.
+    """
+    if type(exc).__module__.split(".")[0] in OWN_PACKAGES:
+        message = " ".join(str(exc).split())
+        return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return f"{type(exc).__name__} (message withheld)"
+    return f"{type(exc).__name__} (message withheld; raised in {_short_path(frames[-1].filename)}:{frames[-1].lineno})"
+
+
+def _short_path(filename: str) -> str:
+    """``pydicom/valuerep.py`` or ``inference/writers.py`` rather than this machine's full path."""
+    parts = Path(filename).parts
+    for anchor in ("site-packages", "dist-packages"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1:])
+    return "/".join(parts[-2:])
+
+
+def format_exception_safely(exc_info: Any) -> str:
+    """A traceback's frames (file, line, code) and :func:`describe_exception` in place of the
+    usual last line, which repeats the message."""
+    _type, exc, tb = exc_info
+    frames = "".join(traceback.format_tb(tb))
+    return f"Traceback (most recent call last):\n{frames}{describe_exception(exc)}"
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
 
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return format_exception_safely(ei)
+
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        cached, record.exc_text = record.exc_text, None  # another handler may have cached the full text
+        try:
+            text = super().format(record)
+        finally:
+            record.exc_text = cached
         ids = _ids(record)
         if not ids:
             return text
@@ -86,7 +130,7 @@ class JsonFormatter(logging.Formatter):
         }
         entry.update(_ids(record))
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = format_exception_safely(record.exc_info)
         return json.dumps(entry, default=str)
 
 

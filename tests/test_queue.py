@@ -393,7 +393,9 @@ def test_failures_are_retried_then_failed_with_the_error(node: Node) -> None:
     requeued: list = []
 
     def broken(pipeline: str, sources: list[Dataset]) -> Any:
-        raise RuntimeError("model exploded\non purpose")
+        from inference.registry import RegistryError
+
+        raise RegistryError("model exploded\non purpose")
 
     runner = node.runner(FakeHost(broken), requeued)
     assert [runner.run(job_id) for _ in range(3)] == [jobs.Finish.requeued] * 2 + [jobs.Finish.failed]
@@ -401,8 +403,36 @@ def test_failures_are_retried_then_failed_with_the_error(node: Node) -> None:
     assert requeued[0][1] < requeued[1][1], "the retry delay grows"
     job = node.job(job_id)
     assert job.state == JobState.failed and job.attempts == 3
-    assert job.error == "failed on attempt 3 of 3: RuntimeError: model exploded on purpose"
+    assert job.error == "failed on attempt 3 of 3: RegistryError: model exploded on purpose"
     assert runner.run(job_id) == jobs.Finish.not_run, "a failed job is not run again by a stray message"
+
+
+def test_a_library_error_quoting_a_value_keeps_it_out_of_the_job_and_the_log(
+        node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    """pydicom and Python quote the value they could not convert; it may be a name or an ID."""
+    from pydicom.valuerep import DS
+
+    from node.logs import JsonFormatter, TextFormatter
+
+    series_pk, _ = node.add_series()
+    job_id = node.add_job(series_pk)
+    sentinel = "SENTINEL^PATIENT"
+
+    def choke(pipeline: str, sources: list[Dataset]) -> Any:
+        return DS(sentinel)
+
+    runner = node.runner(FakeHost(choke), [])
+    with caplog.at_level("DEBUG", logger="inference"):
+        assert runner.run(job_id) == jobs.Finish.requeued
+    error = node.job(job_id).error
+    assert error.startswith("ValueError (message withheld; raised in pydicom/valuerep.py:"), error
+    assert sentinel not in error
+    [failure] = [r for r in caplog.records if "attempt 1 failed" in r.getMessage()]
+    assert failure.exc_info is not None  # at DEBUG the traceback is logged ...
+    for formatter in (TextFormatter(), JsonFormatter("worker")):
+        text = formatter.format(failure)
+        assert "valuerep.py" in text and "message withheld" in text  # ... with its frames ...
+        assert sentinel not in text  # ... but not the message that quotes the value
 
 
 def test_a_job_already_done_is_not_run_again(node: Node) -> None:

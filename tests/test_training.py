@@ -40,6 +40,9 @@ from training.strategies import (EarlyStopping, Schedule, StrategyConfig, backbo
                                  stage_at)
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+# A training run (and the archive fixture it may build) takes minutes on two CPU cores, more when
+# the machine is shared: above the suite-wide per-test timeout.
+TRAINING_TIMEOUT = 2400
 
 # Small settings: resnet18 at 128 px, 3 folds, plain augmentation (flips), at most 10 epochs.
 BPD = ["--set", "arch=resnet18", "--set", "image_size=128", "--set", "epochs=10", "--set", "min_epochs=6",
@@ -130,6 +133,7 @@ def write_labels(path: Path, source: Path, *, shuffle_seed: int | None = None) -
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
 def test_bpd_learns_is_registered_reported_and_promoted(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
     summary = train(node, "bpd", BPD, capsys)
     metrics = summary["metrics"]
@@ -166,6 +170,7 @@ def test_bpd_learns_is_registered_reported_and_promoted(node: Node, capsys: pyte
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
 def test_shuffled_labels_score_chance_and_are_not_promoted(node: Node, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     registry = ModelRegistry(node.settings.models_dir)
@@ -191,6 +196,7 @@ def test_shuffled_labels_score_chance_and_are_not_promoted(node: Node, tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
 def test_lung_segmentation_from_reviewer_segs(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
     summary = train(node, "lung-seg", LUNG, capsys)
     metrics = summary["metrics"]
@@ -555,6 +561,7 @@ def test_view_model_initialises_downstream_backbones() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
 def test_queued_run_reaches_the_training_queue_and_runs_on_a_worker(node: Node, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """``cradle train --queue`` puts the run on the ``training`` queue; ``cradle worker --queue training``,

@@ -1,7 +1,7 @@
 """C-STORE SCU: send archived instances to one destination and report every returned status.
 
 One association per call, proposing each instance's own SOP class with its own transfer syntax
-(plus the uncompressed syntaxes pynetdicom can convert to, for an uncompressed file). Nothing is
+in a context of its own (plus the other uncompressed syntax, for an uncompressed file). Nothing is
 taken for granted: an association that is rejected, aborted or never answered, a DIMSE timeout,
 or a failure status is reported per instance; only 0x0000 (success) and the warning statuses
 count as delivered.
@@ -96,22 +96,26 @@ def _application_entity(node: NodeSettings, instances: Sequence[Outgoing]) -> AE
     ae.dimse_timeout = node.dimse_timeout
     ae.network_timeout = node.network_timeout
     ae.maximum_pdu_size = node.max_pdu_size
-    for sop_class, syntaxes in _contexts(instances).items():
-        ae.add_requested_context(sop_class, syntaxes)
+    for sop_class, syntax in _contexts(instances):
+        ae.add_requested_context(sop_class, [syntax])
     return ae
 
 
-def _contexts(instances: Sequence[Outgoing]) -> dict[str, list[str]]:
-    """SOP class → transfer syntaxes to propose: each file's own, and for uncompressed files both
-    little-endian syntaxes (pynetdicom converts between them)."""
-    contexts: dict[str, list[str]] = {}
+def _contexts(instances: Sequence[Outgoing]) -> list[tuple[str, str]]:
+    """(SOP class, transfer syntax) pairs to propose, one syntax per presentation context: each
+    file's own first, and for an uncompressed file the other little-endian syntax as a fallback.
+
+    One syntax per context lets the destination accept the file's own syntax, so the archived
+    bytes go out as they are; proposed together, a destination may pick Implicit VR and every
+    file would be decoded and re-encoded on the way out (costly for a SEG's frames).
+    """
+    pairs: list[tuple[str, str]] = []
     for item in instances:
-        syntaxes = contexts.setdefault(item.sop_class_uid, [])
         wanted = [item.transfer_syntax_uid]
         if UID(item.transfer_syntax_uid) in UNCOMPRESSED:
             wanted += [str(ts) for ts in UNCOMPRESSED]
-        syntaxes.extend(ts for ts in wanted if ts not in syntaxes)
-    return contexts
+        pairs.extend((item.sop_class_uid, ts) for ts in wanted if (item.sop_class_uid, ts) not in pairs)
+    return pairs
 
 
 def _store_one(assoc, item: Outgoing) -> SendOutcome:  # noqa: ANN001 - pynetdicom Association

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
@@ -55,12 +56,16 @@ class StoreSCP:
         self.allowed_calling = allowed_calling
         self.stored: list[str] = []
         self.answers: list[int] = []
+        self.syntaxes: list[str] = []
+        self.received: list[bytes] = []
         self._ae: AE | None = None
         self._server: Any = None
 
     def handle(self, event: Any) -> int:
         status = self.statuses.popleft() if self.statuses else self.default
         self.answers.append(status)
+        self.syntaxes.append(str(event.context.transfer_syntax))
+        self.received.append(event.encoded_dataset(include_meta=False))
         if status in (0x0000, 0xB000, 0xB007, 0xB006):
             self.stored.append(str(event.dataset.SOPInstanceUID))
         return status
@@ -217,6 +222,22 @@ def test_warning_status_counts_as_delivered_and_is_recorded(tmp_path: Path, scps
     Dispatcher(node.settings, node.sessions).run_once()
     assert node.job(job_id).dispatch_state == DispatchState.sent
     assert [s.status for s in sends(node, job_id)] == [0xB000]
+
+
+def test_results_go_out_in_their_archived_syntax_byte_for_byte(tmp_path: Path, scps: list[StoreSCP]) -> None:
+    """The destination accepts both little-endian syntaxes; proposing the file's own in a context of
+    its own lets it take that one, so nothing is decoded and re-encoded on the way out."""
+    port = free_port()
+    scps.append(StoreSCP(port).start())
+    node = make_node(dispatch_settings(tmp_path, [destination("pacs", port)]), tmp_path)
+    job_id, sop_uid = done_job(node)
+    Dispatcher(node.settings, node.sessions).run_once()
+    assert node.job(job_id).dispatch_state == DispatchState.sent
+    [result] = [i for i in node.result_instances() if i.sop_uid == sop_uid]
+    path = node.ingest.archive.absolute(result.file_path)
+    assert scps[0].syntaxes == [str(dcmread(path).file_meta.TransferSyntaxUID)] == [ExplicitVRLittleEndian]
+    [body] = scps[0].received
+    assert len(body) > 500 and path.read_bytes().endswith(body)  # the archived data set, as it is
 
 
 def test_last_attempt_fails_the_job_visibly_and_retry_sends_the_same_uids(

@@ -153,6 +153,7 @@ def run(archs: dict[str, tuple[str, int]], repeat: int, slices: int) -> tuple[li
             timings[task] = ModelTiming(task, arch, list(inputs[task].shape))
         wall: dict[str, list[float]] = {"cxr": [], "lung-mri": []}
         other: dict[str, list[float]] = {"cxr": [], "lung-mri": []}
+        stages: dict[str, list[float]] = {}  # "<pipeline> <stage>" → seconds per round, where recorded
         for round_ in range(repeat + 1):  # round 0 warms up (model loading, first-call allocations)
             for name, (sources, tasks) in jobs.items():
                 _time_bare(tasks, bare, inputs, device, timings if round_ else None)
@@ -166,7 +167,10 @@ def run(archs: dict[str, tuple[str, int]], repeat: int, slices: int) -> tuple[li
                     other[name].append(elapsed - sum(forward.values()))
                     for task in tasks:
                         timings[task].pipeline_seconds.append(forward[task])
+                    for stage, seconds in (output.summary.get("stage_seconds") or {}).items():
+                        stages.setdefault(f"{name} {stage}", []).append(seconds)
         overhead = {f"{name}_other_seconds": statistics.median(values) for name, values in other.items()}
+        overhead.update({f"{name}_stage_seconds": statistics.median(values) for name, values in stages.items()})
         overhead.update({f"{name}_wall_seconds": statistics.median(values) for name, values in wall.items()})
         return list(timings.values()), overhead
 
@@ -197,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         print("pipeline time outside the forwards (decode, preprocess, Grad-CAM, post-processing, SR/SEG): "
               + ", ".join(f"{k.removesuffix('_other_seconds')} {v:.2f} s" for k, v in overhead.items()
                           if k.endswith("_other_seconds")))
+        staged = {k.removesuffix("_stage_seconds"): v for k, v in overhead.items() if k.endswith("_stage_seconds")}
+        if staged:
+            print("pipeline stages (median): " + ", ".join(f"{k} {v:.2f} s" for k, v in staged.items()))
     return 0 if all(t.ratio <= TARGET for t in timings) else 1
 
 

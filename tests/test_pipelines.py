@@ -303,6 +303,11 @@ def test_lung_mri_gives_a_seg_with_two_frames_per_slice(context: PipelineContext
     assert volumes["left"] > 0 and volumes["right"] > 0
     for ds, name in ((seg, "seg.dcm"), (sr, "sr.dcm")):
         assert dciodvfy_errors(ds, tmp_path / name) == []
+    assert isinstance(hd.sr.srread(tmp_path / "sr.dcm").content, hd.sr.MeasurementReport)
+    # Where the run's time went, kept in the job's summary (benchmarks.latency prints it).
+    stages = output.summary["stage_seconds"]
+    assert list(stages) == ["preprocess", "segment", "postprocess", "seg", "sr"]
+    assert all(seconds >= 0 for seconds in stages.values())
     segmentation = hd.seg.segread(tmp_path / "seg.dcm")
     referenced = {item.ReferencedSOPInstanceUID
                   for series_item in segmentation.ReferencedSeriesSequence
@@ -326,6 +331,7 @@ def test_summary_images_when_configured(registry: ModelRegistry, settings: Setti
         assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
         assert dciodvfy_errors(sc, tmp_path / f"{name}.dcm") == []
     assert len(cxr.datasets) == 2 and len(lung.datasets) == 3
+    assert "summary_image" in lung.summary["stage_seconds"]
 
 
 def test_post_processing_recovers_the_phantom_volumes(mr_series: tuple[list[Dataset], np.ndarray]) -> None:

@@ -611,6 +611,117 @@ def test_lung_sr_references_every_source_slice_and_the_seg(lung_sr, sorted_mr, s
     assert evidence == {ds.SOPInstanceUID for ds in sorted_mr} | {seg.SOPInstanceUID}
 
 
+def _descriptor_values(items) -> dict[tuple[str, str], object]:
+    """TID 1602 descriptor items as concept → value (NUM as float, others as text)."""
+    values = {}
+    for item in items:
+        if item.ValueType == "NUM":
+            value = float(item.MeasuredValueSequence[0].NumericValue)
+        elif item.ValueType == "CODE":
+            value = item.ConceptCodeSequence[0].CodeValue
+        elif item.ValueType == "UIDREF":
+            value = str(item.UID)
+        else:
+            value = str(item.TextValue)
+        values[_code(item)] = value
+    return values
+
+
+def _library(sr: Dataset) -> list[tuple[dict, list[tuple[str, dict]]]]:
+    """The Image Library's groups: (group descriptors, [(SOP Instance UID, entry descriptors)])."""
+    (library,) = [i for i in sr.ContentSequence if _code(i) == ("111028", "DCM")]
+    groups = []
+    for group in library.ContentSequence:
+        assert _code(group) == ("126200", "DCM")  # Image Library Group
+        shared = _descriptor_values(
+            i for i in group.ContentSequence if i.RelationshipType == "HAS ACQ CONTEXT"
+        )
+        entries = [
+            (i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
+             _descriptor_values(i.get("ContentSequence", [])))
+            for i in _children(group, "CONTAINS", "IMAGE")
+        ]
+        groups.append((shared, entries))
+    return groups
+
+
+def _library_descriptors(sr: Dataset) -> dict[str, dict]:
+    """Every image's descriptors as a reader applies them: its group's, then its own."""
+    return {
+        uid: {**shared, **own}
+        for shared, entries in _library(sr)
+        for uid, own in entries
+    }
+
+
+@pytest.mark.parametrize("name", ["lung-sr", "cxr-sr"])
+def test_image_library_holds_highdicoms_descriptors_for_every_image(
+    name, all_objects, sorted_mr, cr
+):
+    sources = sorted_mr if name == "lung-sr" else [cr]
+    described = _library_descriptors(all_objects[name])
+    assert list(described) == [ds.SOPInstanceUID for ds in sources]
+    for ds in sources:
+        assert described[ds.SOPInstanceUID] == _descriptor_values(
+            hd.sr.ImageLibraryEntryDescriptors(ds)
+        )
+
+
+def test_lung_sr_image_library_states_shared_descriptors_once(lung_sr, sorted_mr):
+    """One group for the series: matrix, spacing, orientation and thickness on the group,
+    only the slice position (here z) on each entry. highdicom's own ImageLibrary repeats all
+    of them in every entry (about 16 items per slice), which made a 60-slice report slow to
+    build, copy and encode."""
+    ((shared, entries),) = _library(lung_sr)
+    assert ("110910", "DCM") in shared and ("111026", "DCM") in shared  # rows, spacing
+    assert {key for _, own in entries for key in own} == {("110903", "DCM")}  # position z
+    library_items = sum(1 for _ in _walk(
+        [i for i in lung_sr.ContentSequence if _code(i) == ("111028", "DCM")]
+    ))
+    assert library_items <= 2 * len(sorted_mr) + 20
+
+
+def test_image_library_groups_slices_by_descriptor_layout(tmp_path):
+    """Descriptors that differ between slices move to the entries; a slice with another
+    layout (here SpacingBetweenSlices present) gets its own group. Nothing is lost."""
+    mr = make_mr_series()
+    for ds in mr:
+        if ds.InstanceNumber % 2:
+            ds.SliceThickness = 3.0
+    odd = next(ds for ds in mr if ds.InstanceNumber == 5)
+    odd.SpacingBetweenSlices = 2.5
+    labels = make_labels()
+    seg = writers.lung_segmentation(mr, labels, ALGO_SEG)
+    sr = writers.lung_report(mr, seg, LungVolumes(left_ml=1.0, right_ml=2.0), ALGO_SEG)
+    groups = _library(sr)
+    assert [len(entries) for _, entries in groups] in ([N_SLICES - 1, 1], [1, N_SLICES - 1])
+    described = _library_descriptors(sr)
+    for ds in mr:
+        assert described[ds.SOPInstanceUID] == _descriptor_values(
+            hd.sr.ImageLibraryEntryDescriptors(ds)
+        )
+    errors, warnings = _dciodvfy(_write(sr, tmp_path / "sr.dcm"))
+    assert (errors, warnings) == ([], [])
+    assert isinstance(hd.sr.srread(tmp_path / "sr.dcm").content, hd.sr.MeasurementReport)
+
+
+def test_image_library_falls_back_to_highdicoms_layout_for_unknown_descriptors(
+    mr, seg, monkeypatch
+):
+    """A descriptor the writer cannot read from the header (e.g. one a newer highdicom adds)
+    keeps highdicom's layout: every descriptor in every entry."""
+    known = dict(writers._DESCRIPTOR_ATTRIBUTES)
+    del known[("DCM", "110903")]  # Image Position (Patient) Z
+    monkeypatch.setattr(writers, "_DESCRIPTOR_ATTRIBUTES", known)
+    sr = writers.lung_report(mr, seg, LungVolumes(left_ml=1.0, right_ml=2.0), ALGO_SEG)
+    ((shared, entries),) = _library(sr)
+    assert shared == {}
+    for ds in mr:
+        assert dict(entries)[ds.SOPInstanceUID] == _descriptor_values(
+            hd.sr.ImageLibraryEntryDescriptors(ds)
+        )
+
+
 def test_lung_sr_names_the_device_observer_and_procedure(lung_sr):
     items = {
         i.ConceptNameCodeSequence[0].CodeMeaning: i for i in lung_sr.ContentSequence

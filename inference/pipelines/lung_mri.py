@@ -213,6 +213,20 @@ def segment_slices(model: torch.nn.Module, volume: np.ndarray, spec: InputSpec, 
     return np.stack([box.unpad_resize(plane) for plane in on_model_grid]), seconds
 
 
+class _StageClock:
+    """Seconds per stage of one run (``laps``), kept in the job's summary: where a series' time
+    goes, without a profiler."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self._last, 4)
+        self._last = now
+
+
 class LungMriPipeline:
     name = "lung-mri"
     tasks = ("lung-seg",)
@@ -228,22 +242,30 @@ class LungMriPipeline:
 
     def run(self, sources: list[Dataset], context: PipelineContext) -> PipelineOutput:
         loaded = context.model("lung-seg")
+        clock = _StageClock()
         ordered = self._sorted(sources)
         geometry = SliceGeometry.from_series(ordered)
         version = loaded.version
         volume = normalise(np.stack([modality_values(ds) for ds in ordered]), version.input_spec.normalisation)
+        clock.lap("preprocess")
         probabilities, seconds = segment_slices(loaded.module, volume, version.input_spec, context.device,
                                                 self.batch_slices)
+        clock.lap("segment")  # letterboxing, forward passes, back onto the source grid
         threshold = version.threshold if version.threshold is not None else DEFAULT_THRESHOLD
         labels = postprocess(probabilities >= threshold, geometry)
         volumes = lung_volumes_ml(labels, geometry)
+        clock.lap("postprocess")
         algorithm = AlgorithmIdentity(name=f"cradle lung-seg {version.arch}"[:64], version=version.version)
         segmentation = lung_segmentation(ordered, labels, algorithm)
+        clock.lap("seg")
         report = lung_report(ordered, segmentation, volumes, algorithm)
+        clock.lap("sr")
         datasets = [segmentation, report]
         if context.settings.inference.summary_image:
             datasets.append(self._summary_image(ordered, labels, volumes, algorithm))
+            clock.lap("summary_image")
         summary = self._summary(loaded, ordered, geometry, volumes, seconds, context)
+        summary["stage_seconds"] = clock.laps
         return PipelineOutput(model_version=version.version, datasets=datasets, summary=summary)
 
     @staticmethod

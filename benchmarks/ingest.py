@@ -1,6 +1,7 @@
 """Ingest benchmark: the node against a minimal pynetdicom SCP, pushed the same files by DCMTK storescu.
 
     python -m benchmarks.ingest [--count 300] [--size-mb 2] [--repeat 2] [--pdu 262144] [--json]
+                                [--no-fsync]
 
 The minimal SCP only writes ``event.encoded_dataset()`` to a file (no fsync, no index). The node
 runs as ``cradle listen`` with durable writes (fsync of file and directory), the SQLite index,
@@ -8,7 +9,10 @@ completion and routing. Both are separate processes, both are started fresh (emp
 every push and are up before the clock starts, and both accept the same maximum PDU. The pushes
 alternate (baseline, node, node, baseline, ...) and the page cache is flushed between them
 (untimed), so one push's write-back does not land on the next. Reported: the median of each and
-their ratio (target: node / baseline ≤ 1.2).
+their ratio (target: node / baseline ≤ 1.2), and per instance the wall time and the CPU time the
+receiving process used (user + system, all its threads), which tells work from waiting when
+other processes load the machine. ``--no-fsync`` runs the node without its fsyncs, to show the
+disk's share (a diagnostic, not a configuration to run).
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class BenchReport:
     max_pdu: int
     baseline_seconds: list[float] = field(default_factory=list)
     node_seconds: list[float] = field(default_factory=list)
+    baseline_cpu_seconds: list[float] = field(default_factory=list)
+    node_cpu_seconds: list[float] = field(default_factory=list)
+    node_fsync: bool = True
 
     @property
     def baseline(self) -> float:
@@ -66,10 +73,18 @@ class BenchReport:
 
     def summary(self) -> str:
         mb = self.count * self.size_mb
-        return (f"{self.count} MR slices, {mb:.0f} MB, max PDU {self.max_pdu}\n"
+        fsync = "" if self.node_fsync else ", node WITHOUT fsync (diagnostic)"
+        return (f"{self.count} MR slices, {mb:.0f} MB, max PDU {self.max_pdu}{fsync}\n"
                 f"  minimal SCP: {self.baseline:6.2f} s  ({', '.join(f'{s:.2f}' for s in self.baseline_seconds)})\n"
                 f"  cradle node: {self.node:6.2f} s  ({', '.join(f'{s:.2f}' for s in self.node_seconds)})\n"
-                f"  ratio node / minimal SCP: {self.ratio:.2f}  (target <= 1.2)")
+                f"  ratio node / minimal SCP: {self.ratio:.2f}  (target <= 1.2); per push: "
+                f"{', '.join(f'{n / b:.2f}' for b, n in zip(self.baseline_seconds, self.node_seconds))}\n"
+                f"  per instance, wall / receiver CPU (ms):  minimal SCP {self._per_instance(self.baseline_seconds)} / "
+                f"{self._per_instance(self.baseline_cpu_seconds)},  node {self._per_instance(self.node_seconds)} / "
+                f"{self._per_instance(self.node_cpu_seconds)}")
+
+    def _per_instance(self, seconds: list[float]) -> str:
+        return f"{statistics.median(seconds) / self.count * 1000:.1f}" if seconds else "n/a"
 
 
 # --- the files --------------------------------------------------------------------------------
@@ -139,13 +154,13 @@ def serve_baseline(port: int, outdir: Path, max_pdu: int) -> None:
 
 
 @contextmanager
-def running(command: Sequence[str], port: int, called_ae: str, log_path: Path) -> Iterator[None]:
+def running(command: Sequence[str], port: int, called_ae: str, log_path: Path) -> Iterator[subprocess.Popen]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         try:
             wait_until_ready(port, called_ae, process)
-            yield
+            yield process
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -174,12 +189,29 @@ def wait_until_ready(port: int, called_ae: str, process: subprocess.Popen) -> No
     raise RuntimeError(f"{called_ae} on port {port} not ready after {READY_TIMEOUT:.0f} s")
 
 
-def node_config(workdir: Path, port: int, max_pdu: int) -> Path:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far, all threads (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_push(files_dir: Path, port: int, called_ae: str, receiver: subprocess.Popen) -> tuple[float, float | None]:
+    """Wall seconds of one push, and the CPU seconds the receiver spent during it."""
+    before = cpu_seconds(receiver.pid)
+    elapsed = push(files_dir, port, called_ae)
+    after = cpu_seconds(receiver.pid)
+    return elapsed, (after - before if before is not None and after is not None else None)
+
+
+def node_config(workdir: Path, port: int, max_pdu: int, fsync: bool = True) -> Path:
     config = {
         "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": port, "allowed_calling_aets": [CALLING_AE],
                  "max_pdu_size": max_pdu},
         "storage": {"archive_dir": str(workdir / "archive"), "database_url": f"sqlite:///{workdir / 'cradle.db'}",
-                    "fsync": True},
+                    "fsync": fsync},
         "queue": {"broker_url": f"sqla+sqlite:///{workdir / 'broker.db'}"},
         "completion": {"quiet_seconds": 30, "poll_seconds": 1.0},
         "logging": {"level": "INFO"},
@@ -224,32 +256,33 @@ def free_port() -> int:
 
 # --- one run ----------------------------------------------------------------------------------
 
-def time_baseline(files_dir: Path, workdir: Path, max_pdu: int) -> float:
+def time_baseline(files_dir: Path, workdir: Path, max_pdu: int) -> tuple[float, float | None]:
     outdir = workdir / "baseline-out"
     outdir.mkdir()
     port = free_port()
     command = [sys.executable, "-m", "benchmarks.ingest", "--serve-baseline", str(port), str(outdir),
                "--pdu", str(max_pdu)]
     try:
-        with running(command, port, BASELINE_AE, workdir / "baseline.log"):
-            return push(files_dir, port, BASELINE_AE)
+        with running(command, port, BASELINE_AE, workdir / "baseline.log") as receiver:
+            return timed_push(files_dir, port, BASELINE_AE, receiver)
     finally:
         _discard(outdir)
 
 
-def time_node(files_dir: Path, workdir: Path, max_pdu: int, expected: int) -> float:
+def time_node(files_dir: Path, workdir: Path, max_pdu: int, expected: int,
+              fsync: bool = True) -> tuple[float, float | None]:
     nodedir = workdir / "node"
     nodedir.mkdir()
     port = free_port()
-    config = node_config(nodedir, port, max_pdu)
+    config = node_config(nodedir, port, max_pdu, fsync)
     command = [sys.executable, "-m", "node.cli", "listen", "--config", str(config)]
     try:
-        with running(command, port, NODE_AE, workdir / "node.log"):
-            elapsed = push(files_dir, port, NODE_AE)
+        with running(command, port, NODE_AE, workdir / "node.log") as receiver:
+            timing = timed_push(files_dir, port, NODE_AE, receiver)
         stored = len(list((nodedir / "archive").rglob("*.dcm")))
         if stored != expected:
             raise RuntimeError(f"the node archived {stored} of {expected} files")
-        return elapsed
+        return timing
     finally:
         _discard(nodedir)
 
@@ -261,21 +294,27 @@ def _discard(directory: Path) -> None:
 
 
 def run(count: int = 300, size_mb: float = 2.0, repeat: int = 2, max_pdu: int = DEFAULT_PDU,
-        workdir: Path | None = None) -> BenchReport:
+        workdir: Path | None = None, node_fsync: bool = True) -> BenchReport:
     """Generate the files, push them alternately to both receivers ``repeat`` times each, report."""
     with tempfile.TemporaryDirectory(prefix="cradle-bench-", dir=workdir) as tmp:
         root = Path(tmp)
         files_dir = root / "files"
         make_mr_series(files_dir, count, size_mb)
         os.sync()
-        report = BenchReport(count, size_mb, max_pdu)
+        report = BenchReport(count, size_mb, max_pdu, node_fsync=node_fsync)
         for round_number in range(repeat):
             order = ("baseline", "node") if round_number % 2 == 0 else ("node", "baseline")
             for which in order:
                 if which == "baseline":
-                    report.baseline_seconds.append(time_baseline(files_dir, root, max_pdu))
+                    seconds, cpu = time_baseline(files_dir, root, max_pdu)
+                    report.baseline_seconds.append(seconds)
+                    if cpu is not None:
+                        report.baseline_cpu_seconds.append(cpu)
                 else:
-                    report.node_seconds.append(time_node(files_dir, root, max_pdu, count))
+                    seconds, cpu = time_node(files_dir, root, max_pdu, count, node_fsync)
+                    report.node_seconds.append(seconds)
+                    if cpu is not None:
+                        report.node_cpu_seconds.append(cpu)
         return report
 
 
@@ -287,12 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pdu", type=int, default=DEFAULT_PDU, help="max PDU both receivers accept")
     parser.add_argument("--workdir", type=Path, default=None, help="where the temporary files go")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--no-fsync", action="store_true",
+                        help="diagnostic: run the node without fsync, to show the disk's share")
     parser.add_argument("--serve-baseline", nargs=2, metavar=("PORT", "OUTDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_baseline:
         serve_baseline(int(args.serve_baseline[0]), Path(args.serve_baseline[1]), args.pdu)
         return 0
-    report = run(args.count, args.size_mb, args.repeat, args.pdu, args.workdir)
+    report = run(args.count, args.size_mb, args.repeat, args.pdu, args.workdir, node_fsync=not args.no_fsync)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
     return 0
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -38,6 +36,7 @@ from pynetdicom.events import Event
 
 from node.logs import log_context
 from storage.audit import audit
+from storage.dicomfile import MalformedDataset, check_structure, inflate
 from storage.index import InstanceHeader, MissingIdentifiers
 from storage.ingest import Ingest, Outcome, StoreResult, TransientStoreError
 
@@ -58,10 +57,6 @@ DIAGNOSTIC_CALLED_AE_NOT_RECOGNISED = 0x07
 
 AfterStore = Callable[[StoreResult, InstanceHeader], object]
 """Called once an instance is committed (completion and routing); its failures never change the status."""
-
-
-class MalformedDataset(ValueError):
-    """The received bytes are not a well-formed data set (truncated, bad lengths, bad delimiters)."""
 
 
 # --- association control ---------------------------------------------------------------------
@@ -320,94 +315,7 @@ def _run_after_store(after_store: AfterStore | None, result: StoreResult, header
 
 # --- reading the received bytes ---------------------------------------------------------------
 
-_UNDEFINED = 0xFFFFFFFF
-_ITEM = 0xFFFEE000
-_ITEM_DELIMITER = 0xFFFEE00D
-_SEQUENCE_DELIMITER = 0xFFFEE0DD
 _PIXEL_DATA_GROUP = 0x7FE0
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-
-
-def inflate(data: bytes) -> bytes:
-    """A Deflated Explicit VR Little Endian data set, inflated; a cut-off stream is malformed."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        inflated = inflater.decompress(data) + inflater.flush()
-    except zlib.error as exc:
-        raise MalformedDataset(f"deflated data set does not inflate: {exc}") from None
-    if not inflater.eof:
-        raise MalformedDataset("deflated data set is truncated")
-    return inflated
-
-
-def check_structure(data: bytes, *, implicit: bool, little: bool) -> None:
-    """Walk every element's tag and length (values are skipped, not read): each value must lie
-    within the data, every undefined-length sequence and item must be delimited, and the data
-    must end where its last element ends. pydicom itself reads a truncated value silently."""
-    if not data:
-        raise MalformedDataset("empty data set")
-    try:
-        _walk_elements(memoryview(data), 0, len(data), implicit, "<" if little else ">", None)
-    except RecursionError:
-        raise MalformedDataset("sequences nested too deeply") from None
-    except struct.error as exc:
-        raise MalformedDataset(f"truncated: {exc}") from None
-
-
-def _walk_elements(buf: memoryview, pos: int, end: int, implicit: bool, order: str,
-                   delimiter: int | None) -> int:
-    tag_format, long_format, short_format = order + "HH", order + "L", order + "H"
-    while pos < end:
-        if pos + 8 > end:
-            raise MalformedDataset(f"truncated element header at byte {pos}")
-        group, element = struct.unpack_from(tag_format, buf, pos)
-        tag = group << 16 | element
-        if tag == delimiter:
-            return pos + 8
-        if group == 0xFFFE:
-            raise MalformedDataset(f"unexpected item or delimiter tag ({group:04X},{element:04X}) at byte {pos}")
-        vr = b""
-        if implicit:
-            length, pos = struct.unpack_from(long_format, buf, pos + 4)[0], pos + 8
-        else:
-            vr = bytes(buf[pos + 4:pos + 6])
-            if not (vr.isalpha() and vr.isupper()):
-                raise MalformedDataset(f"invalid VR at byte {pos + 4} in ({group:04X},{element:04X})")
-            if vr in _LONG_VRS:
-                length, pos = struct.unpack_from(long_format, buf, pos + 8)[0], pos + 12
-            else:
-                length, pos = struct.unpack_from(short_format, buf, pos + 6)[0], pos + 8
-        if length == _UNDEFINED:
-            # PS3.5 6.2.2: a UN value of undefined length is encoded in Implicit VR Little Endian
-            inner_implicit, inner_order = (True, "<") if vr == b"UN" else (implicit, order)
-            pos = _walk_items(buf, pos, end, inner_implicit, inner_order)
-        elif pos + length > end:
-            raise MalformedDataset(f"truncated: ({group:04X},{element:04X}) lacks {pos + length - end} bytes")
-        else:
-            pos += length
-    if delimiter is not None:
-        raise MalformedDataset("item without its delimiter")
-    return pos
-
-
-def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, order: str) -> int:
-    header_format = order + "HHL"
-    while True:
-        if pos + 8 > end:
-            raise MalformedDataset("sequence without its delimiter")
-        group, element, length = struct.unpack_from(header_format, buf, pos)
-        tag = group << 16 | element
-        pos += 8
-        if tag == _SEQUENCE_DELIMITER:
-            return pos
-        if tag != _ITEM:
-            raise MalformedDataset(f"expected an item, found ({group:04X},{element:04X})")
-        if length == _UNDEFINED:
-            pos = _walk_elements(buf, pos, end, implicit, order, _ITEM_DELIMITER)
-        elif pos + length > end:
-            raise MalformedDataset("item runs past the end of the data set")
-        else:
-            pos += length
 
 
 def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:

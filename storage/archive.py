@@ -1,8 +1,27 @@
 """The archive on disk: ``<root>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``, written durably.
 
-A file appears under its final name only complete: it is written to a temporary name in the
-same directory, fsynced, renamed over, and the directory fsynced, before the index row is
-committed and before the sender is told success.
+A file appears under its final name only complete and on disk. :meth:`Archive.write` and
+:meth:`PendingFile.commit`, in this order:
+
+1. write it under a temporary name in its target directory (``.<name>.<random>.part``);
+2. fsync it (on a background thread, while it is hashed and its index row prepared);
+3. rename it over its final name (atomic on POSIX file systems);
+4. fsync the directory, so that the new name itself survives a power loss.
+
+Only then may the index row be committed and the sender be told success (``storage/ingest.py``).
+
+Why not rename first and let the file's fsync carry the rename too (on ext4 and XFS it commits
+the journal transaction holding an earlier rename), making the directory fsync cheap? Measured on
+this machine (ext4, data=ordered, a virtio disk with a write-back cache, other processes writing):
+the file's fsync (2 MB: about 2 ms of data) runs while the row is prepared and is hidden behind it;
+what the writer waits for is the directory fsync, 0.2 ms at best and 1–4 ms (median) under load,
+because each fsync ends with a flush of the device's write-back cache. After a rename-first reorder
+the directory fsync still flushes that cache and cost about the same (p10 0.14–0.58 against
+0.41–0.60 ms, median 2.8–3.6 against 3.5–3.8 ms; 150 instances, three runs each way). So the
+reorder would gain a few tenths of a millisecond at most, and it would open a window
+in which a torn file stands under its final name, which every reader of the archive (the startup
+sweep, a worker, a rebuild of a lost index) would then have to tell from a complete one. In this
+order a file under its final name is always complete.
 """
 
 from __future__ import annotations
@@ -13,10 +32,10 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
 
 TEMP_SUFFIX = ".part"
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
@@ -56,10 +75,9 @@ def content_hash(data: Data) -> str:
     return digest.hexdigest()
 
 
-def _fsync_and_close(fd: int, fsync: bool) -> None:
+def _fsync_and_close(fd: int) -> None:
     try:
-        if fsync:
-            os.fsync(fd)
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -68,47 +86,22 @@ def _parts(data: Data) -> Sequence[bytes]:
     return (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
 
 
-T = TypeVar("T")
-
-
-class _InBackground(threading.Thread, Generic[T]):
-    """One call run beside the caller (hashing and fsync release the GIL); ``result()`` joins it."""
-
-    def __init__(self, name: str, call: Callable[[], T]) -> None:
-        super().__init__(name=name, daemon=True)
-        self.call = call
-        self.value: T | None = None
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.value = self.call()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            self.error = exc
-
-    def result(self) -> T:
-        self.join()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
 class PendingFile:
-    """A file written under a temporary name beside its target and being fsynced in the background.
+    """A complete file under a temporary name beside its target, hashed and fsynced in the background.
 
-    ``commit()`` waits for the fsync, renames it into place and fsyncs the directory; ``discard()``
-    removes it. Meanwhile the caller can do other work, e.g. prepare the index row (which must be
-    committed only after ``commit()``).
+    ``commit()`` waits for the fsync, renames the file into place and fsyncs the directory;
+    ``discard()`` removes it. Meanwhile the caller can do other work, e.g. prepare the index row
+    (which must be committed only after ``commit()``).
     """
 
     def __init__(self, archive: "Archive", relative: str, target: Path, temp: Path, size: int,
-                 digest: _InBackground, synced: _InBackground | None) -> None:
+                 digest: Future[str], synced: Future[None] | None) -> None:
         self.archive, self.relative, self.target, self.temp = archive, relative, target, temp
         self.size, self._digest, self._synced = size, digest, synced
 
     @property
     def stored(self) -> StoredFile:
+        """What the index records of the file (waits for its hash)."""
         return StoredFile(self.relative, self.size, self._digest.result())
 
     def commit(self) -> StoredFile:
@@ -131,9 +124,29 @@ class PendingFile:
 
 
 class Archive:
+    """Files under ``root``, written durably (the module's docstring has the order and the why).
+
+    Hashing and fsyncing run on a pool of threads owned by the archive (both release the GIL),
+    beside the writer's own work: for a 2 MB instance the disk needs about 2 ms for the data and
+    SHA-256 about 2 ms of CPU, about as long as preparing the index row takes. Handing work to a
+    waiting thread costs less than starting one per write; the pool grows only with concurrent writes.
+    """
+
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = Path(root).resolve()
         self.fsync = fsync
+        self._pool_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+
+    def _background(self) -> ThreadPoolExecutor:
+        """This process's pool, made on first use; a forked child (e.g. a prefork Celery worker)
+        makes its own, as threads do not survive a fork."""
+        with self._pool_lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = ThreadPoolExecutor(32, thread_name_prefix="archive")
+                self._pool_pid = os.getpid()
+            return self._pool
 
     def ensure_root(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -151,18 +164,18 @@ class Archive:
         return self.write(relative, data).commit()
 
     def write(self, relative: str, data: Data) -> PendingFile:
-        """Write ``data`` under a temporary name next to ``relative`` and start its fsync (and its
-        sha256) in the background; the file takes its name on ``PendingFile.commit()``."""
+        """Write ``data`` under a temporary name next to ``relative``, hashing it meanwhile, and start
+        its fsync; the file takes its name on ``PendingFile.commit()``."""
         target = self.absolute(relative)
         temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
         parts = _parts(data)
-        digest = _InBackground("archive-hash", lambda: content_hash(parts))
         try:
             self._make_dirs(target.parent)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
-            digest.join()
             raise ArchiveError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
+        pool = self._background()
+        digest = pool.submit(content_hash, parts)
         try:
             for part in parts:
                 view = memoryview(part)
@@ -170,10 +183,14 @@ class Archive:
                     view = view[os.write(fd, view):]
         except OSError as exc:
             os.close(fd)
-            PendingFile(self, relative, target, temp, 0, digest, None).discard()
-            digest.join()
+            with contextlib.suppress(OSError):
+                temp.unlink()
             raise ArchiveError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
-        synced = _InBackground("archive-fsync", lambda: _fsync_and_close(fd, self.fsync))
+        synced = None
+        if self.fsync:
+            synced = pool.submit(_fsync_and_close, fd)
+        else:
+            os.close(fd)
         return PendingFile(self, relative, target, temp, sum(len(p) for p in parts), digest, synced)
 
     def read(self, relative: str) -> bytes:

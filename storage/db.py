@@ -21,7 +21,12 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DBAPI types
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable at checkpoint, crash-safe
+    # WAL + NORMAL: a commit is not flushed to the device by itself, so a power loss (not a process
+    # crash) can roll back the newest commits, never corrupt the database. FULL would add one device
+    # flush per commit (+3.8 ms per stored instance, measured under load on this disk). Nothing a
+    # sender was told is stored is lost: its file was durable before its row was committed, and the
+    # startup sweep indexes a complete file without a row (storage/ingest.py).
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()

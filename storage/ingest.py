@@ -1,6 +1,28 @@
 """Putting one instance into the archive and the index, in the order that loses nothing.
 
 Used by the C-STORE handler (what modalities send) and by the workers (the node's own results).
+
+The order (:meth:`Ingest.store`): the file is written, fsynced, renamed into place and its
+directory fsynced (``storage/archive.py``); then the index row is committed; then the sender is
+answered 0x0000. Hence, whenever the process or the machine stops:
+
+* a file under its final name is complete and on disk; a row never exists without its file;
+* an unfinished write leaves a temporary file, which the startup sweep removes; the sender got no
+  success and sends again;
+* a complete file may lack its row: a crash between rename and commit (the sender got no success;
+  its re-send is an identical duplicate and succeeds), an index that failed to commit (0xA700, the
+  same), or a power loss that rolled back the newest SQLite commits (``storage/db.py``: WAL with
+  ``synchronous=NORMAL``; the sender did get success). The startup sweep indexes each such file
+  from its header, so nothing acknowledged is lost. Only the calling AE title and the receive time
+  of such an instance are not in the file: they are recorded as unknown ("") and the sweep's time.
+
+The archive is the primary copy and the index can be rebuilt from it: start the listener on an
+empty database (or one restored from an older backup) and the sweep indexes every complete file
+without a row and drops rows whose file is gone; series complete again after their quiet period
+and are routed again. A file that is not structurally complete (``storage.dicomfile.check_file``:
+only damage from outside, such as a disk error or a copy cut short, can put one there) is never
+indexed, so never served: it is counted, logged by path and left for an administrator, and a
+re-send of that instance replaces it.
 """
 
 from __future__ import annotations
@@ -13,12 +35,14 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from sqlalchemy import Row, bindparam, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.archive import Archive, ArchiveError, Data, StoredFile, content_hash
+from storage.archive import Archive, ArchiveError, Data, PendingFile, StoredFile, content_hash
 from storage.db import transaction
-from storage.index import InstanceHeader, find_instance, record_instance
+from storage.dicomfile import check_file
+from storage.index import InstanceHeader, record_instance
 from storage.models import Instance, Series
 
 log = logging.getLogger(__name__)
@@ -30,6 +54,10 @@ class Outcome(str, enum.Enum):
     conflict_kept = "conflict_kept"    # different dataset under an archived SOP Instance UID, first kept
     conflict_replaced = "conflict_replaced"
     conflict_rejected = "conflict_rejected"
+
+
+_ARCHIVED = select(Instance.sha256, Instance.file_path).where(Instance.sop_uid == bindparam("sop_uid"))
+_STUDY_OF_SERIES = select(Series.study_pk).where(Series.id == bindparam("series_pk"))
 
 
 class TransientStoreError(Exception):
@@ -63,22 +91,23 @@ class Ingest:
         leaving no row without its file.
         """
         try:
-            # Written under a temporary name and fsynced (and hashed) in the background while the
-            # index is consulted and the row prepared; the row commits only after the file has its
-            # final name and both are on disk. A re-send that is not stored leaves nothing behind.
+            # The file is written under a temporary name and fsynced in the background while it is
+            # hashed, the index consulted and the row prepared, all in one transaction; the row
+            # commits only after the file has its final name and both are on disk. A re-send that
+            # is not stored again leaves nothing behind.
             pending = self.archive.write(header.relative_path, encoded)
             try:
-                existing = self._existing(header.sop_uid)
-                not_stored = self._resend(existing, pending.stored.sha256, header.sop_uid)
-                if not_stored is not None:
-                    pending.discard()
-                    return not_stored
                 with transaction(self.sessions) as session:
+                    existing = session.execute(_ARCHIVED, {"sop_uid": header.sop_uid}).first()
+                    not_stored = self._resend(existing, pending, header.sop_uid)
+                    if not_stored is not None:
+                        pending.discard()
+                        return not_stored
                     instance, reopened = record_instance(
                         session, header, pending.stored, transfer_syntax_uid=transfer_syntax_uid,
                         calling_ae_title=calling_ae_title, is_result=is_result)
                     instance_pk, series_pk = instance.id, instance.series_pk
-                    study_pk = session.get(Series, series_pk).study_pk  # in the session already: no query
+                    study_pk = session.scalar(_STUDY_OF_SERIES, {"series_pk": series_pk})
                     pending.commit()
             except BaseException:
                 pending.discard()
@@ -86,20 +115,18 @@ class Ingest:
         except ArchiveError as exc:
             raise TransientStoreError(f"archive: {exc}") from exc
         except SQLAlchemyError as exc:
-            # The file is on disk under its final name but has no row: the sender retries and
+            # The file may be on disk under its final name without a row: the sender retries and
             # overwrites it, or the startup sweep indexes it. Nothing is lost or half-written.
             raise TransientStoreError(f"index: {type(exc).__name__}") from exc
         outcome = Outcome.conflict_replaced if existing is not None else Outcome.stored
         return StoreResult(outcome, header.sop_uid, instance_pk, series_pk, reopened, study_pk)
 
-    def _resend(self, existing: tuple[str, str] | None, sha256: str, sop_uid: str) -> StoreResult | None:
-        """The answer to a re-sent SOP Instance UID that is not to be stored again, or None."""
-        if existing is None:
+    def _resend(self, existing: Row | None, pending: PendingFile, sop_uid: str) -> StoreResult | None:
+        """The answer to a re-sent SOP Instance UID (``existing``: its archived hash and path) that
+        is not to be stored again, or None."""
+        if existing is None or not self.archive.exists(existing.file_path):
             return None
-        sha, path = existing
-        if not self.archive.exists(path):
-            return None
-        if sha == sha256:
+        if existing.sha256 == pending.stored.sha256:
             return StoreResult(Outcome.duplicate, sop_uid, None, None)
         if self.duplicate_policy == "replace":
             return None
@@ -114,14 +141,11 @@ class Ingest:
         return self.store(buffer.getvalue(), InstanceHeader.from_dataset(dataset),
                           transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID), is_result=is_result)
 
-    def _existing(self, sop_uid: str) -> tuple[str, str] | None:
-        with self.sessions() as session:
-            instance = find_instance(session, sop_uid)
-            return (instance.sha256, instance.file_path) if instance else None
-
     def sweep(self) -> "SweepReport":
-        """At startup: drop temporary files, index complete files that lack a row (a crash between
-        rename and commit), and drop rows whose file is gone."""
+        """At startup: drop temporary files, index the complete files that lack a row (see the
+        module's docstring for where they come from), and drop rows whose file is gone. A file that
+        is not structurally complete (``check_file``) is never indexed: it is counted, logged by
+        path and left for an administrator; a re-send of that instance replaces it."""
         temporaries = self.archive.remove_temporaries()
         on_disk = set(self.archive.files())
         with self.sessions() as session:
@@ -142,6 +166,7 @@ class Ingest:
 
     def _reindex(self, path: str) -> None:
         data = self.archive.read(path)
+        check_file(data)
         dataset = dcmread(BytesIO(data), stop_before_pixels=True)
         header = InstanceHeader.from_dataset(dataset)
         if header.relative_path != path:

@@ -7,6 +7,9 @@ Also home of the small DICOM factory the listener and routing tests import (``ma
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import stat
 import threading
 from io import BytesIO
 from pathlib import Path
@@ -15,15 +18,18 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
-    ComputedRadiographyImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid,
+    ComputedRadiographyImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+    MRImageStorage, generate_uid,
 )
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.archive import Archive, content_hash
 from storage.db import open_index, transaction
 from storage.index import InstanceHeader, _get_or_create, counts
-from storage.ingest import Ingest, Outcome, TransientStoreError
+from storage.dicomfile import MalformedDataset, check_file
+from storage.ingest import Ingest, Outcome, SweepReport, TransientStoreError
 from storage.models import Instance, Patient, Series
 
 # --- a small DICOM factory (imported by test_listener and test_routing) ------------------------
@@ -141,6 +147,26 @@ def test_parts_are_written_and_hashed_as_one_file(archive: Archive) -> None:
     assert (stored.size, stored.sha256) == (len(b"".join(parts)), content_hash(b"".join(parts)))
 
 
+def test_a_forked_child_writes_with_threads_of_its_own(archive: Archive) -> None:
+    """Threads do not survive a fork: a child (e.g. a prefork Celery worker) must not wait for the
+    parent's hashing and fsync threads."""
+    archive.put("a/b/parent.dcm", b"parent")
+    busy = threading.Barrier(4)  # four tasks at once: four of the parent's threads exist, idle now
+    for done in [archive._background().submit(busy.wait) for _ in range(4)]:
+        done.result(timeout=10)
+    pid = os.fork()
+    if pid == 0:  # the child: report by exit code only
+        signal.alarm(20)  # a write waiting for threads that are not there would block for ever
+        try:
+            archive.put("a/b/child.dcm", b"child")
+        except BaseException:  # noqa: BLE001 - any failure is a non-zero exit
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert archive.read("a/b/child.dcm") == b"child"
+
+
 def test_identical_resend_is_stored_once(ingest: Ingest, archive: Archive) -> None:
     ds = make_image()
     assert store(ingest, ds).outcome is Outcome.stored
@@ -249,3 +275,99 @@ def test_stored_file_reads_back_as_sent(ingest: Ingest, archive: Archive) -> Non
     store(ingest, ds)
     back = dcmread(archive.absolute(header_of(ds).relative_path))
     assert back.SeriesDescription == "AP supine" and back.PixelData == ds.PixelData
+
+
+# --- the durable order and the crash windows ---------------------------------------------------
+
+
+def test_file_is_durable_under_its_name_before_its_row_commits(ingest: Ingest, archive: Archive,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order the 0x0000 answer relies on: file fsync, rename, directory fsync, then the commit."""
+    events: list[str] = []
+    lock = threading.Lock()
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        with lock:
+            events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+
+    def replace(src, dst) -> None:  # noqa: ANN001 - os.replace's path types
+        real_replace(src, dst)
+        with lock:
+            events.append("rename")
+
+    ds = make_image()
+    archive.put(f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/other.dcm", b"x")  # its directories exist already
+    event.listen(ingest.sessions.kw["bind"], "commit", lambda _conn: events.append("commit"))
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    events.clear()
+    assert store(ingest, ds).outcome is Outcome.stored
+    assert events == ["fsync file", "rename", "fsync dir", "commit"]
+
+
+def test_a_failed_commit_leaves_a_complete_file_that_the_sweep_indexes(ingest: Ingest, archive: Archive,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The crash window between rename and commit: a complete file without a row, never a torn one."""
+    ds = make_image()
+
+    def fail(_conn) -> None:  # noqa: ANN001 - SQLAlchemy connection
+        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+    engine = ingest.sessions.kw["bind"]
+    event.listen(engine, "commit", fail)
+    with pytest.raises(TransientStoreError):
+        store(ingest, ds)
+    event.remove(engine, "commit", fail)
+    path = header_of(ds).relative_path
+    assert archive.read(path) == file_bytes(ds) and temporaries(archive.root) == []
+    with ingest.sessions() as session:
+        assert counts(session)["instances"] == 0
+    report = ingest.sweep()
+    assert (report.temporaries_removed, report.files_reindexed, report.rows_without_file_removed,
+            report.unreadable_files) == (0, 1, 0, 0)
+    assert store(ingest, ds).outcome is Outcome.duplicate  # the sender's re-send succeeds, stored once
+    with ingest.sessions() as session:
+        assert counts(session)["instances"] == 1
+
+
+def test_sweep_never_indexes_a_torn_file_and_a_resend_replaces_it(ingest: Ingest, archive: Archive) -> None:
+    """Files without rows under their final names: the complete one is indexed; one cut inside its
+    pixel data and an empty one (damage from outside, e.g. a disk error) are never indexed, stay on
+    disk for an administrator, and a re-send of the instance replaces them."""
+    complete, cut, empty = (make_mr_slice(size=128, fill=i) for i in range(3))  # 32 KiB of pixels each
+    for ds, content in ((complete, file_bytes(complete)), (cut, file_bytes(cut)[:16384]), (empty, b"")):
+        path = archive.absolute(header_of(ds).relative_path)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(content)
+    report = ingest.sweep()
+    assert (report.temporaries_removed, report.files_reindexed, report.rows_without_file_removed,
+            report.unreadable_files) == (0, 1, 0, 2)
+    with ingest.sessions() as session:
+        assert set(session.scalars(select(Instance.sop_uid))) == {complete.SOPInstanceUID}
+    assert len(archive.files()) == 3
+    assert ingest.sweep().unreadable_files == 2  # still not indexed on the next start
+    for ds in (cut, empty):
+        assert store(ingest, ds).outcome is Outcome.stored
+        assert archive.read(header_of(ds).relative_path) == file_bytes(ds)
+    with ingest.sessions() as session:
+        assert counts(session)["instances"] == 3
+    assert ingest.sweep() == SweepReport(0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+def test_check_file_accepts_whole_files_and_rejects_every_cut(syntax: str, tmp_path: Path) -> None:
+    ds = make_image(size=64)
+    ds.file_meta.TransferSyntaxUID = syntax
+    whole = file_bytes(ds)
+    check_file(whole)
+    deflated = syntax == DeflatedExplicitVRLittleEndian  # its last byte may be padding (PS3.5 A.5)
+    cuts = sorted({0, 100, 131, 132, 140, 200, len(whole) // 2, len(whole) - (2 if deflated else 1),
+                   *range(4096, len(whole), 4096)})
+    for length in cuts:
+        with pytest.raises(MalformedDataset):
+            check_file(whole[:length])
+    if not deflated:
+        with pytest.raises(MalformedDataset):
+            check_file(whole + b"\x00" * 7)  # trailing bytes that are no element

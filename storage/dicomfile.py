@@ -1,0 +1,143 @@
+"""The structure of encoded DICOM data, checked without decoding any value.
+
+pydicom reads a truncated value silently (it returns the bytes that are there), so "pydicom could
+read it" does not mean "it is complete". :func:`check_structure` walks every element's tag and
+length instead. The C-STORE handler checks each received data set with it before anything is
+written (a malformed one answers 0xC000), and the startup sweep checks every archived file that has
+no index row with :func:`check_file` before indexing it: a file that does not end where its last
+element ends is never indexed, so never served.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+from pydicom.uid import UID
+
+
+class MalformedDataset(ValueError):
+    """The bytes are not a well-formed data set (truncated, bad lengths, bad delimiters)."""
+
+
+_PREFIX_END = 132  # 128-byte preamble + b"DICM" (PS3.10 7.1)
+_FILE_META_GROUP = b"\x02\x00"  # group 0002, little endian
+_TRANSFER_SYNTAX_ELEMENT = 0x0010
+
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_DELIMITER = 0xFFFEE00D
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+def inflate(data: bytes) -> bytes:
+    """A Deflated Explicit VR Little Endian data set, inflated; a cut-off stream is malformed."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(data) + inflater.flush()
+    except zlib.error as exc:
+        raise MalformedDataset(f"deflated data set does not inflate: {exc}") from None
+    if not inflater.eof:
+        raise MalformedDataset("deflated data set is truncated")
+    return inflated
+
+
+def check_structure(data: bytes, *, implicit: bool, little: bool) -> None:
+    """Walk every element's tag and length (values are skipped, not read): each value must lie
+    within the data, every undefined-length sequence and item must be delimited, and the data
+    must end where its last element ends. pydicom itself reads a truncated value silently."""
+    if not data:
+        raise MalformedDataset("empty data set")
+    try:
+        _walk_elements(memoryview(data), 0, len(data), implicit, "<" if little else ">", None)
+    except RecursionError:
+        raise MalformedDataset("sequences nested too deeply") from None
+    except struct.error as exc:
+        raise MalformedDataset(f"truncated: {exc}") from None
+
+
+def _walk_elements(buf: memoryview, pos: int, end: int, implicit: bool, order: str,
+                   delimiter: int | None) -> int:
+    tag_format, long_format, short_format = order + "HH", order + "L", order + "H"
+    while pos < end:
+        if pos + 8 > end:
+            raise MalformedDataset(f"truncated element header at byte {pos}")
+        group, element = struct.unpack_from(tag_format, buf, pos)
+        tag = group << 16 | element
+        if tag == delimiter:
+            return pos + 8
+        if group == 0xFFFE:
+            raise MalformedDataset(f"unexpected item or delimiter tag ({group:04X},{element:04X}) at byte {pos}")
+        vr = b""
+        if implicit:
+            length, pos = struct.unpack_from(long_format, buf, pos + 4)[0], pos + 8
+        else:
+            vr = bytes(buf[pos + 4:pos + 6])
+            if not (vr.isalpha() and vr.isupper()):
+                raise MalformedDataset(f"invalid VR at byte {pos + 4} in ({group:04X},{element:04X})")
+            if vr in _LONG_VRS:
+                length, pos = struct.unpack_from(long_format, buf, pos + 8)[0], pos + 12
+            else:
+                length, pos = struct.unpack_from(short_format, buf, pos + 6)[0], pos + 8
+        if length == _UNDEFINED:
+            # PS3.5 6.2.2: a UN value of undefined length is encoded in Implicit VR Little Endian
+            inner_implicit, inner_order = (True, "<") if vr == b"UN" else (implicit, order)
+            pos = _walk_items(buf, pos, end, inner_implicit, inner_order)
+        elif pos + length > end:
+            raise MalformedDataset(f"truncated: ({group:04X},{element:04X}) lacks {pos + length - end} bytes")
+        else:
+            pos += length
+    if delimiter is not None:
+        raise MalformedDataset("item without its delimiter")
+    return pos
+
+
+def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, order: str) -> int:
+    header_format = order + "HHL"
+    while True:
+        if pos + 8 > end:
+            raise MalformedDataset("sequence without its delimiter")
+        group, element, length = struct.unpack_from(header_format, buf, pos)
+        tag = group << 16 | element
+        pos += 8
+        if tag == _SEQUENCE_DELIMITER:
+            return pos
+        if tag != _ITEM:
+            raise MalformedDataset(f"expected an item, found ({group:04X},{element:04X})")
+        if length == _UNDEFINED:
+            pos = _walk_elements(buf, pos, end, implicit, order, _ITEM_DELIMITER)
+        elif pos + length > end:
+            raise MalformedDataset("item runs past the end of the data set")
+        else:
+            pos += length
+
+
+def check_file(data: bytes) -> None:
+    """A whole DICOM file (PS3.10: preamble, ``DICM``, file meta group, data set): the file meta
+    elements lie within the file and name a known transfer syntax, and the data set, read in that
+    syntax, is structurally complete (:func:`check_structure`)."""
+    if len(data) < _PREFIX_END or data[128:_PREFIX_END] != b"DICM":
+        raise MalformedDataset("no DICOM preamble and prefix")
+    pos, transfer_syntax = _PREFIX_END, ""
+    try:
+        while data[pos:pos + 2] == _FILE_META_GROUP:  # always explicit VR little endian
+            element, vr = struct.unpack_from("<H", data, pos + 2)[0], data[pos + 4:pos + 6]
+            if vr in _LONG_VRS:
+                length, pos = struct.unpack_from("<L", data, pos + 8)[0], pos + 12
+            else:
+                length, pos = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
+            if element == _TRANSFER_SYNTAX_ELEMENT:
+                transfer_syntax = data[pos:pos + length].rstrip(b"\0 ").decode("ascii", "replace")
+            pos += length
+    except struct.error:
+        raise MalformedDataset("truncated in the file meta information") from None
+    if pos > len(data):
+        raise MalformedDataset("truncated in the file meta information")
+    syntax = UID(transfer_syntax)
+    if not syntax.is_transfer_syntax:
+        raise MalformedDataset(f"the file meta information names no known transfer syntax ({transfer_syntax!r})")
+    body = data[pos:]
+    if syntax.is_deflated:
+        body = inflate(body)
+    check_structure(body, implicit=syntax.is_implicit_VR, little=syntax.is_little_endian)

@@ -172,11 +172,8 @@ def _get_or_create(session: Session, model: type, lookup: dict, values: dict):  
     return row
 
 
-def record_instance(session: Session, header: InstanceHeader, stored: StoredFile, *,
-                    transfer_syntax_uid: str, calling_ae_title: str = "",
-                    is_result: bool = False) -> tuple[Instance, bool]:
-    """Insert (or refresh) the rows for one archived instance. Returns the instance and whether
-    it re-opened a series that was already complete (a late instance)."""
+def _new_series(session: Session, header: InstanceHeader, is_result: bool) -> Series:
+    """The series row of ``header`` (and its study and patient rows, when they are new)."""
     patient = _get_or_create(session, Patient, {"patient_key": header.patient_key}, {
         "patient_id": header.patient_id, "issuer_of_patient_id": header.issuer_of_patient_id,
         "patient_name": header.patient_name, "birth_date": header.birth_date, "sex": header.sex})
@@ -184,11 +181,22 @@ def record_instance(session: Session, header: InstanceHeader, stored: StoredFile
         "patient_pk": patient.id, "study_date": header.study_date, "study_datetime": header.study_datetime,
         "accession_number": header.accession_number, "study_description": header.study_description,
         "patient_age": header.patient_age, "patient_weight_kg": header.patient_weight_kg})
-    series = _get_or_create(session, Series, {"series_uid": header.series_uid}, {
+    return _get_or_create(session, Series, {"series_uid": header.series_uid}, {
         "study_pk": study.id, "modality": header.modality, "body_part": header.body_part,
         "series_description": header.series_description, "protocol_name": header.protocol_name,
         "series_number": header.series_number, "frame_of_reference_uid": header.frame_of_reference_uid,
         "expected_count": header.expected_count, "is_result": is_result})
+
+
+def record_instance(session: Session, header: InstanceHeader, stored: StoredFile, *,
+                    transfer_syntax_uid: str, calling_ae_title: str = "",
+                    is_result: bool = False) -> tuple[Instance, bool]:
+    """Insert (or refresh) the rows for one archived instance. Returns the instance and whether
+    it re-opened a series that was already complete (a late instance)."""
+    # An existing series has its study and patient: one lookup for every instance after the first.
+    series = session.scalar(select(Series).where(Series.series_uid == header.series_uid))
+    if series is None:
+        series = _new_series(session, header, is_result)
     now = utcnow()
     reopened = series.state == SeriesState.complete
     series.last_received_at = now

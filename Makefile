@@ -3,6 +3,7 @@ VENV    ?= .venv
 PYTHON  ?= python3
 CONFIG  ?=
 PYTEST_ARGS ?=
+DEMO_DIR ?= var/demo
 
 .PHONY: install dev serve test test-quick demo bench clean
 
@@ -29,8 +30,9 @@ test: dev
 test-quick: dev
 	$(VENV)/bin/pytest -m "not slow and not browser" $(PYTEST_ARGS)
 
+# the guided synthetic demo (needs only `make install`; DCMTK's storescu is used when installed)
 demo: install
-	$(VENV)/bin/cradle demo $(if $(CONFIG),--config $(CONFIG))
+	$(VENV)/bin/cradle demo --workdir $(DEMO_DIR)
 
 bench: dev
 	$(VENV)/bin/python -m benchmarks.ingest

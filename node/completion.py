@@ -26,7 +26,7 @@ from pydicom.uid import (
     DigitalMammographyXRayImageStorageForProcessing, DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
 )
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import RoutingRule
@@ -36,7 +36,7 @@ from storage.audit import audit
 from storage.db import transaction
 from storage.index import InstanceHeader
 from storage.ingest import Outcome, StoreResult
-from storage.models import Instance, Series, SeriesState, utcnow
+from storage.models import Series, SeriesState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ class Completion:
         """Called by the C-STORE handler once an instance is committed."""
         if result.series_pk is None or result.outcome not in (Outcome.stored, Outcome.conflict_replaced):
             return None
-        if complete_on_arrival(header) or self._expected_count_reached(result.series_pk, header.expected_count):
+        expected_count_reached = (header.expected_count and result.series_instances is not None
+                                  and result.series_instances >= header.expected_count)
+        if complete_on_arrival(header) or expected_count_reached:
             return self.complete(result.series_pk)
         return None
 
@@ -121,14 +123,6 @@ class Completion:
                       reason="series complete again" if recompleted else "series complete")
             self._enqueue(job_ids)
         return Completed(series_pk, decision, tuple(job_ids), recompleted)
-
-    def _expected_count_reached(self, series_pk: int, expected: int | None) -> bool:
-        """Whether the index holds Images in Acquisition instances of the series (as this instance says)."""
-        if not expected:
-            return False
-        with self.sessions() as session:
-            count = session.scalar(select(func.count()).select_from(Instance).where(Instance.series_pk == series_pk))
-        return count >= expected
 
     def _enqueue(self, job_ids: Sequence[int]) -> None:
         """Hand the job ids to the queue (which notes ``Job.enqueued_at``); a failure leaves the job

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from pydicom import Dataset
 from pydicom.valuerep import DA, DT, TM
-from sqlalchemy import func, select
+from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -188,37 +188,75 @@ def _new_series(session: Session, header: InstanceHeader, is_result: bool) -> Se
         "expected_count": header.expected_count, "is_result": is_result})
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What recording one instance did."""
+
+    instance_pk: int
+    series_pk: int
+    study_pk: int
+    reopened: bool
+    """The series was complete: this is a late instance."""
+    series_instances: int | None
+    """How many instances the series holds now (with this one); counted only when the header says how
+    many to expect (Images in Acquisition), for completion."""
+
+
+_SERIES = Series.__table__
+_INSTANCE = Instance.__table__
+_SERIES_OF_UID = (select(_SERIES.c.id, _SERIES.c.study_pk, _SERIES.c.state, _SERIES.c.expected_count)
+                  .where(_SERIES.c.series_uid == bindparam("series_uid")))
+_INSTANCES_IN_SERIES = select(func.count()).select_from(_INSTANCE).where(_INSTANCE.c.series_pk == bindparam("series_pk"))
+_INSTANCE_COLUMNS = ("sop_class_uid", "instance_number", "view_position", "image_type", "acquisition_datetime",
+                     "rows", "columns", "number_of_frames")
+
+
 def record_instance(session: Session, header: InstanceHeader, stored: StoredFile, *,
                     transfer_syntax_uid: str, calling_ae_title: str = "",
-                    is_result: bool = False) -> tuple[Instance, bool]:
-    """Insert (or refresh) the rows for one archived instance. Returns the instance and whether
-    it re-opened a series that was already complete (a late instance)."""
-    # An existing series has its study and patient: one lookup for every instance after the first.
-    series = session.scalar(select(Series).where(Series.series_uid == header.series_uid))
-    if series is None:
+                    is_result: bool = False) -> Recorded:
+    """Insert (or refresh) the rows for one archived instance, in the caller's transaction.
+
+    Core statements, not ORM objects: this runs once per received instance, before the sender is
+    answered (``benchmarks/ingest.py``). The series row is updated before the instances are counted,
+    so on PostgreSQL two associations ending the same series take turns on its row lock, and the
+    second counts the first's instance."""
+    connection = session.connection()
+    row = connection.execute(_SERIES_OF_UID, {"series_uid": header.series_uid}).first()
+    if row is None:
         series = _new_series(session, header, is_result)
+        series_pk, study_pk, state, expected = series.id, series.study_pk, series.state, series.expected_count
+    else:
+        series_pk, study_pk, state, expected = row
     now = utcnow()
-    reopened = series.state == SeriesState.complete
-    series.last_received_at = now
+    reopened = SeriesState(state) == SeriesState.complete
+    changes: dict[str, object] = {"last_received_at": now}
     if reopened:
-        series.state = SeriesState.receiving
-    if header.expected_count and not series.expected_count:
-        series.expected_count = header.expected_count
-    instance = find_instance(session, header.sop_uid)
-    if instance is None:
-        instance = Instance(sop_uid=header.sop_uid, series_pk=series.id)
-        session.add(instance)
-    for key in ("sop_class_uid", "instance_number", "view_position", "image_type", "acquisition_datetime",
-                "rows", "columns", "number_of_frames"):
-        setattr(instance, key, getattr(header, key))
-    instance.transfer_syntax_uid = transfer_syntax_uid
-    instance.file_path = stored.relative_path
-    instance.file_size = stored.size
-    instance.sha256 = stored.sha256
-    instance.calling_ae_title = calling_ae_title
-    instance.received_at = now
-    session.flush()
-    return instance, reopened
+        changes["state"] = SeriesState.receiving
+    if header.expected_count and not expected:
+        changes["expected_count"] = header.expected_count
+    connection.execute(update(_SERIES).where(_SERIES.c.id == series_pk).values(**changes))
+    values = {key: getattr(header, key) for key in _INSTANCE_COLUMNS}
+    values.update(series_pk=series_pk, transfer_syntax_uid=transfer_syntax_uid, file_path=stored.relative_path,
+                  file_size=stored.size, sha256=stored.sha256, calling_ae_title=calling_ae_title, received_at=now)
+    instance_pk = _upsert_instance(connection, header.sop_uid, values)
+    count = (connection.execute(_INSTANCES_IN_SERIES, {"series_pk": series_pk}).scalar_one()
+             if header.expected_count else None)
+    return Recorded(instance_pk, series_pk, study_pk, reopened, count)
+
+
+def _upsert_instance(connection: Connection, sop_uid: str, values: dict[str, object]) -> int:
+    """The instance row's id, inserted, or updated in place when the SOP Instance UID is indexed."""
+    dialect = connection.dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        statement = insert(_INSTANCE).values(sop_uid=sop_uid, **values)
+        statement = statement.on_conflict_do_update(index_elements=["sop_uid"], set_=values)
+        return connection.execute(statement.returning(_INSTANCE.c.id)).scalar_one()
+    existing = connection.execute(select(_INSTANCE.c.id).where(_INSTANCE.c.sop_uid == sop_uid)).scalar()
+    if existing is None:
+        return connection.execute(_INSTANCE.insert().values(sop_uid=sop_uid, **values)).inserted_primary_key[0]
+    connection.execute(_INSTANCE.update().where(_INSTANCE.c.id == existing).values(**values))
+    return existing
 
 
 def counts(session: Session) -> dict[str, object]:

@@ -56,8 +56,8 @@ class Outcome(str, enum.Enum):
     conflict_rejected = "conflict_rejected"
 
 
-_ARCHIVED = select(Instance.sha256, Instance.file_path).where(Instance.sop_uid == bindparam("sop_uid"))
-_STUDY_OF_SERIES = select(Series.study_pk).where(Series.id == bindparam("series_pk"))
+_INSTANCE = Instance.__table__
+_ARCHIVED = select(_INSTANCE.c.sha256, _INSTANCE.c.file_path).where(_INSTANCE.c.sop_uid == bindparam("sop_uid"))
 
 
 class TransientStoreError(Exception):
@@ -72,6 +72,8 @@ class StoreResult:
     series_pk: int | None
     reopened: bool = False
     study_pk: int | None = None
+    series_instances: int | None = None
+    """Instances the series holds with this one (counted when the header gives the expected count)."""
 
 
 class Ingest:
@@ -98,16 +100,14 @@ class Ingest:
             pending = self.archive.write(header.relative_path, encoded)
             try:
                 with transaction(self.sessions) as session:
-                    existing = session.execute(_ARCHIVED, {"sop_uid": header.sop_uid}).first()
+                    existing = session.connection().execute(_ARCHIVED, {"sop_uid": header.sop_uid}).first()
                     not_stored = self._resend(existing, pending, header.sop_uid)
                     if not_stored is not None:
                         pending.discard()
                         return not_stored
-                    instance, reopened = record_instance(
+                    recorded = record_instance(
                         session, header, pending.stored, transfer_syntax_uid=transfer_syntax_uid,
                         calling_ae_title=calling_ae_title, is_result=is_result)
-                    instance_pk, series_pk = instance.id, instance.series_pk
-                    study_pk = session.scalar(_STUDY_OF_SERIES, {"series_pk": series_pk})
                     pending.commit()
             except BaseException:
                 pending.discard()
@@ -119,7 +119,8 @@ class Ingest:
             # overwrites it, or the startup sweep indexes it. Nothing is lost or half-written.
             raise TransientStoreError(f"index: {type(exc).__name__}") from exc
         outcome = Outcome.conflict_replaced if existing is not None else Outcome.stored
-        return StoreResult(outcome, header.sop_uid, instance_pk, series_pk, reopened, study_pk)
+        return StoreResult(outcome, header.sop_uid, recorded.instance_pk, recorded.series_pk, recorded.reopened,
+                           recorded.study_pk, recorded.series_instances)
 
     def _resend(self, existing: Row | None, pending: PendingFile, sop_uid: str) -> StoreResult | None:
         """The answer to a re-sent SOP Instance UID (``existing``: its archived hash and path) that

@@ -228,15 +228,20 @@ def test_sweep_reconciles_files_and_rows(ingest: Ingest, archive: Archive) -> No
 
 
 def test_concurrent_stores_all_succeed(ingest: Ingest) -> None:
-    """Parallel associations: SQLite write transactions begin IMMEDIATE and wait for each other."""
+    """Parallel associations: SQLite write transactions begin IMMEDIATE and wait for each other; on
+    PostgreSQL they take turns on the series row. Either way each store counts the instances before
+    it, so every count from 1 to 32 is seen once and the completion sees the whole series."""
     study, series = generate_uid(), generate_uid()
     datasets = [make_mr_slice(study_uid=study, series_uid=series, instance_number=i) for i in range(32)]
+    for ds in datasets:
+        ds.ImagesInAcquisition = len(datasets)
     errors: list[BaseException] = []
+    seen: list[int | None] = []
 
     def push(chunk: list[Dataset]) -> None:
         for ds in chunk:
             try:
-                store(ingest, ds)
+                seen.append(store(ingest, ds).series_instances)
             except BaseException as exc:  # noqa: BLE001 - collected and asserted below
                 errors.append(exc)
 
@@ -246,6 +251,7 @@ def test_concurrent_stores_all_succeed(ingest: Ingest) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
+    assert sorted(seen) == list(range(1, 33))
     with ingest.sessions() as session:
         assert counts(session) == {"patients": 1, "studies": 1, "series": 1, "instances": 32, "jobs": {}}
 

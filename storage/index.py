@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom import Dataset
 from pydicom.valuerep import DA, DT, TM
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, Insert, Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -204,11 +205,28 @@ class Recorded:
 
 _SERIES = Series.__table__
 _INSTANCE = Instance.__table__
-_SERIES_OF_UID = (select(_SERIES.c.id, _SERIES.c.study_pk, _SERIES.c.state, _SERIES.c.expected_count)
-                  .where(_SERIES.c.series_uid == bindparam("series_uid")))
-_INSTANCES_IN_SERIES = select(func.count()).select_from(_INSTANCE).where(_INSTANCE.c.series_pk == bindparam("series_pk"))
 _INSTANCE_COLUMNS = ("sop_class_uid", "instance_number", "view_position", "image_type", "acquisition_datetime",
                      "rows", "columns", "number_of_frames")
+_INSTANCE_VALUES = ("series_pk", *_INSTANCE_COLUMNS, "transfer_syntax_uid", "file_path", "file_size", "sha256",
+                    "calling_ae_title", "received_at")
+
+# Built once: a statement built per instance costs more than executing it.
+_SERIES_OF_UID = (select(_SERIES.c.id, _SERIES.c.study_pk, _SERIES.c.state, _SERIES.c.expected_count)
+                  .where(_SERIES.c.series_uid == bindparam("series_uid")).with_for_update())
+_TOUCH_SERIES = (update(_SERIES).where(_SERIES.c.id == bindparam("series_pk"))
+                 .values(last_received_at=bindparam("now"), state=bindparam("new_state"),
+                         expected_count=bindparam("new_expected_count")))
+_INSTANCES_IN_SERIES = select(func.count()).select_from(_INSTANCE).where(_INSTANCE.c.series_pk == bindparam("series_pk"))
+
+
+def _upsert(insert: Callable[[Table], Insert]) -> Insert:
+    statement = insert(_INSTANCE)
+    return (statement.on_conflict_do_update(index_elements=["sop_uid"],
+                                            set_={key: statement.excluded[key] for key in _INSTANCE_VALUES})
+            .returning(_INSTANCE.c.id))
+
+
+_UPSERT_INSTANCE = {"postgresql": _upsert(postgresql.insert), "sqlite": _upsert(sqlite.insert)}
 
 
 def record_instance(session: Session, header: InstanceHeader, stored: StoredFile, *,
@@ -217,9 +235,10 @@ def record_instance(session: Session, header: InstanceHeader, stored: StoredFile
     """Insert (or refresh) the rows for one archived instance, in the caller's transaction.
 
     Core statements, not ORM objects: this runs once per received instance, before the sender is
-    answered (``benchmarks/ingest.py``). The series row is updated before the instances are counted,
-    so on PostgreSQL two associations ending the same series take turns on its row lock, and the
-    second counts the first's instance."""
+    answered (``benchmarks/ingest.py``: the ORM's unit of work cost more than the rest of the
+    handler). The series row is read under a row lock (PostgreSQL; a SQLite write transaction holds
+    the database) and updated before the instances are counted: two associations ending the same
+    series take turns, and the second counts the first's instance."""
     connection = session.connection()
     row = connection.execute(_SERIES_OF_UID, {"series_uid": header.series_uid}).first()
     if row is None:
@@ -229,32 +248,27 @@ def record_instance(session: Session, header: InstanceHeader, stored: StoredFile
         series_pk, study_pk, state, expected = row
     now = utcnow()
     reopened = SeriesState(state) == SeriesState.complete
-    changes: dict[str, object] = {"last_received_at": now}
-    if reopened:
-        changes["state"] = SeriesState.receiving
-    if header.expected_count and not expected:
-        changes["expected_count"] = header.expected_count
-    connection.execute(update(_SERIES).where(_SERIES.c.id == series_pk).values(**changes))
+    connection.execute(_TOUCH_SERIES, {
+        "series_pk": series_pk, "now": now, "new_state": SeriesState.receiving if reopened else SeriesState(state),
+        "new_expected_count": expected or header.expected_count})
     values = {key: getattr(header, key) for key in _INSTANCE_COLUMNS}
-    values.update(series_pk=series_pk, transfer_syntax_uid=transfer_syntax_uid, file_path=stored.relative_path,
-                  file_size=stored.size, sha256=stored.sha256, calling_ae_title=calling_ae_title, received_at=now)
-    instance_pk = _upsert_instance(connection, header.sop_uid, values)
+    values.update(sop_uid=header.sop_uid, series_pk=series_pk, transfer_syntax_uid=transfer_syntax_uid,
+                  file_path=stored.relative_path, file_size=stored.size, sha256=stored.sha256,
+                  calling_ae_title=calling_ae_title, received_at=now)
+    instance_pk = _upsert_instance(connection, values)
     count = (connection.execute(_INSTANCES_IN_SERIES, {"series_pk": series_pk}).scalar_one()
              if header.expected_count else None)
     return Recorded(instance_pk, series_pk, study_pk, reopened, count)
 
 
-def _upsert_instance(connection: Connection, sop_uid: str, values: dict[str, object]) -> int:
-    """The instance row's id, inserted, or updated in place when the SOP Instance UID is indexed."""
-    dialect = connection.dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        statement = insert(_INSTANCE).values(sop_uid=sop_uid, **values)
-        statement = statement.on_conflict_do_update(index_elements=["sop_uid"], set_=values)
-        return connection.execute(statement.returning(_INSTANCE.c.id)).scalar_one()
-    existing = connection.execute(select(_INSTANCE.c.id).where(_INSTANCE.c.sop_uid == sop_uid)).scalar()
+def _upsert_instance(connection: Connection, values: dict[str, object]) -> int:
+    """The instance row's id, inserted, or updated in place when its SOP Instance UID is indexed."""
+    upsert = _UPSERT_INSTANCE.get(connection.dialect.name)
+    if upsert is not None:
+        return connection.execute(upsert, values).scalar_one()
+    existing = connection.execute(select(_INSTANCE.c.id).where(_INSTANCE.c.sop_uid == values["sop_uid"])).scalar()
     if existing is None:
-        return connection.execute(_INSTANCE.insert().values(sop_uid=sop_uid, **values)).inserted_primary_key[0]
+        return connection.execute(_INSTANCE.insert().values(**values)).inserted_primary_key[0]
     connection.execute(_INSTANCE.update().where(_INSTANCE.c.id == existing).values(**values))
     return existing
 

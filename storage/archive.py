@@ -27,6 +27,7 @@ order a file under its final name is always complete.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -75,13 +76,6 @@ def content_hash(data: Data) -> str:
     return digest.hexdigest()
 
 
-def _fsync_and_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _parts(data: Data) -> Sequence[bytes]:
     return (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
 
@@ -91,12 +85,13 @@ class PendingFile:
 
     ``commit()`` waits for the fsync, renames the file into place and fsyncs the directory;
     ``discard()`` removes it. Meanwhile the caller can do other work, e.g. prepare the index row
-    (which must be committed only after ``commit()``).
+    (which must be committed only after ``commit()``). Until then the file stays open and locked
+    (``flock``), which tells the startup sweep of another process that it is not abandoned.
     """
 
-    def __init__(self, archive: "Archive", relative: str, target: Path, temp: Path, size: int,
+    def __init__(self, archive: "Archive", relative: str, target: Path, temp: Path, fd: int, size: int,
                  digest: Future[str], synced: Future[None] | None) -> None:
-        self.archive, self.relative, self.target, self.temp = archive, relative, target, temp
+        self.archive, self.relative, self.target, self.temp, self._fd = archive, relative, target, temp, fd
         self.size, self._digest, self._synced = size, digest, synced
 
     @property
@@ -109,6 +104,7 @@ class PendingFile:
             if self._synced is not None:
                 self._synced.result()
             os.replace(self.temp, self.target)
+            self._close()
             if self.archive.fsync:
                 self.archive._fsync_dir(self.target.parent)
         except OSError as exc:
@@ -117,10 +113,18 @@ class PendingFile:
         return self.stored
 
     def discard(self) -> None:
-        """Remove the temporary file (a no-op after ``commit()``); an fsync still running finishes on
-        the unlinked file and closes it."""
+        """Remove the temporary file (a no-op after ``commit()``)."""
         with contextlib.suppress(OSError):  # e.g. ENOTDIR: then there is no temporary file either
             self.temp.unlink(missing_ok=True)
+        if self._synced is not None:
+            with contextlib.suppress(OSError):
+                self._synced.result()  # the fsync still running on the unlinked file, before its fd closes
+        self._close()
+
+    def _close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class Archive:
@@ -171,12 +175,13 @@ class Archive:
         parts = _parts(data)
         try:
             self._make_dirs(target.parent)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise ArchiveError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
         pool = self._background()
         digest = pool.submit(content_hash, parts)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held until the file takes its name or is removed (or we die)
             for part in parts:
                 view = memoryview(part)
                 while view:
@@ -186,12 +191,8 @@ class Archive:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise ArchiveError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
-        synced = None
-        if self.fsync:
-            synced = pool.submit(_fsync_and_close, fd)
-        else:
-            os.close(fd)
-        return PendingFile(self, relative, target, temp, sum(len(p) for p in parts), digest, synced)
+        synced = pool.submit(os.fsync, fd) if self.fsync else None
+        return PendingFile(self, relative, target, temp, fd, sum(len(p) for p in parts), digest, synced)
 
     def read(self, relative: str) -> bytes:
         return self.absolute(relative).read_bytes()
@@ -210,13 +211,17 @@ class Archive:
                       if not p.name.startswith("."))
 
     def remove_temporaries(self) -> int:
-        """Delete the temporary files an interrupted write left behind; return how many."""
+        """Delete the temporary files an interrupted write left behind; return how many.
+
+        A temporary file still locked belongs to a write in progress (a worker storing a result
+        while the listener restarts) and is left to it."""
         if not self.root.exists():
             return 0
         removed = 0
         for temp in self.root.rglob(f"*{TEMP_SUFFIX}"):
-            temp.unlink(missing_ok=True)
-            removed += 1
+            if _abandoned(temp):
+                temp.unlink(missing_ok=True)
+                removed += 1
         return removed
 
     def _make_dirs(self, directory: Path) -> None:
@@ -239,3 +244,18 @@ class Archive:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _abandoned(temp: Path) -> bool:
+    """Whether no writer holds ``temp`` (its lock can be taken)."""
+    try:
+        fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True

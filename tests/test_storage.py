@@ -10,6 +10,8 @@ import datetime as dt
 import os
 import signal
 import stat
+import subprocess
+import sys
 import threading
 from io import BytesIO
 from pathlib import Path
@@ -165,6 +167,37 @@ def test_a_forked_child_writes_with_threads_of_its_own(archive: Archive) -> None
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert archive.read("a/b/child.dcm") == b"child"
+
+
+_WRITER = """
+import sys
+from pathlib import Path
+from storage.archive import Archive
+pending = Archive(Path(sys.argv[1])).write("a/b/worker.dcm", b"a result being written")
+print("written", flush=True)
+sys.stdin.readline()
+pending.commit()
+"""
+
+
+def test_the_sweep_removes_abandoned_temporaries_and_leaves_a_write_in_progress(archive: Archive) -> None:
+    """The listener's startup sweep runs while a worker may be storing a result: only temporary files
+    nobody holds (their writer died) are removed."""
+    abandoned = archive.root / "a" / "b" / ".dead.dcm.0123.part"
+    abandoned.parent.mkdir(parents=True)
+    abandoned.write_bytes(b"cut short")
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(archive.root)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert writer.stdout.readline().strip() == "written"
+        assert Archive(archive.root).remove_temporaries() == 1
+        assert [p.name for p in temporaries(archive.root)] != [] and not abandoned.exists()
+        writer.communicate("commit\n", timeout=30)
+    finally:
+        writer.kill()
+    assert writer.returncode == 0
+    assert archive.read("a/b/worker.dcm") == b"a result being written"
+    assert temporaries(archive.root) == []
 
 
 def test_identical_resend_is_stored_once(ingest: Ingest, archive: Archive) -> None:

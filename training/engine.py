@@ -277,7 +277,11 @@ def memory_format_of(recipe: Recipe) -> torch.memory_format:
 
 
 def make_schedule(recipe: Recipe, steps_per_epoch: int, mode: str, epochs: int | None = None) -> Schedule:
-    return Schedule(recipe.schedule, total_steps=(epochs or recipe.epochs) * steps_per_epoch,
+    epochs = epochs or recipe.epochs
+    if recipe.schedule == "warmup_poly" and recipe.warmup_epochs >= epochs:
+        log.warning("warmup_epochs %g >= epochs %d: the learning rate never reaches lr %g (set warmup_epochs "
+                    "below epochs, or schedule=constant)", recipe.warmup_epochs, epochs, recipe.lr)
+    return Schedule(recipe.schedule, total_steps=epochs * steps_per_epoch,
                     warmup_steps=int(round(recipe.warmup_epochs * steps_per_epoch)), power=recipe.poly_power,
                     plateau_factor=recipe.plateau_factor, plateau_patience=recipe.plateau_patience, mode=mode)
 

@@ -23,9 +23,10 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 NEW_RADIOGRAPHS = 3
-VOLUME_TOLERANCE = 0.30
-"""Largest relative error of a lung volume against the phantom's truth: the demo's small U-Net at 64 px,
-trained in under a minute, over-segments the lung border (measured +13 % and +20 %)."""
+VOLUME_TOLERANCE = 0.20
+"""Largest relative error of a lung volume against the phantom's truth: the demo's small U-Net (64 px,
+8 training series, under half a minute of training) draws the lung border a little outside; measured
++11 % to +15 % (left) and +9 % to +10 % (right) over three runs."""
 
 
 def _cradle() -> list[str]:

@@ -12,8 +12,8 @@
    one MR slice with the received SEG over it, and ``summary.json``.
 
 Everything is synthetic and marked so: nothing here is clinical. The pneumonia model is not trained
-(to stay within a few minutes on two CPU cores): the radiograph SRs carry the BPD finding only and
-say which models produced them.
+(see TRAIN_SETTINGS): the radiograph SRs carry the BPD finding only and say which models produced
+them.
 """
 
 from __future__ import annotations
@@ -49,26 +49,30 @@ BANNER = "SYNTHETIC DEMO - NOT FOR CLINICAL USE"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_STORAGE = ("1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34")
 
-# The synthetic archive: radiographs at 128 px (the models' input size; the texture signal survives),
-# 30 % of them other views than a frontal chest (so that the view model sees every class often
+# The synthetic archive: radiographs at 128 px (the models read them at 64 px; the texture signal survives),
+# a quarter of them other views than a frontal chest (so that the view model sees every class often
 # enough), MR series of 16 slices of 64 x 64. NEW_RADIOGRAPHS day-1 frontal chest films and one MR
 # series are kept aside and pushed after training, as the "new" studies the node reports on.
-ARCHIVE = {"n_cxr": 240, "n_mri": 9, "seed": 11, "cxr_size": 128, "mri_shape": (16, 64, 64), "non_chest_share": 0.3}
+ARCHIVE = {"n_cxr": 300, "n_mri": 9, "seed": 11, "cxr_size": 128, "mri_shape": (16, 64, 64), "non_chest_share": 0.25}
 NEW_RADIOGRAPHS = 3
 
-# Small recipes (measured on 2 CPU cores): every setting is a `cradle train --set`, the gate is the
-# recipe's own (floors: view AUROC 0.8, BPD AUROC 0.7, lung Dice 0.8).
-_FAST = ["folds=2", "strategy=full", "init=random", "batch_size=16", "optimizer=adamw", "lr=1e-3",
-         "weight_decay=1e-4", "schedule=constant", "warmup_epochs=0", "cutmix_prob=0", "precise_bn_batches=4",
-         "bootstrap=200"]
-_NO_AUGMENT = "{affine_prob: 0, brightness: 0, contrast: 0, gamma: 0, noise_std: 0, blur_prob: 0, sharpen_prob: 0}"
+# Small recipes (measured on 2 CPU cores): every setting is a `cradle train --set`; the promotion gate
+# is the recipe's own (floors: view macro AUROC 0.8, BPD AUROC 0.7, lung Dice 0.8 on held-out patients).
+# BPD at 64 px, 3 folds, at most 10 epochs: about 20 s; held-out AUROC 0.883 on this archive (seed 11) and
+# 0.946, 0.950, 0.889 on the same archive generated with seeds 12-14 (at 128 px: 0.895-0.980 in 45 s; with
+# 2 folds and 8 epochs at 128 px: 0.727, too close to the floor). The pneumonia model is not trained: in a
+# run of this size it stayed below its floor (held-out AUROC 0.42 with the BPD settings, 2 folds), and the
+# cxr pipeline runs with BPD alone.
+_SMALL = ["strategy=full", "init=random", "batch_size=16", "optimizer=adamw", "lr=1e-3", "weight_decay=1e-4",
+          "schedule=constant", "warmup_epochs=0", "cutmix_prob=0", "precise_bn_batches=4", "bootstrap=200"]
+_PLAIN = "affine_prob: 0, brightness: 0, contrast: 0, gamma: 0, noise_std: 0, blur_prob: 0, sharpen_prob: 0"
 TRAIN_SETTINGS: dict[str, list[str]] = {
-    "view": ["arch=resnet10t", "image_size=64", "epochs=6", *_FAST, "seed=1", f"augment={_NO_AUGMENT}"],
-    "bpd": ["arch=resnet10t", "image_size=128", "epochs=8", "min_epochs=5", "early_stopping_patience=2", *_FAST,
-            "augment={hflip: 0.5, " + _NO_AUGMENT[1:]],
-    "lung-seg": ["arch=flexible_unet_resnet18", "image_size=64", "epochs=8", "min_epochs=6",
-                 "early_stopping_patience=2", "folds=2", "batch_size=16", "lr=1e-3", "precise_bn_batches=2",
-                 "bootstrap=200"],
+    "view": ["arch=resnet10t", "image_size=64", "folds=2", "epochs=6", *_SMALL, "seed=1",
+             f"augment={{hflip: 0, {_PLAIN}}}"],
+    "bpd": ["arch=resnet10t", "image_size=64", "folds=3", "epochs=10", "min_epochs=6", "early_stopping_patience=3",
+            *_SMALL, f"augment={{hflip: 0.5, {_PLAIN}}}"],
+    "lung-seg": ["arch=flexible_unet_resnet18", "image_size=64", "folds=2", "epochs=8", "min_epochs=6",
+                 "early_stopping_patience=2", "batch_size=8", "lr=1e-3", "precise_bn_batches=2", "bootstrap=200"],
 }
 
 
@@ -332,8 +336,8 @@ def train_models(config: Path, log: TextIO) -> dict[str, dict[str, Any]]:
     trained = {}
     for task, overrides in TRAIN_SETTINGS.items():
         sets = [arg for item in overrides for arg in ("--set", item)]
-        print(f"   cradle train {task} {' '.join(f'--set {item!r}' if ' ' in item else f'--set {item}' for item in overrides)}",
-              file=log, flush=True)
+        quoted = (f"--set {item!r}" if " " in item else f"--set {item}" for item in overrides)
+        print(f"   cradle train {task} {' '.join(quoted)}", file=log, flush=True)
         started = time.monotonic()
         code, out = cradle(config, log, "train", task, *sets, "--json")
         if code != 0:
@@ -371,7 +375,12 @@ class Steps:
             self._step = None
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # runs the clean-up below: the node and the PACS are stopped
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:  # noqa: ARG001 - the demo makes its own config
+    signal.signal(signal.SIGTERM, _stop)
     paths = DemoPaths(Path(getattr(args, "workdir", None) or "var/demo").resolve())
     if paths.root.exists():
         shutil.rmtree(paths.root)

@@ -128,7 +128,8 @@ def radiograph_result(ds: Dataset, truth: dict[str, Any]) -> dict[str, Any]:
     expected = _study(truth, ds.StudyInstanceUID)
     view, findings = radiograph_findings(ds)
     return {"sop_instance_uid": str(ds.SOPInstanceUID), "study_uid": str(ds.StudyInstanceUID),
-            "series_description": str(ds.get("SeriesDescription", "")), "models": (coded_values(ds).get("Device Observer Model Name") or [""])[0],
+            "series_description": str(ds.get("SeriesDescription", "")),
+            "models": (coded_values(ds).get("Device Observer Model Name") or [""])[0],
             "view": view, "findings": findings,
             "synthetic_labels": {k: expected.get(k) for k in ("bpd", "pneumonia")}}
 
@@ -204,7 +205,8 @@ def report(received: list[Path], truth: dict[str, Any], mr_dir: Path, png: Path,
                               "mr": None, "png": None}
     for path, ds in datasets:
         result["received"].append({"file": path.name, "sop_class_uid": str(ds.SOPClassUID),
-                                   "modality": str(ds.Modality), "series_description": str(ds.get("SeriesDescription", "")),
+                                   "modality": str(ds.Modality),
+                                   "series_description": str(ds.get("SeriesDescription", "")),
                                    "study_uid": str(ds.StudyInstanceUID)})
     for _, ds in srs:
         study = _study(truth, ds.StudyInstanceUID)

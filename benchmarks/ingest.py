@@ -1,6 +1,6 @@
 """Ingest benchmark: the node against a minimal pynetdicom SCP, pushed the same files by DCMTK storescu.
 
-    python -m benchmarks.ingest [--count 300] [--size-mb 2] [--repeat 2] [--pdu 262144] [--json]
+    python -m benchmarks.ingest [--count 300] [--size-mb 2] [--repeat 5] [--pdu 262144] [--json]
                                 [--no-fsync]
 
 The minimal SCP only writes ``event.encoded_dataset()`` to a file (no fsync, no index). The node
@@ -293,7 +293,7 @@ def _discard(directory: Path) -> None:
     os.sync()
 
 
-def run(count: int = 300, size_mb: float = 2.0, repeat: int = 2, max_pdu: int = DEFAULT_PDU,
+def run(count: int = 300, size_mb: float = 2.0, repeat: int = 5, max_pdu: int = DEFAULT_PDU,
         workdir: Path | None = None, node_fsync: bool = True) -> BenchReport:
     """Generate the files, push them alternately to both receivers ``repeat`` times each, report."""
     with tempfile.TemporaryDirectory(prefix="cradle-bench-", dir=workdir) as tmp:
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ingest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=300, help="MR slices (default 300)")
     parser.add_argument("--size-mb", type=float, default=2.0, help="size of one slice (default 2 MB)")
-    parser.add_argument("--repeat", type=int, default=2, help="pushes to each receiver (default 2)")
+    parser.add_argument("--repeat", type=int, default=5, help="pushes to each receiver (default 5)")
     parser.add_argument("--pdu", type=int, default=DEFAULT_PDU, help="max PDU both receivers accept")
     parser.add_argument("--workdir", type=Path, default=None, help="where the temporary files go")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -13,8 +13,8 @@ Only then may the index row be committed and the sender be told success (``stora
 Why not rename first and let the file's fsync carry the rename too (on ext4 and XFS it commits
 the journal transaction holding an earlier rename), making the directory fsync cheap? Measured on
 this machine (ext4, data=ordered, a virtio disk with a write-back cache, other processes writing):
-the file's fsync (2 MB: about 2 ms of data) runs while the row is prepared and is hidden behind it;
-what the writer waits for is the directory fsync, 0.2 ms at best and 1–4 ms (median) under load,
+the file's fsync (2 MB: about 2 ms of data) runs while the row is prepared and is mostly hidden
+behind it; what the writer waits for is the directory fsync, 0.2 ms at best and 1–4 ms (median) under load,
 because each fsync ends with a flush of the device's write-back cache. After a rename-first reorder
 the directory fsync still flushes that cache and cost about the same (p10 0.14–0.58 against
 0.41–0.60 ms, median 2.8–3.6 against 3.5–3.8 ms; 150 instances, three runs each way). So the
@@ -131,9 +131,9 @@ class Archive:
     """Files under ``root``, written durably (the module's docstring has the order and the why).
 
     Hashing and fsyncing run on a pool of threads owned by the archive (both release the GIL),
-    beside the writer's own work: for a 2 MB instance the disk needs about 2 ms for the data and
-    SHA-256 about 2 ms of CPU, about as long as preparing the index row takes. Handing work to a
-    waiting thread costs less than starting one per write; the pool grows only with concurrent writes.
+    beside the writer's own work (reading the index, preparing the row): for a 2 MB instance the
+    disk needs about 2 ms for the data and SHA-256 1–2 ms of CPU. Handing work to a waiting thread
+    costs less than starting one per write; the pool grows only with concurrent writes.
     """
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydicom import Dataset
 from pydicom.valuerep import DA, DT, TM
-from sqlalchemy import Connection, Insert, Table, bindparam, func, select, update
+from sqlalchemy import Connection, Insert, Row, Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -144,10 +144,6 @@ class InstanceHeader:
         return f"{self.issuer_of_patient_id}|{self.patient_id}|{birth}"
 
 
-def find_instance(session: Session, sop_uid: str) -> Instance | None:
-    return session.scalar(select(Instance).where(Instance.sop_uid == sop_uid))
-
-
 def _get_or_create(session: Session, model: type, lookup: dict, values: dict):  # noqa: ANN202
     """The row matching ``lookup``, created with ``values`` if absent (safe against a concurrent insert).
 
@@ -217,6 +213,7 @@ _TOUCH_SERIES = (update(_SERIES).where(_SERIES.c.id == bindparam("series_pk"))
                  .values(last_received_at=bindparam("now"), state=bindparam("new_state"),
                          expected_count=bindparam("new_expected_count")))
 _INSTANCES_IN_SERIES = select(func.count()).select_from(_INSTANCE).where(_INSTANCE.c.series_pk == bindparam("series_pk"))
+_ARCHIVED_COPY = select(_INSTANCE.c.sha256, _INSTANCE.c.file_path).where(_INSTANCE.c.sop_uid == bindparam("sop_uid"))
 
 
 def _upsert(insert: Callable[[Table], Insert]) -> Insert:
@@ -227,6 +224,11 @@ def _upsert(insert: Callable[[Table], Insert]) -> Insert:
 
 
 _UPSERT_INSTANCE = {"postgresql": _upsert(postgresql.insert), "sqlite": _upsert(sqlite.insert)}
+
+
+def archived_copy(session: Session, sop_uid: str) -> Row | None:
+    """The hash and file path (``sha256``, ``file_path``) indexed for a SOP Instance UID, if any."""
+    return session.connection().execute(_ARCHIVED_COPY, {"sop_uid": sop_uid}).first()
 
 
 def record_instance(session: Session, header: InstanceHeader, stored: StoredFile, *,

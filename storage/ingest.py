@@ -35,14 +35,14 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import Row, bindparam, select
+from sqlalchemy import Row
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.archive import Archive, ArchiveError, Data, PendingFile, StoredFile, content_hash
 from storage.db import transaction
 from storage.dicomfile import check_file
-from storage.index import InstanceHeader, record_instance
+from storage.index import InstanceHeader, archived_copy, record_instance
 from storage.models import Instance, Series
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ class Outcome(str, enum.Enum):
     conflict_kept = "conflict_kept"    # different dataset under an archived SOP Instance UID, first kept
     conflict_replaced = "conflict_replaced"
     conflict_rejected = "conflict_rejected"
-
-
-_INSTANCE = Instance.__table__
-_ARCHIVED = select(_INSTANCE.c.sha256, _INSTANCE.c.file_path).where(_INSTANCE.c.sop_uid == bindparam("sop_uid"))
 
 
 class TransientStoreError(Exception):
@@ -100,7 +96,7 @@ class Ingest:
             pending = self.archive.write(header.relative_path, encoded)
             try:
                 with transaction(self.sessions) as session:
-                    existing = session.connection().execute(_ARCHIVED, {"sop_uid": header.sop_uid}).first()
+                    existing = archived_copy(session, header.sop_uid)
                     not_stored = self._resend(existing, pending, header.sop_uid)
                     if not_stored is not None:
                         pending.discard()

@@ -275,7 +275,7 @@ def time_node(files_dir: Path, workdir: Path, max_pdu: int, expected: int,
     nodedir.mkdir()
     port = free_port()
     config = node_config(nodedir, port, max_pdu, fsync)
-    command = [sys.executable, "-m", "node.cli", "listen", "--config", str(config)]
+    command = [sys.executable, "-m", "cradle.cli", "listen", "--config", str(config)]
     try:
         with running(command, port, NODE_AE, workdir / "node.log") as receiver:
             timing = timed_push(files_dir, port, NODE_AE, receiver)

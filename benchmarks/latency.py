@@ -59,7 +59,7 @@ def free_port() -> int:
 
 
 def cradle(config: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node.cli", *args, "--config", str(config)],
+    return subprocess.run([sys.executable, "-m", "cradle.cli", *args, "--config", str(config)],
                           check=True, capture_output=True, text=True)
 
 
@@ -193,7 +193,7 @@ def measure(slices: int, repeat: int, folder: Path) -> dict[str, object]:
     import_test_weights(config, folder)
     destination = Destination(folder / "pacs", pacs_port)
     destination.start()
-    node = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
+    node = subprocess.Popen([sys.executable, "-m", "cradle.cli", "serve", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sessions = session_factory(create_db_engine(f"sqlite:///{folder / 'c.db'}"))
     rounds: dict[str, list[Round]] = {"cr": [], "mr": []}

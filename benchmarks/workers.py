@@ -107,7 +107,7 @@ def run(jobs: int, cpu_seconds: float, workdir: Path, database_url: str | None =
     from fake_pipelines import make_cr
 
     from config.settings import load_settings
-    from inference.queue import JobQueue
+    from node.queue import JobQueue
     from storage.archive import Archive
     from storage.db import open_index
     from storage.ingest import Ingest

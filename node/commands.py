@@ -1,6 +1,6 @@
 """``cradle listen``, ``cradle status`` and ``cradle config check``.
 
-Each function takes the parsed arguments and the loaded settings (``node.cli`` loads them and
+Each function takes the parsed arguments and the loaded settings (``cradle.cli`` loads them and
 answers exit code 2 with the bad key named when the configuration is invalid) and returns the exit
 code. Nothing here imports torch.
 """
@@ -8,8 +8,6 @@ code. Nothing here imports torch.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
 import signal
 import sys
@@ -19,7 +17,10 @@ from contextlib import contextmanager
 
 import yaml
 
+from common.logs import protect_logs
 from config.settings import Settings
+from node.queue import JobQueue
+from node.server import Listener
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,6 @@ EXIT_FAILURE = 1
 
 def listen(args: argparse.Namespace, settings: Settings) -> int:
     """The listener and the completion monitor, in the foreground until SIGTERM or SIGINT."""
-    quiet_migrations()
-    from node.server import Listener, protect_logs  # after quieting: importing alembic logs at INFO
-
     protect_logs()
     listener = Listener(settings, enqueue=load_enqueue(settings))
     stopping = threading.Event()
@@ -53,22 +51,14 @@ def listen(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def load_enqueue(settings: Settings) -> Enqueue | None:
-    """``inference.queue.JobQueue(settings).enqueue`` when that module exists; otherwise None and the
-    jobs wait in the database (state ``queued``) for the reconciler."""
-    if importlib.util.find_spec("inference.queue") is None:
-        log.info("inference.queue not installed: jobs stay queued in the database for the reconciler")
-        return None
+    """``JobQueue(settings).enqueue``; None when the broker cannot be reached, and the jobs wait in
+    the database (state ``queued``) for the reconciler."""
     try:
-        queue = importlib.import_module("inference.queue").JobQueue(settings)
+        queue = JobQueue(settings)
     except Exception as exc:  # noqa: BLE001 - a broker that is down must not stop the listener
         log.warning("job queue unavailable (%s): jobs stay queued for the reconciler", type(exc).__name__)
         return None
     return queue.enqueue
-
-
-def quiet_migrations() -> None:
-    """Alembic announces every plugin at INFO; only its warnings matter to an operator."""
-    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger("alembic").level))
 
 
 @contextmanager
@@ -92,14 +82,13 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
     and outcomes by pipeline and model version, dispatch, sends by destination, recent failures.
     ``--json`` keeps ``patients``, ``studies``, ``series``, ``instances``, ``jobs`` (state → count) and
     adds the rest under their own keys. The same numbers as the Prometheus endpoint (storage.stats)."""
-    quiet_migrations()
     from storage.db import open_index
 
     sessions = open_index(settings.storage.database_url)
     with sessions() as session:
         summary = status_summary(session)
     if getattr(args, "json", False):
-        from node.cli import print_json
+        from common.output import print_json
         print_json(summary)
     else:
         print(format_status(summary))

@@ -30,7 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import RoutingRule
-from node.logs import log_context
+from common.logs import log_context
 from node.routing import RoutingDecision, route_series
 from storage.audit import audit
 from storage.db import transaction

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Destination, DispatchSettings, Settings
 from node import sender
-from node.logs import log_context
+from common.logs import log_context
 from node.sender import Outgoing, SendOutcome
 from storage.audit import audit
 from storage.archive import Archive

@@ -34,7 +34,7 @@ from pynetdicom import evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 
-from node.logs import log_context
+from common.logs import log_context
 from storage.audit import audit
 from storage.dicomfile import MalformedDataset, check_structure, inflate
 from storage.index import InstanceHeader, MissingIdentifiers

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import signal
 import sys
@@ -18,8 +17,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from common.output import print_json
 from config.settings import Settings
-from inference import jobs
+from storage import jobs
 from storage.db import open_index
 from storage.models import Job, JobState, Send, Series
 
@@ -69,7 +69,7 @@ def jobs_list(args: argparse.Namespace, settings: Settings) -> int:
     with sessions() as session:
         listed = [job_summary(job, series) for job, series in _rows(session, state)]
     if getattr(args, "json", False):
-        _print_json(listed)
+        print_json(listed)
     else:
         _print_table(listed)
     return 0
@@ -96,7 +96,7 @@ def jobs_show(args: argparse.Namespace, settings: Settings) -> int:
         shown["result"] = job.result
         shown["sends"] = [send_summary(s) for s in session.scalars(
             select(Send).where(Send.job_pk == job.id).order_by(Send.id))]
-    _print_json(shown)
+    print_json(shown)
     return 0
 
 
@@ -108,7 +108,7 @@ def jobs_retry(args: argparse.Namespace, settings: Settings) -> int:
         print(f"cradle: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if action == jobs.RetryAction.rerun:
-        from inference.queue import BrokerUnavailable, JobQueue
+        from node.queue import BrokerUnavailable, JobQueue
 
         queue = JobQueue(settings, sessions)
         try:
@@ -143,7 +143,3 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     log.info("dispatcher stopped")
     return 0
 
-
-def _print_json(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")

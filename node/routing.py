@@ -193,7 +193,7 @@ def create_jobs(session: Session, series_pk: int, pipelines: Iterable[str]) -> l
 def requeue_jobs(session: Session, series_pk: int, pipelines: Iterable[str]) -> list[int]:
     """The jobs of a re-completed series are superseded: ``generation + 1``. One that is not running
     goes back to ``queued`` (attempts and error reset); a running one keeps its lease, and its worker
-    re-queues it when it finishes, seeing the generation moved (``inference.jobs.complete``). Returns
+    re-queues it when it finishes, seeing the generation moved (``storage.jobs.complete``). Returns
     the ids of the re-queued jobs (to enqueue)."""
     pipelines = list(pipelines)
     if not pipelines:

@@ -63,7 +63,7 @@ class Supervisor:
 
 
 def part_commands(config: str | None) -> dict[str, list[str]]:
-    base = [sys.executable, "-m", "node.cli"]
+    base = [sys.executable, "-m", "cradle.cli"]
     config_args = ["--config", config] if config else []
     return {part: [*base, part, *config_args] for part in PARTS}
 

@@ -16,18 +16,17 @@ import logging
 import ssl
 import threading
 import time
-import warnings
 from collections.abc import Callable
 
 from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import AllTransferSyntaxes, MediaStorageDirectoryStorage
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.logs import protect_logs
 from config.settings import NodeSettings, Settings
 from node import handlers
 from node.completion import Completion, CompletionMonitor
@@ -40,16 +39,6 @@ from storage.ingest import Ingest, SweepReport
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[int], None]
-
-
-def protect_logs() -> None:
-    """Keep patient identifiers out of the logs of libraries that would print them."""
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger("pynetdicom").level))
-    logging.getLogger("pydicom").setLevel(max(logging.ERROR, logging.getLogger("pydicom").level))
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
-    # pynetdicom's "standard" handlers dump every PDU and DIMSE message (identifiers included) to its
-    # logger; held at WARNING they print nothing, so do not bind them at all.
-    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
 
 
 def storage_sop_classes() -> list[str]:

@@ -1,7 +1,7 @@
 """A cradle deployment for tests and benchmarks: its own redis-server, and the node's parts
 (``cradle listen``, ``cradle worker``, ``cradle dispatch`` or ``cradle serve``) as real subprocesses.
 
-The parts run the real ``node.cli`` entry point. A ``sitecustomize`` module on their PYTHONPATH
+The parts run the real ``cradle.cli`` entry point. A ``sitecustomize`` module on their PYTHONPATH
 registers the stand-in pipelines of ``fake_pipelines`` in every part (and, with
 ``CRADLE_TEST_LIGHT_HOST=1``, a pipeline host that does not import torch), so that even the
 children ``cradle serve`` starts can run them.
@@ -113,7 +113,7 @@ class Part:
 
     def start(self) -> "Part":
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "node.cli", self.part, "--config", str(self.config)],
+            self.process = subprocess.Popen([sys.executable, "-m", "cradle.cli", self.part, "--config", str(self.config)],
                                             env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True, cwd=self.config.parent)
         return self

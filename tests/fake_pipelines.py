@@ -146,15 +146,15 @@ def register() -> None:
 
     pipelines.PIPELINES.update(FAKE_PIPELINES)
     if os.environ.get("CRADLE_TEST_LIGHT_HOST") == "1":
-        from inference import queue
+        from inference import worker
 
-        queue._default_pipeline_host = lambda _settings: FakeHost(_run_by_name)
+        worker._default_pipeline_host = lambda _settings: FakeHost(_run_by_name)
 
 
 def _run_by_name(pipeline: str, sources: list[Dataset]) -> Any:
     classes = {"test-copy": CopyPipeline, "test-nomodel": NoModelPipeline}
     if pipeline not in classes:
-        from inference.queue import UnknownPipeline
+        from inference.worker import UnknownPipeline
 
         raise UnknownPipeline(pipeline)
     return classes[pipeline]().run(sources, None)
@@ -189,6 +189,6 @@ def write_config(settings: Settings, path: Path) -> Path:
 def worker_command(config: Path) -> list[str]:
     """``cradle worker --config CONFIG`` with the fake pipelines registered first."""
     code = (f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); import fake_pipelines; "
-            f"fake_pipelines.register(); from node.cli import main; "
+            f"fake_pipelines.register(); from cradle.cli import main; "
             f"sys.exit(main(['worker', '--config', {str(config)!r}]))")
     return [sys.executable, "-c", code]

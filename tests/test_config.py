@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel
 
 from config.settings import CallingAE, Settings, load_settings
-from node.cli import main
+from cradle.cli import main
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "cradle.example.yaml"
 

@@ -31,7 +31,7 @@ VOLUME_TOLERANCE = 0.20
 
 def _cradle() -> list[str]:
     script = Path(sys.executable).parent / "cradle"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "node.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "cradle.cli"]
 
 
 def _png_size(path: Path) -> tuple[int, int]:

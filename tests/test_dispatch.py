@@ -34,8 +34,8 @@ from fake_pipelines import FakeHost, make_cr, write_config  # noqa: E402
 from test_queue import Node, WorkerProcess, make_node, make_settings, wait_for  # noqa: E402
 
 from config.settings import Settings  # noqa: E402
-from inference import jobs  # noqa: E402
-from inference.queue import JobQueue  # noqa: E402
+from storage import jobs  # noqa: E402
+from node.queue import JobQueue  # noqa: E402
 from node import jobs_commands  # noqa: E402
 from node.dispatch import Dispatcher, backoff  # noqa: E402
 from node.sender import Outgoing, send  # noqa: E402
@@ -331,7 +331,7 @@ def test_a_skipped_job_sends_nothing(tmp_path: Path, scps: list[StoreSCP]) -> No
 
 
 def dispatcher_command(config: Path) -> list[str]:
-    """``cradle dispatch --config CONFIG`` (called directly until node.cli points at it)."""
+    """``cradle dispatch --config CONFIG`` (called directly)."""
     code = (f"import logging, sys; from config.settings import load_settings; "
             f"from node import jobs_commands; logging.basicConfig(level='INFO'); "
             f"sys.exit(jobs_commands.dispatch(None, load_settings({str(config)!r})))")

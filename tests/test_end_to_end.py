@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
 
 from conftest import free_port, require
-from training.demo import Pacs
+from cradle.demo import Pacs
 from training.synth import generate
 
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -72,7 +72,7 @@ def test_storescu_to_cradle_serve_to_destination(tmp_path: Path) -> None:
 
     pacs = Pacs(tmp_path / "pacs", pacs_port)
     pacs.start()
-    node = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
+    node = subprocess.Popen([sys.executable, "-m", "cradle.cli", "serve", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"))
     try:
         def push(*files: Path, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

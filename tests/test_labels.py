@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
-from node.cli import main
+from cradle.cli import main
 from storage.archive import Archive
 from storage.db import open_index, transaction
 from storage.index import InstanceHeader

@@ -515,7 +515,7 @@ def test_sigkill_mid_transfer_leaves_nothing_half_written(node_settings: Setting
 
 @contextlib.contextmanager
 def cradle_listen(config: Path, port: int) -> Iterator[subprocess.Popen]:
-    process = subprocess.Popen([sys.executable, "-m", "node.cli", "listen", "--config", str(config)],
+    process = subprocess.Popen([sys.executable, "-m", "cradle.cli", "listen", "--config", str(config)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for_echo(port, process)

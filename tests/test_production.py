@@ -279,7 +279,7 @@ def test_two_workers_share_one_queue_and_no_job_runs_twice(tmp_path: Path, own_r
     from test_queue import make_node
 
     from config.settings import load_settings
-    from inference.queue import JobQueue
+    from node.queue import JobQueue
 
     values = node_values(tmp_path, port=free_port(), database_url=pg_url, broker_url=own_redis.url)
     deployment = Deployment.create(tmp_path, values, CRADLE_TEST_SLEEP="0.05")

@@ -32,8 +32,9 @@ import fake_pipelines  # noqa: E402
 from fake_pipelines import FakeHost, make_cr, worker_command, write_config  # noqa: E402
 
 from config.settings import Settings, load_settings  # noqa: E402
-from inference import jobs  # noqa: E402
-from inference.queue import BrokerUnavailable, JobQueue, JobRunner, celery_config  # noqa: E402
+from storage import jobs  # noqa: E402
+from inference.worker import JobRunner  # noqa: E402
+from node.queue import BrokerUnavailable, JobQueue, celery_config  # noqa: E402
 from storage.archive import Archive  # noqa: E402
 from storage.db import open_index  # noqa: E402
 from storage.ingest import Ingest  # noqa: E402
@@ -213,7 +214,7 @@ def round_trip(node: Node, workers: list[WorkerProcess], env: dict[str, str] | N
 def test_celery_config_follows_the_settings(tmp_path: Path) -> None:
     embedded = celery_config(make_settings(tmp_path))
     assert embedded["broker_url"] == f"sqlite:///{tmp_path / 'broker.db'}"
-    assert embedded["broker_transport"] == "inference.queue:EmbeddedTransport"
+    assert embedded["broker_transport"] == "node.queue:EmbeddedTransport"
     assert embedded["task_acks_late"] and embedded["task_reject_on_worker_lost"]
     assert embedded["worker_prefetch_multiplier"] == 1 and embedded["task_time_limit"] == 60
     assert embedded["result_backend"] is None and embedded["task_ignore_result"]
@@ -223,7 +224,7 @@ def test_celery_config_follows_the_settings(tmp_path: Path) -> None:
 
 
 def test_queue_module_does_not_import_torch() -> None:
-    code = ("import sys, inference.queue, inference.jobs, node.dispatch, node.sender, node.jobs_commands; "
+    code = ("import sys, node.queue, storage.jobs, inference.worker, node.dispatch, node.sender, node.jobs_commands; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
@@ -376,7 +377,7 @@ def test_no_active_model_is_skipped_with_the_reason_and_nothing_made(node: Node)
 def test_the_real_cxr_pipeline_without_models_is_skipped(node: Node) -> None:
     """The real pipeline host and ``cxr`` pipeline, with an empty model registry."""
     pytest.importorskip("inference.pipelines.cxr")
-    from inference.queue import PipelineHost
+    from inference.worker import PipelineHost
 
     series_pk, _ = node.add_series()
     job_id = node.add_job(series_pk, "cxr")
@@ -412,7 +413,7 @@ def test_a_library_error_quoting_a_value_keeps_it_out_of_the_job_and_the_log(
     """pydicom and Python quote the value they could not convert; it may be a name or an ID."""
     from pydicom.valuerep import DS
 
-    from node.logs import JsonFormatter, TextFormatter
+    from common.logs import JsonFormatter, TextFormatter
 
     series_pk, _ = node.add_series()
     job_id = node.add_job(series_pk)
@@ -539,7 +540,7 @@ def test_broker_down_leaves_the_job_for_the_reconciler(tmp_path: Path) -> None:
 
 
 def test_an_unknown_pipeline_fails_at_once(node: Node) -> None:
-    from inference.queue import PipelineHost
+    from inference.worker import PipelineHost
 
     pytest.importorskip("inference.pipelines.cxr")
     job_id = node.add_job(node.add_series()[0], "no-such-pipeline")

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from inference.models import create_model, view_taxonomy
 from inference.registry import (InputSpec, ModelCache, ModelLoadError, ModelRegistry, NoActiveModel, NotValidated,
                                 RegistryError, WeightsIntegrityError)
-from node.cli import main
+from cradle.cli import main
 
 SPEC = InputSpec(image_size=128)
 

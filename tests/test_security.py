@@ -300,7 +300,7 @@ def _mode(path: Path) -> int:
 def test_files_and_databases_are_created_owner_only(node_settings: Settings, tmp_path: Path, trail: Path) -> None:
     """Even under a permissive umask (022): archive files 0600 and directories 0700, the SQLite index
     (and its WAL) and the embedded broker 0600, the audit trail 0600."""
-    from inference.queue import JobQueue
+    from node.queue import JobQueue
 
     previous = os.umask(0o022)
     try:
@@ -335,7 +335,7 @@ def test_files_and_databases_are_created_owner_only(node_settings: Settings, tmp
 def test_audit_trail_follows_an_instance_to_its_result(tmp_path: Path, node_settings: Settings, trail: Path) -> None:
     """Association, instance (UIDs and row ids), job states, result sent: one JSON line each, no
     patient identifiers; a configuration change names the keys that changed."""
-    from node.cli import setup_process
+    from cradle.cli import setup_process
 
     pacs_port = free_port()
     scp = StoreSCP(pacs_port, statuses=[0xA700]).start()
@@ -486,7 +486,7 @@ def test_model_promotions_are_audited(tmp_path: Path) -> None:
     from safetensors.torch import save_file
     from test_registry import small_state
 
-    from node.cli import main
+    from cradle.cli import main
 
     config = tmp_path / "cradle.yaml"
     config.write_text(json.dumps({"storage": {"archive_dir": str(tmp_path / "archive"),

@@ -28,7 +28,7 @@ from config.settings import Settings, load_settings
 from conftest import free_port, require
 from inference.models import create_model
 from inference.registry import InputSpec, ModelRegistry
-from node.cli import main
+from cradle.cli import main
 from training import datasets as ds
 from training import evaluate as ev
 from training import promote
@@ -44,7 +44,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 # the machine is shared: above the suite-wide per-test timeout.
 TRAINING_TIMEOUT = 2400
 
-# Small settings (the demo's kind, training/demo.py): ResNet-10t at 96 px from the 128 px films, 3 folds,
+# Small settings (the demo's kind, cradle/demo.py): ResNet-10t at 96 px from the 128 px films, 3 folds,
 # plain augmentation (flips), at most 10 epochs. Measured on 2 CPU cores: about 30 s a run; held-out
 # AUROC 0.970 (folds 0.977) on this archive, 0.36 (folds 0.51) with shuffled labels.
 BPD = ["--set", "arch=resnet10t", "--set", "image_size=96", "--set", "epochs=10", "--set", "min_epochs=6",
@@ -583,7 +583,7 @@ def test_queued_run_reaches_the_training_queue_and_runs_on_a_worker(node: Node, 
 
     log = tmp_path / "worker.log"
     with log.open("wb") as output:
-        worker = subprocess.Popen([sys.executable, "-m", "node.cli", "worker", "--config", str(node.config),
+        worker = subprocess.Popen([sys.executable, "-m", "cradle.cli", "worker", "--config", str(node.config),
                                    "--queue", TRAINING_QUEUE], cwd=REPOSITORY, stdout=output,
                                   stderr=subprocess.STDOUT)
     try:

@@ -43,7 +43,7 @@ def register(app: Celery, settings: Settings) -> None:
 
 def submit(settings: Settings, task: str, recipe: str | None, overrides: list[str]) -> str:
     """Put a run on the training queue; returns the message id."""
-    from inference.queue import make_celery
+    from node.queue import make_celery
 
     app = make_celery(settings)
     try:

@@ -16,15 +16,18 @@ import json
 import logging
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Any
 
+from pynetdicom import _config as pynetdicom_config
+
 CONTEXT_KEYS = ("job_id", "study_pk", "series_pk", "instance_pk", "sop_uid", "destination")
 _SHORT = {"job_id": "job", "study_pk": "study", "series_pk": "series", "instance_pk": "instance",
           "sop_uid": "sop", "destination": "destination"}
-OWN_PACKAGES = frozenset({"config", "inference", "node", "storage", "training"})
+OWN_PACKAGES = frozenset({"common", "config", "cradle", "inference", "node", "storage", "training"})
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("cradle_log_context", default={})
@@ -139,6 +142,7 @@ def configure_logging(level: str, fmt: str = "text", component: str = "cradle") 
 
     Like ``logging.basicConfig``, it leaves a root logger alone that has handlers of someone else's
     (an embedding application, pytest's capture) and returns None then."""
+    quiet_libraries()
     root = logging.getLogger()
     ours = [h for h in root.handlers if getattr(h, "cradle", False)]
     if len(ours) != len(root.handlers):
@@ -152,3 +156,24 @@ def configure_logging(level: str, fmt: str = "text", component: str = "cradle") 
     root.addHandler(handler)
     root.setLevel(level)
     return handler
+
+
+QUIET_LOGGERS = ("alembic",)
+"""Libraries whose INFO lines tell an operator nothing (alembic announces each plugin it loads)."""
+
+
+def quiet_libraries() -> None:
+    """Hold the chatty libraries' loggers at WARNING (unless set higher already)."""
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logging.WARNING, logger.level))
+
+
+def protect_logs() -> None:
+    """Keep patient identifiers out of the logs of libraries that would print them."""
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger("pynetdicom").level))
+    logging.getLogger("pydicom").setLevel(max(logging.ERROR, logging.getLogger("pydicom").level))
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+    # pynetdicom's "standard" handlers dump every PDU and DIMSE message (identifiers included) to its
+    # logger; held at WARNING they print nothing, so do not bind them at all.
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"

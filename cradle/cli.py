@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
@@ -43,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add(sub, "serve", "node.serve:serve", "listener + worker + dispatcher in one process (embedded defaults)")
     _add(sub, "listen", "node.commands:listen", "the DICOM listener (C-ECHO, C-STORE SCP) and completion")
-    worker = _add(sub, "worker", "inference.commands:worker", "a Celery worker running the pipelines")
+    worker = _add(sub, "worker", "cradle.worker:worker", "a Celery worker running the pipelines")
     worker.add_argument("--queue", dest="queues", action="append", default=[], metavar="NAME",
                         help="consume this queue too (e.g. gpu0 for the worker bound to GPU 0)")
     _add(sub, "dispatch", "node.jobs_commands:dispatch", "send results to the configured destinations")
@@ -94,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--mri", type=int, default=4)
     synth.add_argument("--seed", type=int, default=0)
 
-    demo = _add(sub, "demo", "training.demo:run", "the guided synthetic demo, end to end")
+    demo = _add(sub, "demo", "cradle.demo:run", "the guided synthetic demo, end to end")
     demo.add_argument("--workdir", default="var/demo", help="where the demo keeps everything (recreated)")
     return parser
 
@@ -123,7 +122,7 @@ def setup_process(settings: Settings, component: str, config_file: str | None = 
                   record_config: bool = False) -> None:
     """Logging (text or JSON, with row ids) and the audit trail of this process."""
     from config.settings import resolve_config_path
-    from node.logs import configure_logging
+    from common.logs import configure_logging
     from storage import audit
 
     configure_logging(settings.logging.level, settings.logging.format, component)
@@ -137,10 +136,6 @@ def setup_process(settings: Settings, component: str, config_file: str | None = 
             logging.getLogger(__name__).warning("audit trail %s not writable: %s", settings.audit_path(),
                                                 exc.strerror or exc)
 
-
-def print_json(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def wait_for_node(port: int, node: subprocess.Popen, log_path: Path, timeout: fl
 def cradle(config: Path, log: TextIO, *args: str) -> tuple[int, str]:
     """Run a ``cradle`` command in this process (same code as the console script); its log lines
     go to the demo's log file, its standard output is returned."""
-    from node.cli import main
+    from cradle.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(log):
@@ -386,7 +386,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:  # noqa: ARG001 - 
         shutil.rmtree(paths.root)
     paths.root.mkdir(parents=True)
     log = (paths.root / "demo.log").open("a", buffering=1)
-    from node.logs import configure_logging
+    from common.logs import configure_logging
 
     with contextlib.redirect_stderr(log):  # this process's log lines go to demo.log
         configure_logging("INFO")
@@ -404,7 +404,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:  # noqa: ARG001 - 
         steps.start("start", f"starting `cradle serve` (AE CRADLE on 127.0.0.1:{node_port}) and the demo PACS "
                              f"(AE {PACS_AE} on port {pacs_port})")
         pacs.start()
-        node = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(paths.config)],
+        node = subprocess.Popen([sys.executable, "-m", "cradle.cli", "serve", "--config", str(paths.config)],
                                 stdin=subprocess.DEVNULL, stdout=node_log, stderr=subprocess.STDOUT)
         wait_for_node(node_port, node, paths.root / "node.log")
 
@@ -442,7 +442,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:  # noqa: ARG001 - 
                 print(f"   job {job['id']} ({job['pipeline']}): {job['state']}: {job['error']}", flush=True)
 
         steps.start("report", "what arrived at the PACS")
-        from training.demo_report import report
+        from cradle.demo_report import report
 
         result = report(sorted(pacs.received), archive.truth, archive.new_mr_dir, paths.png, archive.new_mr_reference)
         for line in result["lines"]:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import YamlConfigSettingsSource
 
+from config.tasks import CatalogueError, TaskCatalogue, load_catalogue
+
 DEFAULT_CONFIG_PATHS = (Path("/etc/cradle/cradle.yaml"),)
 """Searched in order when neither ``--config`` nor ``CRADLE_CONFIG`` names a file."""
 
@@ -131,12 +133,15 @@ class RoutingRule(Section):
 
 
 def _default_rules() -> list[RoutingRule]:
-    return [
-        RoutingRule(name="neonatal-chest-radiograph", pipelines=["cxr"], modalities=["CR", "DX"],
-                    body_parts=["CHEST", ""], max_age_days=28),
-        RoutingRule(name="neonatal-chest-mri", pipelines=["lung-mri"], modalities=["MR"],
-                    body_parts=["CHEST", "THORAX", "LUNG", ""], max_age_days=28),
-    ]
+    """One rule per pipeline of the task catalogue, admitting its tasks' populations."""
+    catalogue = load_catalogue()
+    rules = []
+    for pipeline, definition in catalogue.pipelines.items():
+        population = catalogue.routing_population(pipeline)
+        rules.append(RoutingRule(name=definition.routing_rule, pipelines=[pipeline],
+                                 modalities=population.modalities, body_parts=population.body_parts,
+                                 min_age_days=population.min_age_days, max_age_days=population.max_age_days))
+    return rules
 
 
 class RoutingSettings(Section):
@@ -247,6 +252,8 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     models_dir: Path = Path("var/models")
+    task_catalogue: Path | None = Field(None, description="a site's own tasks (config/tasks.yaml's layout), "
+                                                          "added to the shipped catalogue")
 
     @classmethod
     def settings_customise_sources(
@@ -258,6 +265,19 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _catalogue_loads(self) -> "Settings":
+        if self.task_catalogue is not None:
+            try:
+                self.catalogue()
+            except CatalogueError as exc:
+                raise ValueError(f"task_catalogue: {exc}") from None
+        return self
+
+    def catalogue(self) -> TaskCatalogue:
+        """The task catalogue: the shipped tasks plus ``task_catalogue``'s."""
+        return load_catalogue(self.task_catalogue)
 
     def audit_path(self) -> Path:
         """Where the audit trail is appended: ``logging.audit_file``, else beside the archive."""

@@ -83,7 +83,7 @@ def describe_exception(exc: BaseException) -> str:
 
 
 def _short_path(filename: str) -> str:
-    """``pydicom/valuerep.py`` or ``inference/writers.py`` rather than this machine's full path."""
+    """``pydicom/valuerep.py`` or ``inference/sr/radiograph.py`` rather than this machine's full path."""
     parts = Path(filename).parts
     for anchor in ("site-packages", "dist-packages"):
         if anchor in parts:

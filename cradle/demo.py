@@ -2,7 +2,7 @@
 
 1. starts ``cradle serve`` on embedded defaults in a work directory, and a small PACS (a C-STORE
    SCP) as the node's destination;
-2. generates a synthetic archive (``training/synth.py``) and pushes it with DCMTK ``storescu``
+2. generates a synthetic archive (``training/synth/``) and pushes it with DCMTK ``storescu``
    (pynetdicom when DCMTK is not installed), keeping a few studies aside as "new" ones;
 3. imports the synthetic labels;
 4. trains small models with ``cradle train`` (view, BPD risk, lung segmentation): each is evaluated
@@ -408,7 +408,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:  # noqa: ARG001 - 
                                 stdin=subprocess.DEVNULL, stdout=node_log, stderr=subprocess.STDOUT)
         wait_for_node(node_port, node, paths.root / "node.log")
 
-        steps.start("generate", "generating a synthetic archive (training/synth.py)")
+        steps.start("generate", "generating a synthetic archive (training/synth/)")
         archive = make_archive(paths)
         print(f"   {len(archive.training)} files to push, {NEW_RADIOGRAPHS} radiographs and 1 MR series kept aside "
               "as new studies", flush=True)

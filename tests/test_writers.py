@@ -16,8 +16,18 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from inference import writers
-from inference.writers import (
+from inference.codes import (
+    AREA,
+    BRONCHOPULMONARY_DYSPLASIA,
+    LEFT_LUNG,
+    PERCENT,
+    PNEUMONIA,
+    PROBABILITY,
+    RIGHT_LUNG,
+    VOLUME,
+)
+from inference.geometry import sort_series
+from inference.results import (
     AlgorithmIdentity,
     Finding,
     LabelVolumeError,
@@ -25,7 +35,14 @@ from inference.writers import (
     RegionError,
     SourceImageError,
     ViewResult,
+    WriterInputError,
 )
+from inference.secondary_capture import LUNG_SC_SERIES_NUMBER, summary_image
+from inference.seg import lung_segmentation
+from inference.sr import image_library
+from inference.sr.lung import lung_report
+from inference.sr.radiograph import FRONTAL_CHEST_TEXT, NOT_FRONTAL_CHEST_TEXT, cxr_report
+from inference.uids import result_uid
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -151,14 +168,14 @@ def _findings(with_region: bool = True) -> list[Finding]:
     square = np.array([[200, 150], [320, 150], [320, 300], [200, 300]], float)
     return [
         Finding(
-            code=writers.BRONCHOPULMONARY_DYSPLASIA,
+            code=BRONCHOPULMONARY_DYSPLASIA,
             probability=0.71,
             threshold=0.5,
             positive=True,
             region=square if with_region else None,
             label="BPD risk (moderate/severe)",
         ),
-        Finding(code=writers.PNEUMONIA, probability=0.12, threshold=0.35, positive=False),
+        Finding(code=PNEUMONIA, probability=0.12, threshold=0.35, positive=False),
     ]
 
 
@@ -318,23 +335,23 @@ def labels() -> np.ndarray:
 @pytest.fixture(scope="module")
 def cxr_sr(cr) -> hd.sr.Comprehensive3DSR:
     view = ViewResult(label="chest AP", probability=0.97, is_frontal_chest=True)
-    return writers.cxr_report(cr, view, _findings(), ALGO_CXR)
+    return cxr_report(cr, view, _findings(), ALGO_CXR)
 
 
 @pytest.fixture(scope="module")
 def seg(mr, labels) -> hd.seg.Segmentation:
-    return writers.lung_segmentation(mr, labels, ALGO_SEG)
+    return lung_segmentation(mr, labels, ALGO_SEG)
 
 
 @pytest.fixture(scope="module")
 def lung_sr(mr, seg) -> hd.sr.Comprehensive3DSR:
-    return writers.lung_report(mr, seg, LungVolumes(left_ml=31.25, right_ml=27.5), ALGO_SEG)
+    return lung_report(mr, seg, LungVolumes(left_ml=31.25, right_ml=27.5), ALGO_SEG)
 
 
 @pytest.fixture(scope="module")
 def non_frontal_sr(cr) -> hd.sr.Comprehensive3DSR:
     view = ViewResult(label="abdomen AP", probability=0.88, is_frontal_chest=False)
-    return writers.cxr_report(cr, view, _findings(), ALGO_CXR)
+    return cxr_report(cr, view, _findings(), ALGO_CXR)
 
 
 CXR_SUMMARY_LINES = ["BPD risk (moderate/severe): 0.71 (threshold 0.50) positive"]
@@ -344,12 +361,12 @@ CXR_SUMMARY_LINES = ["BPD risk (moderate/severe): 0.71 (threshold 0.50) positive
 def cxr_sc(cr) -> Dataset:
     overlay = np.zeros((512, 512), np.uint8)
     overlay[150:300, 200:320] = 1
-    return writers.summary_image(cr, overlay, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr")
+    return summary_image(cr, overlay, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr")
 
 
 @pytest.fixture(scope="module")
 def lung_sc(sorted_mr, labels) -> Dataset:
-    return writers.summary_image(
+    return summary_image(
         sorted_mr[7], labels[7], ["Left lung 31.3 mL", "Right lung 27.5 mL"], ALGO_SEG,
         pipeline="lung-mri",
     )
@@ -361,7 +378,7 @@ def all_objects(cxr_sr, non_frontal_sr, seg, lung_sr, cxr_sc, lung_sc) -> dict[s
     view = ViewResult(label="chest AP", probability=0.9, is_frontal_chest=True)
     return {
         "cxr-sr": cxr_sr,
-        "cxr-sr-no-orientation": writers.cxr_report(bare_cr, view, _findings(False), ALGO_CXR),
+        "cxr-sr-no-orientation": cxr_report(bare_cr, view, _findings(False), ALGO_CXR),
         "cxr-sr-non-frontal": non_frontal_sr,
         "lung-seg": seg,
         "lung-sr": lung_sr,
@@ -524,7 +541,7 @@ def test_lung_sr_volumes_equal_the_inputs_and_reference_the_segments(lung_sr, se
     volumes = {}
     for group in groups:
         label = str(group.tracking_identifier)
-        (volume,) = group.get_measurements(name=writers.VOLUME)
+        (volume,) = group.get_measurements(name=VOLUME)
         assert volume.unit.value == "mL"
         volumes[label] = volume.value
         (seg_ref,) = [
@@ -593,11 +610,11 @@ def test_lung_sr_outlines_each_lung_on_its_largest_slice(lung_sr, sorted_mr, lab
         assert mask[int(centre_row), int(centre_col)]
         # The volume is the volumetric group's (same tracking UID); the outline
         # has the area on its slice and names the lung as its finding site.
-        assert group.get_measurements(name=writers.VOLUME) == []
-        (area,) = group.get_measurements(name=writers.AREA)
+        assert group.get_measurements(name=VOLUME) == []
+        (area,) = group.get_measurements(name=AREA)
         assert area.value == pytest.approx(areas.max() * 1.5 * 1.5)
         (site,) = group.finding_sites
-        assert site.value == (writers.LEFT_LUNG if value == 1 else writers.RIGHT_LUNG)
+        assert site.value == (LEFT_LUNG if value == 1 else RIGHT_LUNG)
 
 
 def test_lung_sr_references_every_source_slice_and_the_seg(lung_sr, sorted_mr, seg):
@@ -691,8 +708,8 @@ def test_image_library_groups_slices_by_descriptor_layout(tmp_path):
     odd = next(ds for ds in mr if ds.InstanceNumber == 5)
     odd.SpacingBetweenSlices = 2.5
     labels = make_labels()
-    seg = writers.lung_segmentation(mr, labels, ALGO_SEG)
-    sr = writers.lung_report(mr, seg, LungVolumes(left_ml=1.0, right_ml=2.0), ALGO_SEG)
+    seg = lung_segmentation(mr, labels, ALGO_SEG)
+    sr = lung_report(mr, seg, LungVolumes(left_ml=1.0, right_ml=2.0), ALGO_SEG)
     groups = _library(sr)
     assert [len(entries) for _, entries in groups] in ([N_SLICES - 1, 1], [1, N_SLICES - 1])
     described = _library_descriptors(sr)
@@ -710,10 +727,10 @@ def test_image_library_falls_back_to_highdicoms_layout_for_unknown_descriptors(
 ):
     """A descriptor the writer cannot read from the header (e.g. one a newer highdicom adds)
     keeps highdicom's layout: every descriptor in every entry."""
-    known = dict(writers._DESCRIPTOR_ATTRIBUTES)
+    known = dict(image_library.DESCRIPTOR_ATTRIBUTES)
     del known[("DCM", "110903")]  # Image Position (Patient) Z
-    monkeypatch.setattr(writers, "_DESCRIPTOR_ATTRIBUTES", known)
-    sr = writers.lung_report(mr, seg, LungVolumes(left_ml=1.0, right_ml=2.0), ALGO_SEG)
+    monkeypatch.setattr(image_library, "DESCRIPTOR_ATTRIBUTES", known)
+    sr = lung_report(mr, seg, LungVolumes(left_ml=1.0, right_ml=2.0), ALGO_SEG)
     ((shared, entries),) = _library(sr)
     assert shared == {}
     for ds in mr:
@@ -734,8 +751,8 @@ def test_lung_sr_names_the_device_observer_and_procedure(lung_sr):
 
 def test_lung_sr_accepts_a_seg_read_from_disk_and_a_volume_mapping(mr, seg, tmp_path):
     from_disk = hd.seg.segread(_write(seg, tmp_path / "seg.dcm"))
-    sr = writers.lung_report(mr, from_disk, {"left": 31.25, "right": 27.5}, ALGO_SEG)
-    assert sr.SOPInstanceUID == writers.lung_report(
+    sr = lung_report(mr, from_disk, {"left": 31.25, "right": 27.5}, ALGO_SEG)
+    assert sr.SOPInstanceUID == lung_report(
         mr, seg, LungVolumes(31.25, 27.5), ALGO_SEG
     ).SOPInstanceUID
 
@@ -771,7 +788,7 @@ def test_cxr_sr_states_the_view_in_qualitative_evaluations(cxr_sr):
     assert _properties(view) == {"122157": (pytest.approx(97.0), "%")}
     assert _algorithm_names(view) == [ALGO_CXR.name]
     (comment,) = _evaluation(cxr_sr, "121106")
-    assert comment.TextValue == writers.FRONTAL_CHEST_TEXT
+    assert comment.TextValue == FRONTAL_CHEST_TEXT
     # The view is no measurement group: OHIF would fail on a group without a region.
     assert {m["tracking_identifier"] for m in _ohif_measurements(cxr_sr).values()} == {
         "BPD risk (moderate/severe)"
@@ -835,9 +852,9 @@ def test_cxr_finding_region_becomes_a_closed_planar_roi_on_the_radiograph(cxr_sr
     )
     reference = region.ContentSequence[0].ReferencedSOPSequence[0]
     assert reference.ReferencedSOPInstanceUID == cr.SOPInstanceUID
-    (probability,) = group.get_measurements(name=writers.PROBABILITY)
+    (probability,) = group.get_measurements(name=PROBABILITY)
     assert probability.value == pytest.approx(71.0)
-    assert probability.unit == writers.PERCENT
+    assert probability.unit == PERCENT
 
 
 def test_ohif_draws_the_region_with_probability_and_threshold_in_percent(cxr_sr):
@@ -848,8 +865,8 @@ def test_ohif_draws_the_region_with_probability_and_threshold_in_percent(cxr_sr)
 def test_probability_in_percent_keeps_the_model_output(cr):
     view = ViewResult(label="chest AP", probability=0.57, is_frontal_chest=True)
     square = np.array([[10, 10], [50, 10], [50, 50]], float)
-    finding = Finding(writers.PNEUMONIA, 0.123456789, 0.3, False, region=square)
-    sr = writers.cxr_report(cr, view, [finding], ALGO_CXR)
+    finding = Finding(PNEUMONIA, 0.123456789, 0.3, False, region=square)
+    sr = cxr_report(cr, view, [finding], ALGO_CXR)
     (group,) = _measurement_groups(sr)
     assert _num_values(group, "122157") == [pytest.approx(12.345679, abs=1e-9)]
     (view_item,) = _evaluation(sr, "111031")
@@ -863,7 +880,7 @@ def test_non_frontal_view_states_the_view_and_reports_no_findings(non_frontal_sr
     assert view.TextValue == "abdomen AP"
     assert _properties(view) == {"122157": (pytest.approx(88.0), "%")}
     (comment,) = _evaluation(non_frontal_sr, "121106")
-    assert comment.TextValue == writers.NOT_FRONTAL_CHEST_TEXT
+    assert comment.TextValue == NOT_FRONTAL_CHEST_TEXT
     assert len(_qualitative_evaluations(non_frontal_sr)) == 2
     names = {i.ConceptNameCodeSequence[0].CodeValue for i in _walk(non_frontal_sr.ContentSequence)}
     assert "122411" not in names  # no threshold, so no finding measurement
@@ -876,7 +893,7 @@ def test_view_model_is_identified_when_it_differs(cr):
     view = ViewResult(
         label="chest AP", probability=0.9, is_frontal_chest=True, algorithm=view_model
     )
-    sr = writers.cxr_report(cr, view, _findings(), ALGO_CXR)
+    sr = cxr_report(cr, view, _findings(), ALGO_CXR)
     (view_item,) = _evaluation(sr, "111031")
     assert _algorithm_names(view_item) == ["cradle-view"]
     (pneumonia,) = _evaluation(sr, "233604007")
@@ -923,17 +940,17 @@ def test_summary_image_is_marked_and_shows_the_overlay(cxr_sc, lung_sc, cr, sort
 def test_summary_image_is_deterministic_and_has_its_own_uids(cr, cxr_sc, cxr_sr):
     overlay = np.zeros((512, 512), np.uint8)
     overlay[150:300, 200:320] = 1
-    again = writers.summary_image(cr, overlay, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr")
+    again = summary_image(cr, overlay, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr")
     assert _bytes(again) == _bytes(cxr_sc)
     assert cxr_sc.SeriesInstanceUID not in (cxr_sr.SeriesInstanceUID, cr.SeriesInstanceUID)
     with pytest.raises(LabelVolumeError, match="shape"):
-        writers.summary_image(cr, overlay[:-1], [], ALGO_CXR, pipeline="cxr")
+        summary_image(cr, overlay[:-1], [], ALGO_CXR, pipeline="cxr")
 
 
 def test_lung_summary_image_is_in_the_study_with_its_own_deterministic_uids(
     lung_sc, lung_sr, seg, sorted_mr, labels
 ):
-    again = writers.summary_image(
+    again = summary_image(
         sorted_mr[7], labels[7], ["Left lung 31.3 mL", "Right lung 27.5 mL"], ALGO_SEG,
         pipeline="lung-mri",
     )
@@ -942,9 +959,9 @@ def test_lung_summary_image_is_in_the_study_with_its_own_deterministic_uids(
     others = [lung_sr, seg, sorted_mr[7]]
     assert lung_sc.SeriesInstanceUID not in {ds.SeriesInstanceUID for ds in others}
     assert lung_sc.SOPInstanceUID not in {ds.SOPInstanceUID for ds in others}
-    assert lung_sc.SeriesNumber == writers.LUNG_SC_SERIES_NUMBER
+    assert lung_sc.SeriesNumber == LUNG_SC_SERIES_NUMBER
     # Another model version: another series, so the PACS keeps both apart.
-    v4 = writers.summary_image(
+    v4 = summary_image(
         sorted_mr[7], labels[7], [], AlgorithmIdentity("cradle-lung-seg", "lung-seg-4"),
         pipeline="lung-mri",
     )
@@ -974,38 +991,38 @@ def test_lung_volumes_accept_the_synthetic_generators_mapping():
 
 def test_result_uid_is_deterministic_and_depends_on_every_part():
     base = ("1.2.3.4", "lung-mri", "lung-seg-3", "seg-series")
-    uid = writers.result_uid(*base)
-    assert uid == writers.result_uid(*base)
+    uid = result_uid(*base)
+    assert uid == result_uid(*base)
     assert uid.is_valid and len(uid) <= 64
     for i in range(4):
         changed = list(base)
         changed[i] += "x"
-        assert writers.result_uid(*changed) != uid
+        assert result_uid(*changed) != uid
     with pytest.raises(ValueError):
-        writers.result_uid("", "lung-mri", "lung-seg-3", "seg-series")
+        result_uid("", "lung-mri", "lung-seg-3", "seg-series")
 
 
 def test_reruns_give_identical_bytes(cr, mr, labels, cxr_sr, seg, lung_sr):
     view = ViewResult(label="chest AP", probability=0.97, is_frontal_chest=True)
-    assert _bytes(writers.cxr_report(cr, view, _findings(), ALGO_CXR)) == _bytes(cxr_sr)
+    assert _bytes(cxr_report(cr, view, _findings(), ALGO_CXR)) == _bytes(cxr_sr)
     shuffled = list(reversed(mr))  # another arrival order, same series
-    seg_again = writers.lung_segmentation(shuffled, labels, ALGO_SEG)
+    seg_again = lung_segmentation(shuffled, labels, ALGO_SEG)
     assert _bytes(seg_again) == _bytes(seg)
-    sr_again = writers.lung_report(shuffled, seg_again, LungVolumes(31.25, 27.5), ALGO_SEG)
+    sr_again = lung_report(shuffled, seg_again, LungVolumes(31.25, 27.5), ALGO_SEG)
     assert _bytes(sr_again) == _bytes(lung_sr)
 
 
 def test_new_model_version_gives_new_uids(cr, mr, labels, cxr_sr, seg, lung_sr):
     view = ViewResult(label="chest AP", probability=0.97, is_frontal_chest=True)
-    cxr_v4 = writers.cxr_report(cr, view, _findings(), AlgorithmIdentity("cradle-cxr-bpd", "bpd-4"))
+    cxr_v4 = cxr_report(cr, view, _findings(), AlgorithmIdentity("cradle-cxr-bpd", "bpd-4"))
     seg_algo_v4 = AlgorithmIdentity("cradle-lung-seg", "lung-seg-4")
-    seg_v4 = writers.lung_segmentation(mr, labels, seg_algo_v4)
-    sr_v4 = writers.lung_report(mr, seg_v4, LungVolumes(31.25, 27.5), seg_algo_v4)
+    seg_v4 = lung_segmentation(mr, labels, seg_algo_v4)
+    sr_v4 = lung_report(mr, seg_v4, LungVolumes(31.25, 27.5), seg_algo_v4)
     for old, new in ((cxr_sr, cxr_v4), (seg, seg_v4), (lung_sr, sr_v4)):
         assert new.SeriesInstanceUID != old.SeriesInstanceUID
         assert new.SOPInstanceUID != old.SOPInstanceUID
     # A combined tag (view + finding models) also drives the UIDs.
-    tagged = writers.cxr_report(cr, view, _findings(), ALGO_CXR, model_version_tag="view-2+bpd-3")
+    tagged = cxr_report(cr, view, _findings(), ALGO_CXR, model_version_tag="view-2+bpd-3")
     assert tagged.SOPInstanceUID != cxr_sr.SOPInstanceUID
     uids = {cxr_sr.SeriesInstanceUID, seg.SeriesInstanceUID, lung_sr.SeriesInstanceUID}
     assert len(uids) == 3
@@ -1014,7 +1031,7 @@ def test_new_model_version_gives_new_uids(cr, mr, labels, cxr_sr, seg, lung_sr):
 def test_content_datetime_can_be_passed_in(cr):
     view = ViewResult(label="chest AP", probability=0.97, is_frontal_chest=True)
     when = dt.datetime(2024, 3, 5, 10, 30, 0)
-    sr = writers.cxr_report(cr, view, [], ALGO_CXR, content_datetime=when)
+    sr = cxr_report(cr, view, [], ALGO_CXR, content_datetime=when)
     assert (str(sr.ContentDate), str(sr.ContentTime)) == ("20240305", "103000")
 
 
@@ -1025,15 +1042,15 @@ def test_content_datetime_can_be_passed_in(cr):
 
 def test_label_volume_must_match_the_series(mr, labels):
     with pytest.raises(LabelVolumeError, match="shape"):
-        writers.lung_segmentation(mr, labels[:-1], ALGO_SEG)
+        lung_segmentation(mr, labels[:-1], ALGO_SEG)
     with pytest.raises(LabelVolumeError, match="shape"):
-        writers.lung_segmentation(mr, labels[:, :, :-1], ALGO_SEG)
+        lung_segmentation(mr, labels[:, :, :-1], ALGO_SEG)
     bad = labels.copy()
     bad[0, 0, 0] = 3
     with pytest.raises(LabelVolumeError, match=r"\[3\]"):
-        writers.lung_segmentation(mr, bad, ALGO_SEG)
+        lung_segmentation(mr, bad, ALGO_SEG)
     with pytest.raises(LabelVolumeError, match="integer"):
-        writers.lung_segmentation(mr, labels.astype(np.float32), ALGO_SEG)
+        lung_segmentation(mr, labels.astype(np.float32), ALGO_SEG)
 
 
 def test_series_must_be_one_consistent_series(mr, labels):
@@ -1041,21 +1058,21 @@ def test_series_must_be_one_consistent_series(mr, labels):
     other[0] = copy.deepcopy(other[0])
     other[0].SeriesInstanceUID = generate_uid()
     with pytest.raises(SourceImageError, match="SeriesInstanceUID"):
-        writers.sort_series(other)
+        sort_series(other)
     duplicate = [*mr[:-1], copy.deepcopy(mr[0])]
     duplicate[-1].SOPInstanceUID = generate_uid()
     with pytest.raises(SourceImageError, match="position"):
-        writers.sort_series(duplicate)
+        sort_series(duplicate)
     no_geometry = [copy.deepcopy(ds) for ds in mr]
     del no_geometry[3].ImagePositionPatient
     with pytest.raises(SourceImageError, match="ImagePositionPatient"):
-        writers.lung_segmentation(no_geometry, labels, ALGO_SEG)
+        lung_segmentation(no_geometry, labels, ALGO_SEG)
     with pytest.raises(SourceImageError, match="empty"):
-        writers.sort_series([])
+        sort_series([])
 
 
 def test_sort_series_orders_along_the_slice_normal(mr, sorted_mr):
-    assert [ds.SOPInstanceUID for ds in writers.sort_series(mr)] == [
+    assert [ds.SOPInstanceUID for ds in sort_series(mr)] == [
         ds.SOPInstanceUID for ds in sorted_mr
     ]
 
@@ -1063,27 +1080,27 @@ def test_sort_series_orders_along_the_slice_normal(mr, sorted_mr):
 def test_bad_findings_and_regions_are_rejected(cr):
     view = ViewResult(label="chest AP", probability=0.97, is_frontal_chest=True)
     triangle_outside = np.array([[0, 0], [600, 0], [600, 10]])
-    outside = Finding(writers.PNEUMONIA, 0.5, 0.5, True, region=triangle_outside)
+    outside = Finding(PNEUMONIA, 0.5, 0.5, True, region=triangle_outside)
     with pytest.raises(RegionError, match="outside"):
-        writers.cxr_report(cr, view, [outside], ALGO_CXR)
+        cxr_report(cr, view, [outside], ALGO_CXR)
     overshoot = np.array([[-0.4, 10], [512.3, 10], [512.3, 40]])  # resampling rounding
-    sr = writers.cxr_report(
-        cr, view, [Finding(writers.PNEUMONIA, 0.5, 0.5, True, region=overshoot)], ALGO_CXR
+    sr = cxr_report(
+        cr, view, [Finding(PNEUMONIA, 0.5, 0.5, True, region=overshoot)], ALGO_CXR
     )
     (scoord,) = [i for i in _walk(sr.ContentSequence) if i.ValueType == "SCOORD"]
     assert min(scoord.GraphicData) >= 0 and max(scoord.GraphicData) <= 512
-    line = Finding(writers.PNEUMONIA, 0.5, 0.5, True, region=np.array([[0, 0], [10, 10]]))
+    line = Finding(PNEUMONIA, 0.5, 0.5, True, region=np.array([[0, 0], [10, 10]]))
     with pytest.raises(RegionError, match="three"):
-        writers.cxr_report(cr, view, [line], ALGO_CXR)
-    with pytest.raises(writers.WriterInputError, match="probability"):
-        Finding(writers.PNEUMONIA, 1.5, 0.5, True)
-    with pytest.raises(writers.WriterInputError, match="repeat"):
-        writers.cxr_report(cr, view, [_findings()[1], _findings()[1]], ALGO_CXR)
-    with pytest.raises(writers.WriterInputError, match="volumes_ml"):
+        cxr_report(cr, view, [line], ALGO_CXR)
+    with pytest.raises(WriterInputError, match="probability"):
+        Finding(PNEUMONIA, 1.5, 0.5, True)
+    with pytest.raises(WriterInputError, match="repeat"):
+        cxr_report(cr, view, [_findings()[1], _findings()[1]], ALGO_CXR)
+    with pytest.raises(WriterInputError, match="volumes_ml"):
         LungVolumes.coerce({"left": 1.0})
-    with pytest.raises(writers.WriterInputError, match="non-negative"):
+    with pytest.raises(WriterInputError, match="non-negative"):
         LungVolumes.coerce({"left": -1.0, "right": 2.0})
-    with pytest.raises(writers.WriterInputError, match="version"):
+    with pytest.raises(WriterInputError, match="version"):
         AlgorithmIdentity(name="x", version="")
 
 
@@ -1102,11 +1119,11 @@ def _synth():
 def test_writers_accept_synthetic_mr_series(tmp_path):
     synth = _synth()
     series, labels = synth.make_mr_series(np.random.default_rng(3), shape=(16, 64, 64))
-    ordered = writers.sort_series(series)
+    ordered = sort_series(series)
     aligned = labels[[series.index(ds) for ds in ordered]]  # labels follow sort_series order
-    seg = writers.lung_segmentation(series, aligned, ALGO_SEG)
+    seg = lung_segmentation(series, aligned, ALGO_SEG)
     volumes = synth.lung_volumes_ml(series, labels)
-    sr = writers.lung_report(series, seg, volumes, ALGO_SEG)
+    sr = lung_report(series, seg, volumes, ALGO_SEG)
     for name, ds in (("seg", seg), ("sr", sr)):
         assert _dciodvfy(_write(ds, tmp_path / f"{name}.dcm")) == ([], [])
     read_back = hd.seg.segread(tmp_path / "seg.dcm").get_pixels_by_source_instance(
@@ -1114,7 +1131,7 @@ def test_writers_accept_synthetic_mr_series(tmp_path):
     )
     np.testing.assert_array_equal(read_back, aligned)
     found = {
-        str(g.tracking_identifier): g.get_measurements(name=writers.VOLUME)[0].value
+        str(g.tracking_identifier): g.get_measurements(name=VOLUME)[0].value
         for g in hd.sr.srread(tmp_path / "sr.dcm").content.get_volumetric_roi_measurement_groups()
     }
     assert found == {"Left lung": volumes["left"], "Right lung": volumes["right"]}
@@ -1127,7 +1144,7 @@ def test_writers_accept_synthetic_radiographs(modality, photometric, tmp_path):
         np.random.default_rng(5), modality=modality, photometric=photometric, size=512
     )
     view = ViewResult(label="chest_frontal", probability=0.9, is_frontal_chest=True)
-    sr = writers.cxr_report(image, view, _findings(), ALGO_CXR)
-    sc = writers.summary_image(image, None, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr")
+    sr = cxr_report(image, view, _findings(), ALGO_CXR)
+    sc = summary_image(image, None, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr")
     for name, ds in (("sr", sr), ("sc", sc)):
         assert _dciodvfy(_write(ds, tmp_path / f"{name}.dcm")) == ([], [])

@@ -34,13 +34,15 @@ import numpy as np
 import torch
 from pydicom import Dataset
 
+from inference.codes import BRONCHOPULMONARY_DYSPLASIA, PNEUMONIA
 from inference.gradcam import grad_cam, heat_map_png, hot_spot_polygon, upsample
 from inference.models import frontal_chest_classes
 from inference.pipelines import NoActiveModel, PipelineContext, PipelineInputError, PipelineOutput
 from inference.preprocess import Letterbox, letterbox, modality_values, normalise
 from inference.registry import InputSpec, LoadedModel, ModelVersion
-from inference.writers import (BRONCHOPULMONARY_DYSPLASIA, PNEUMONIA, AlgorithmIdentity, Finding, ViewResult,
-                               cxr_report, summary_image)
+from inference.results import AlgorithmIdentity, Finding, ViewResult
+from inference.secondary_capture import summary_image
+from inference.sr.radiograph import cxr_report
 
 __all__ = ["CxrPipeline", "FINDING_TASKS", "RADIOGRAPH_MODALITIES"]
 

@@ -25,11 +25,14 @@ import torch
 from pydicom import Dataset
 from scipy import ndimage
 
+from inference.geometry import sort_series
 from inference.pipelines import NoActiveModel, PipelineContext, PipelineInputError, PipelineOutput
 from inference.preprocess import letterbox, modality_values, normalise
 from inference.registry import InputSpec, LoadedModel
-from inference.writers import (AlgorithmIdentity, WriterInputError, lung_report, lung_segmentation, sort_series,
-                               summary_image)
+from inference.results import AlgorithmIdentity, WriterInputError
+from inference.secondary_capture import summary_image
+from inference.seg import lung_segmentation
+from inference.sr.lung import lung_report
 
 __all__ = [
     "LEFT",

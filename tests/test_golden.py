@@ -1,0 +1,119 @@
+"""Golden bytes of the SR, SEG and Secondary Capture writers for fixed inputs.
+
+Every result object cradle writes must be reproducible: the same model on the same
+source gives the same bytes (so a PACS replaces an earlier result). These tests pin
+the exact bytes, as sha256 of the Part 10 file, of each kind of object for fixed
+synthetic inputs built by the helpers of ``test_writers``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmwrite
+
+from inference.codes import PNEUMONIA
+from inference.results import Finding, LungVolumes, ViewResult
+from inference.secondary_capture import summary_image
+from inference.seg import lung_segmentation
+from inference.sr.lung import lung_report
+from inference.sr.radiograph import cxr_report
+from test_writers import (
+    ALGO_CXR,
+    ALGO_SEG,
+    CXR_SUMMARY_LINES,
+    _findings,
+    make_cr,
+    make_labels,
+    make_mr_series,
+)
+
+# Recorded from the pre-split writers (inference/writers.py). Change a digest only
+# deliberately, for a change in output bytes that is intended and reviewed.
+GOLDEN_SHA256 = {
+    "cxr-sr-no-finding": "22488963b7e64f30340c8749a47f9b6ea77b83b2bf3c5d48dbf91970d4d72a35",
+    "cxr-sr-one-finding-with-region": "fce6dcc2f7415c4a19c9b850246d6542e8b49392e423a9e2e20073bc6da7cda7",
+    "cxr-sr-several-findings": "a40ce0de9f5f1731e4612bc74b4c37ef7e08fd13d482d337930701708999cf34",
+    "cxr-sr-non-frontal": "78d6b4cce1e7acc773cbf1e52b7f5611ec14d60e10ca93b696d51b946d3d26f1",
+    "lung-seg": "c41af8d7ef85e1d96b9394757100e8c94936693983ccbe4e615b0a9009d10957",
+    "lung-sr": "e6ef451b1fe1af20daf522b86648bd79af5063298fc46c889710ce70bbedd2a4",
+    "lung-seg-right-lung-absent": "279a7593c04f5a0357a74eab1f9a64f864deb99800427135dd001aa345a0ca3f",
+    "lung-sr-right-lung-absent": "a4e7b365f7243ce41e7a89c1826dfdafdfda129bfdf492483f36061459f3792e",
+    "cxr-sc": "9d163eb7282c8493465a5cb7b1e2cd1608723c6aa1c2d50564f4c6203ccf8920",
+    "cxr-sc-no-overlay": "e67885a2243f16623881ef3f3c3b9fb55bb54abee38c307f0fa72643196e315a",
+    "lung-sc": "1da72a7161fdf7b3c2242b212988e02057292bd742384abaa467c87f5afb9bdf",
+}
+
+FRONTAL = ViewResult(label="chest AP", probability=0.97, is_frontal_chest=True)
+NON_FRONTAL = ViewResult(label="abdomen AP", probability=0.88, is_frontal_chest=False)
+VOLUMES = LungVolumes(left_ml=31.25, right_ml=27.5)
+
+
+def _one_finding_with_region() -> list[Finding]:
+    triangle = np.array([[100.5, 120.0], [260.25, 140.0], [180.0, 330.75]])
+    return [
+        Finding(code=PNEUMONIA, probability=0.83, threshold=0.5, positive=True, region=triangle)
+    ]
+
+
+def _sha256(ds: Dataset) -> str:
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def _cxr_objects() -> dict[str, Dataset]:
+    cr = make_cr()
+    overlay = np.zeros((512, 512), np.uint8)
+    overlay[150:300, 200:320] = 1
+    return {
+        "cxr-sr-no-finding": cxr_report(cr, FRONTAL, [], ALGO_CXR),
+        "cxr-sr-one-finding-with-region": cxr_report(
+            cr, FRONTAL, _one_finding_with_region(), ALGO_CXR
+        ),
+        "cxr-sr-several-findings": cxr_report(cr, FRONTAL, _findings(), ALGO_CXR),
+        "cxr-sr-non-frontal": cxr_report(cr, NON_FRONTAL, [], ALGO_CXR),
+        "cxr-sc": summary_image(cr, overlay, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr"),
+        "cxr-sc-no-overlay": summary_image(cr, None, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr"),
+    }
+
+
+def _lung_objects() -> dict[str, Dataset]:
+    series, labels = make_mr_series(), make_labels()
+    seg = lung_segmentation(series, labels, ALGO_SEG)
+    left_only = np.where(labels == 2, 0, labels).astype(np.uint8)  # the right lung is not found
+    seg_absent = lung_segmentation(series, left_only, ALGO_SEG)
+    key_slice = sorted(series, key=lambda ds: float(ds.ImagePositionPatient[2]))[7]
+    return {
+        "lung-seg": seg,
+        "lung-sr": lung_report(series, seg, VOLUMES, ALGO_SEG),
+        "lung-seg-right-lung-absent": seg_absent,
+        "lung-sr-right-lung-absent": lung_report(
+            series, seg_absent, LungVolumes(left_ml=31.25, right_ml=0.0), ALGO_SEG
+        ),
+        "lung-sc": summary_image(
+            key_slice, labels[7], ["Left lung 31.3 mL", "Right lung 27.5 mL"], ALGO_SEG,
+            pipeline="lung-mri",
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def digests() -> dict[str, str]:
+    objects = {**_cxr_objects(), **_lung_objects()}
+    return {name: _sha256(ds) for name, ds in objects.items()}
+
+
+def test_every_golden_object_is_built(digests):
+    assert set(digests) == set(GOLDEN_SHA256)
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_SHA256))
+def test_written_bytes_equal_the_golden_digest(name, digests):
+    assert digests[name] == GOLDEN_SHA256[name], (
+        f"{name}: the written bytes changed; if the change is intended, record the new "
+        "digest deliberately"
+    )

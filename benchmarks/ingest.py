@@ -37,6 +37,8 @@ import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from common.processes import stop_process
+
 CALLING_AE = "BENCHSCU"
 NODE_AE = "CRADLE"
 BASELINE_AE = "BASELINE"
@@ -162,12 +164,7 @@ def running(command: Sequence[str], port: int, called_ae: str, log_path: Path) -
             wait_until_ready(port, called_ae, process)
             yield process
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, grace=30, name="receiver")
 
 
 def wait_until_ready(port: int, called_ae: str, process: subprocess.Popen) -> None:

@@ -40,6 +40,8 @@ from pydicom import dcmread
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+from common.files import atomic_file
+from common.processes import stop_process
 from config.settings import Settings
 from training.synth import generate
 
@@ -147,13 +149,11 @@ class Pacs:
 
     def _store(self, event: evt.Event) -> int:
         path = self.folder / f"{event.request.AffectedSOPInstanceUID}.dcm"
-        temporary = path.with_suffix(".part")
         try:
-            with temporary.open("wb") as handle:  # a DICOM Part 10 file: preamble, meta, the dataset as sent
+            with atomic_file(path) as handle:  # a DICOM Part 10 file: preamble, meta, the dataset as sent
                 handle.write(b"\x00" * 128 + b"DICM")
                 write_file_meta_info(handle, event.file_meta)
                 handle.write(event.request.DataSet.getvalue())
-            temporary.replace(path)
         except OSError:
             return 0xA700
         if path not in self.received:
@@ -462,13 +462,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:  # noqa: ARG001 - 
         print(f"demo failed: {exc}\n{BANNER}", flush=True)
         return 1
     finally:
-        if node is not None and node.poll() is None:
-            node.send_signal(signal.SIGTERM)
-            try:
-                node.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
+        if node is not None:
+            stop_process(node, grace=60, name="cradle serve")
         pacs.stop()
         node_log.close()
         log.close()

@@ -16,6 +16,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
+from common.processes import stop_processes
 from config.settings import Settings
 from storage.db import open_index
 
@@ -50,16 +51,7 @@ class Supervisor:
         return 1 if failed else 0
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for name, process in self.processes.items():
-            try:
-                process.wait(timeout=STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0f s; killing it", name, STOP_GRACE_SECONDS)
-                process.kill()
-                process.wait()
+        stop_processes(self.processes, STOP_GRACE_SECONDS)
 
 
 def part_commands(config: str | None) -> dict[str, list[str]]:

@@ -38,6 +38,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import fsync_directory
+
 TEMP_SUFFIX = ".part"
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
 
@@ -106,7 +108,7 @@ class PendingFile:
             os.replace(self.temp, self.target)
             self._close()
             if self.archive.fsync:
-                self.archive._fsync_dir(self.target.parent)
+                fsync_directory(self.target.parent)
         except OSError as exc:
             self.discard()
             raise ArchiveError(exc.errno, f"cannot store {self.relative}: {exc.strerror or exc}") from exc
@@ -235,15 +237,7 @@ class Archive:
             except FileExistsError:
                 continue
             if self.fsync:
-                self._fsync_dir(created.parent)
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+                fsync_directory(created.parent)
 
 
 def _abandoned(temp: Path) -> bool:

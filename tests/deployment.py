@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from common.processes import stop_process
+
 TESTS_DIR = Path(__file__).resolve().parent
 
 
@@ -64,13 +66,8 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        if self.process is not None:
+            stop_process(self.process, grace=10, name="redis-server")
         self.process = None
 
     def restart(self) -> None:

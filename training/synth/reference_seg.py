@@ -13,8 +13,8 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from training.synth.attributes import (INSTITUTION_NAME, MANUFACTURER, SOFTWARE_VERSION, SYNTHETIC_COMMENT,
-                                       dicom_date, dicom_time)
+from inference.determinism import pin_generated_values
+from training.synth.attributes import INSTITUTION_NAME, MANUFACTURER, SOFTWARE_VERSION, SYNTHETIC_COMMENT
 from training.synth.mri import LEFT_LUNG, RIGHT_LUNG
 from training.synth.patients import synth_uid
 
@@ -71,19 +71,7 @@ def make_reference_seg(series: Sequence[Dataset], labels: np.ndarray) -> hd.seg.
         series_date=reviewed.date(),
         series_time=reviewed.time(),
     )
-    _make_reproducible(seg, reviewed, synth_uid(source_uid, "reference-seg", "dimension-organization"))
+    pin_generated_values(seg, reviewed, synth_uid(source_uid, "reference-seg", "dimension-organization"))
     seg.ImageComments = SYNTHETIC_COMMENT
     return seg
 
-
-def _make_reproducible(ds: Dataset, created: dt.datetime, dimension_uid: str) -> None:
-    """Replace what highdicom fills from the clock or a random UID."""
-    ds.InstanceCreationDate, ds.InstanceCreationTime = dicom_date(created), dicom_time(created)
-    for item in ds.get("ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in item:
-            item.ContributionDateTime = created.strftime("%Y%m%d%H%M%S")
-    for item in ds.get("DimensionOrganizationSequence", []):
-        item.DimensionOrganizationUID = dimension_uid
-    for item in ds.get("DimensionIndexSequence", []):
-        if "DimensionOrganizationUID" in item:
-            item.DimensionOrganizationUID = dimension_uid

@@ -37,25 +37,18 @@ def test_the_tree_keeps_every_contract() -> None:
     assert "Contracts: 2 kept, 0 broken." in result.stdout
 
 
-def test_an_upward_import_breaks_the_layers(tree_copy: Path) -> None:
-    module = tree_copy / "storage" / "upward.py"
-    module.write_text("def rules():\n    from node import routing\n    return routing\n")
+@pytest.mark.parametrize(("module", "source", "broken"), [
+    ("storage/upward.py", "def rules():\n    from node import routing\n    return routing\n",
+     "storage.upward -> node.routing"),
+    ("node/sneaky.py", "def tensor():\n    import torch\n    return torch.zeros(1)\n", "node.sneaky -> torch"),
+], ids=["upward import", "torch inside a function of node"])
+def test_a_wrong_import_breaks_one_contract(tree_copy: Path, module: str, source: str, broken: str) -> None:
+    path = tree_copy / module
+    path.write_text(source)
     try:
         result = lint_imports(tree_copy)
     finally:
-        module.unlink()
+        path.unlink()
     assert result.returncode == 1
     assert "Contracts: 1 kept, 1 broken." in result.stdout
-    assert "storage.upward -> node.routing" in result.stdout
-
-
-def test_torch_inside_a_function_of_node_breaks_the_forbidden_contract(tree_copy: Path) -> None:
-    module = tree_copy / "node" / "sneaky.py"
-    module.write_text("def tensor():\n    import torch\n    return torch.zeros(1)\n")
-    try:
-        result = lint_imports(tree_copy)
-    finally:
-        module.unlink()
-    assert result.returncode == 1
-    assert "Contracts: 1 kept, 1 broken." in result.stdout
-    assert "node.sneaky -> torch" in result.stdout
+    assert broken in result.stdout

@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fake_pipelines  # noqa: E402
+from deployment import wait_until as wait_for  # noqa: E402
 from fake_pipelines import FakeHost, make_cr, worker_command, write_config  # noqa: E402
 
 from config.settings import Settings, load_settings  # noqa: E402
@@ -105,16 +106,6 @@ def make_node(settings: Settings, tmp_path: Path) -> Node:
     archive = Archive(settings.storage.archive_dir, fsync=False)
     archive.ensure_root()
     return Node(settings, sessions, Ingest(archive, sessions), tmp_path)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class WorkerProcess:

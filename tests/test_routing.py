@@ -19,6 +19,7 @@ from storage.db import transaction
 from storage.ingest import Ingest
 from storage.models import Job, JobState, Series, SeriesState, utcnow
 from test_storage import archive, file_bytes, header_of, index_url, ingest, make_image, make_mr_slice, sessions  # noqa: F401
+from test_listener import Enqueued, enqueued  # noqa: F401 - the fixture
 
 DEFAULT_RULES = load_settings(None).routing.rules
 
@@ -95,15 +96,6 @@ def test_single_image_modalities_complete_on_arrival() -> None:
 
 # --- on the index ------------------------------------------------------------------------------
 
-
-class Enqueued(list):
-    def __call__(self, job_id: int) -> None:
-        self.append(job_id)
-
-
-@pytest.fixture
-def enqueued() -> Enqueued:
-    return Enqueued()
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@
                                           [--rounds 5] [--threads 2] [--json]
 
 *ours*: ``training.engine.train_epoch`` as the Trainer calls it, with everything it does per step:
-the strategy's per-step learning-rate hook (warm-up + polynomial decay over layer groups), the
-recipe's optimizer (fused Adam with per-group weight decay), channels-last memory format, the
-objective's loss, and the end-of-epoch loss. *bare*: ``zero_grad / model(x) / loss / backward /
+the schedule's per-step learning-rate update (torch's warm-up + polynomial decay schedulers over the
+strategy's layer groups), the recipe's optimizer (fused Adam with per-group weight decay),
+channels-last memory format, the objective's loss, and the end-of-epoch loss. *bare*: ``zero_grad / model(x) / loss / backward /
 step`` over the same in-memory batches, on an identical copy of the model with the same optimizer
 and memory format, so the ratio measures the loop, not a choice of kernels. A second bare loop with
 PyTorch's defaults (for-each Adam, contiguous NCHW) shows what the recipe's defaults buy.
@@ -29,9 +29,10 @@ from collections.abc import Callable
 import torch
 
 from inference.models import create_model
-from training.engine import BinaryObjective, make_optimizer, make_schedule, memory_format_of, train_epoch
+from training.engine import make_optimizer, make_schedule, memory_format_of, train_epoch
+from training.kinds import BinaryObjective
 from training.recipe import load_recipe
-from training.strategies import layer_groups, parameter_groups, set_learning_rates, stage_at
+from training.strategies import layer_groups, parameter_groups, stage_at
 
 TARGET = 0.9
 
@@ -47,19 +48,13 @@ def ours(model: torch.nn.Module, recipe, batches: list) -> Callable[[], float]: 
     fmt = memory_format_of(recipe)
     model.to(memory_format=fmt)
     optimizer = make_optimizer(recipe, parameter_groups(model, groups, recipe.weight_decay))
-    schedule = make_schedule(recipe, len(batches), "max")
+    rates = make_schedule(recipe, optimizer, stage_at(recipe.strategy_config(), 0, len(groups)), len(batches), "max")
     objective = BinaryObjective()
-    stage = stage_at(recipe.strategy_config(), 0, len(groups))
-    step = {"n": 0}
-
-    def before_step() -> None:
-        set_learning_rates(optimizer, recipe.lr, stage, schedule.factor(step["n"]))
-        step["n"] += 1
 
     def run() -> float:
         model.train()
         started = time.perf_counter()
-        train_epoch(model, batches, optimizer, objective.loss, torch.device("cpu"), before_step=before_step,
+        train_epoch(model, batches, optimizer, objective.loss, torch.device("cpu"), after_step=rates.after_step,
                     memory_format=fmt)
         return time.perf_counter() - started
 

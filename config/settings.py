@@ -66,12 +66,26 @@ class NodeSettings(Section):
     ae_title: str = "CRADLE"
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=1, le=65535)
-    allowed_calling_aets: list[str | CallingAE] = Field(
-        default_factory=list,
-        description="Calling AE titles allowed to associate; an empty list means nobody.",
+    allowed_calling_aets: list[str | CallingAE] | None = Field(
+        None,
+        description="Calling AE titles allowed to associate; an empty list means nobody; not set (null): "
+                    "any calling AE title, from the loopback address only.",
     )
-    max_associations: int = Field(16, ge=1)
-    max_pdu_size: int = Field(262144, ge=0, description="0 means unlimited")
+    max_associations: int = Field(16, ge=1, description="associations served at once")
+    max_associations_per_calling_ae: int = Field(
+        8, ge=1, description="associations of one calling AE title at once (one sender cannot take every place)")
+    max_pending_connections: int = Field(
+        64, ge=1, description="connections accepted but not yet associated; beyond this one is closed at once")
+    association_deadline: float = Field(
+        10, gt=0, description="seconds from accept (TLS handshake included) until the association must be "
+                              "established, else the connection is closed")
+    max_pdu_size: int = Field(262144, ge=0, description="largest P-DATA PDU announced and accepted; 0: up to "
+                                                        "the hard cap of 64 MiB")
+    max_dataset_size: int = Field(2 * 1024 ** 3, ge=1024, description="bytes of one received data set "
+                                                                      "(as received, and inflated)")
+    max_inflation_ratio: float = Field(200, ge=1, description="a deflated data set may inflate to at most this "
+                                                              "many times its received size")
+    max_elements: int = Field(500_000, ge=100, description="data elements in one data set, nested ones included")
     acse_timeout: float = Field(30, gt=0)
     dimse_timeout: float = Field(60, gt=0)
     network_timeout: float = Field(60, gt=0)
@@ -84,13 +98,21 @@ class NodeSettings(Section):
 
     @field_validator("allowed_calling_aets")
     @classmethod
-    def _check_calling(cls, values: list[str | CallingAE]) -> list[str | CallingAE]:
+    def _check_calling(cls, values: list[str | CallingAE] | None) -> list[str | CallingAE] | None:
+        if values is None:
+            return None
         return [_check_ae_title(v) if isinstance(v, str) else v for v in values]
 
+    @property
+    def loopback_only(self) -> bool:
+        """No allow-list configured: any calling AE title, from the loopback address only."""
+        return self.allowed_calling_aets is None
+
     def calling_ae_hosts(self) -> dict[str, list[str]]:
-        """Allowed calling AE title → allowed host addresses (empty: any host)."""
+        """Allowed calling AE title → allowed host addresses (empty: any host). Empty when no
+        allow-list is configured (see :attr:`loopback_only`)."""
         allowed: dict[str, list[str]] = {}
-        for entry in self.allowed_calling_aets:
+        for entry in self.allowed_calling_aets or ():
             if isinstance(entry, str):
                 allowed[entry] = []
             else:
@@ -102,6 +124,8 @@ class StorageSettings(Section):
     archive_dir: Path = Path("var/archive")
     database_url: str = "sqlite:///var/cradle.db"
     fsync: bool = Field(True, description="fsync file and directory before answering success")
+    connect_timeout: float = Field(10, gt=0, description="seconds to wait for a connection to the index "
+                                                         "(PostgreSQL) before the attempt fails")
 
 
 class CompletionSettings(Section):
@@ -200,6 +224,40 @@ class Destination(Section):
         return {"enabled": value} if isinstance(value, bool) else value
 
 
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+class Source(Section):
+    """A PACS the node retrieves from (``cradle retrieve --from NAME``): C-FIND (Study Root) finds the
+    studies, C-MOVE to the node's own AE title (``move``: the PACS must know the node as a modality)
+    or C-GET (``get``: the retrieving process stores what comes back) brings them in."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: DestinationTLS = Field(default_factory=DestinationTLS)
+    retrieve: Literal["move", "get"] = "move"
+    max_concurrent: int = Field(2, ge=1, le=16, description="studies retrieved at once (one association each)")
+    window: str | None = Field(None, description="HH:MM-HH:MM, local time: studies start only inside it "
+                                                 "(off-peak hours; may span midnight); null: any time")
+    timeout: float = Field(300, gt=0, description="seconds to wait for each answer of the source")
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("tls", mode="before")
+    @classmethod
+    def _tls_flag(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        if value is not None and not _WINDOW.match(value.strip()):
+            raise ValueError(f"{value!r} is not HH:MM-HH:MM (e.g. 20:00-06:00)")
+        return value.strip() if value is not None else None
+
+
 class DispatchSettings(Section):
     max_attempts: int = Field(5, ge=1)
     backoff_seconds: float = Field(2.0, ge=0)
@@ -211,6 +269,11 @@ class InferenceSettings(Section):
     pneumonia_arch: Literal["regnety_064", "resnetrs50", "efficientnetv2_s"] = "regnety_064"
     gradcam: bool = True
     summary_image: bool = False
+    max_pixels_per_frame: int = Field(100_000_000, ge=1, description="Rows x Columns x Samples per Pixel of one "
+                                                                     "frame, checked before pixels are decoded")
+    max_pixels_per_series: int = Field(1_000_000_000, ge=1, description="pixels of a whole series (frames "
+                                                                        "included), checked before decoding")
+    max_bits_allocated: int = Field(32, ge=1, le=64, description="Bits Allocated above this: refused")
 
 
 class TrainingSettings(Section):
@@ -247,6 +310,7 @@ class Settings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     destinations: list[Destination] = Field(default_factory=list)
+    sources: list[Source] = Field(default_factory=list)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
@@ -265,6 +329,15 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    @field_validator("sources")
+    @classmethod
+    def _source_names_unique(cls, sources: list[Source]) -> list[Source]:
+        names = [source.name for source in sources]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"source name(s) given twice: {', '.join(duplicates)}")
+        return sources
 
     @model_validator(mode="after")
     def _catalogue_loads(self) -> "Settings":
@@ -298,7 +371,11 @@ class ConfigError(Exception):
 
 
 def redact_url(url: str) -> str:
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)  # also redis://:password@host
+    """``url`` with its passwords hidden: in the authority (``user:password@``, the password may itself
+    contain ``@``; also ``redis://:password@host``) and in the query (``?password=``, ``&sslpassword=``)."""
+    url = re.sub(r"(://[^:/?#@]*:)[^/?#]*@", r"\1***@", url)  # up to the last @ of the authority
+    return re.sub(r"([?&][^=&#]*(?:password|passwd|pwd|secret|token)[^=&#]*=)[^&#]*", r"\1***", url,
+                  flags=re.IGNORECASE)
 
 
 def resolve_config_path(path: str | os.PathLike[str] | None) -> Path | None:

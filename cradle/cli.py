@@ -1,5 +1,9 @@
 """``cradle``: the one console script. Each sub-command imports only what it needs
-(the listener never imports torch)."""
+(the listener never imports torch).
+
+The settings are loaded before the command line is parsed (``--config`` is read first), because
+``cradle train TASK``'s choices are the tasks of their catalogue: the shipped tasks and the site's
+``task_catalogue``."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from config.settings import ConfigError, Settings, load_settings
+from config.tasks import load_catalogue
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
@@ -27,19 +32,45 @@ def _call(target: str) -> Callable[[argparse.Namespace, Settings], int | None]:
     return run
 
 
-def _add(subparsers: Any, name: str, target: str, help_text: str) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE",
                         help="the node's YAML (default: $CRADLE_CONFIG, else /etc/cradle/cradle.yaml, "
                              "else built-in defaults)")
+
+
+def _add(subparsers: Any, name: str, target: str, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    _config_option(parser)
     parser.set_defaults(run=_call(target))
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def config_file(argv: Sequence[str]) -> str | None:
+    """``--config FILE`` wherever it stands in ``argv`` (the rest is left to :func:`build_parser`)."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    _config_option(parser)
+    try:
+        known, _ = parser.parse_known_args(argv)
+    except argparse.ArgumentError:  # e.g. --config without its FILE: the full parser says so
+        return None
+    return known.config
+
+
+def build_parser(tasks: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; ``tasks`` are ``cradle train``'s choices (default: the shipped catalogue's)."""
+    tasks = list(tasks) if tasks is not None else list(load_catalogue().names())
     parser = argparse.ArgumentParser(prog="cradle", description="DICOM-native AI node for neonatal chest imaging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_node_commands(sub)
+    _add_model_commands(sub)
+    _add_training_commands(sub, tasks)
+    _add_retrieve_command(sub)
+    demo = _add(sub, "demo", "cradle.demo:run", "the guided synthetic demo, end to end")
+    demo.add_argument("--workdir", default="var/demo", help="where the demo keeps everything (recreated)")
+    return parser
 
+
+def _add_node_commands(sub: Any) -> None:
     _add(sub, "serve", "node.serve:serve", "listener + worker + dispatcher in one process (embedded defaults)")
     _add(sub, "listen", "node.commands:listen", "the DICOM listener (C-ECHO, C-STORE SCP) and completion")
     worker = _add(sub, "worker", "cradle.worker:worker", "a Celery worker running the pipelines")
@@ -60,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(jobs, "retry", "node.jobs_commands:jobs_retry", "run a failed job again / send its results again"
          ).add_argument("job_id", type=int)
 
+
+def _add_model_commands(sub: Any) -> None:
     models = sub.add_parser("models", help="the model registry").add_subparsers(dest="action", required=True)
     models_list = _add(models, "list", "inference.commands:models_list", "registered model versions")
     models_list.add_argument("--json", action="store_true")
@@ -76,12 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add(models, "rollback", "inference.commands:models_rollback", "re-activate the previous version"
          ).add_argument("task")
 
+
+def _add_retrieve_command(sub: Any) -> None:
+    from cradle.retrieve import add_arguments
+
+    add_arguments(_add(sub, "retrieve", "cradle.retrieve:retrieve",
+                       "bring studies from a PACS (C-FIND, then C-MOVE or C-GET) into the archive"))
+
+
+def _add_training_commands(sub: Any, tasks: list[str]) -> None:
     labels = sub.add_parser("labels", help="training labels").add_subparsers(dest="action", required=True)
     _add(labels, "import", "training.commands:labels_import", "attach outcomes from a CSV"
          ).add_argument("file")
 
     train = _add(sub, "train", "training.commands:train", "train TASK from the archive")
-    train.add_argument("task", choices=["bpd", "pneumonia", "view", "lung-seg"])
+    train.add_argument("task", choices=tasks)
     train.add_argument("--recipe", metavar="FILE", help="YAML recipe (default: config/train/TASK.yaml)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     train.add_argument("--json", action="store_true", help="print the run summary as JSON")
@@ -93,22 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--mri", type=int, default=4)
     synth.add_argument("--seed", type=int, default=0)
 
-    demo = _add(sub, "demo", "cradle.demo:run", "the guided synthetic demo, end to end")
-    demo.add_argument("--workdir", default="var/demo", help="where the demo keeps everything (recreated)")
-    return parser
-
 
 SERVICES = ("listen", "worker", "dispatch")
 """The long-running parts: each records the configuration it starts with in the audit trail."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     os.umask(0o077)  # whatever cradle creates (archive, index, audit, models, runs) is the owner's only
     try:
-        settings = load_settings(args.config)
+        settings: Settings | None = load_settings(config_file(argv))
+        error = None
     except ConfigError as exc:
-        print(f"cradle: {exc}", file=sys.stderr)
+        settings, error = None, exc
+    # With a broken config, usage errors and --help still come first, as they would without one.
+    args = build_parser(settings.catalogue().names() if settings else None).parse_args(argv)
+    if settings is None:
+        print(f"cradle: {error}", file=sys.stderr)
         return EXIT_CONFIG
     component = " ".join(filter(None, (args.command, getattr(args, "action", None))))
     setup_process(settings, component, args.config, record_config=args.command in SERVICES)

@@ -381,89 +381,133 @@ def _stop(signum: int, _frame: object) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:  # noqa: ARG001 - the demo makes its own config
     signal.signal(signal.SIGTERM, _stop)
-    paths = DemoPaths(Path(getattr(args, "workdir", None) or "var/demo").resolve())
-    if paths.root.exists():
-        shutil.rmtree(paths.root)
-    paths.root.mkdir(parents=True)
-    log = (paths.root / "demo.log").open("a", buffering=1)
-    from common.logs import configure_logging
-
-    with contextlib.redirect_stderr(log):  # this process's log lines go to demo.log
-        configure_logging("INFO")
-    for noisy in ("pynetdicom", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    node_port, pacs_port = free_port(), free_port()
-    write_config(paths, node_port, pacs_port)
-    print(f"{BANNER}\nwork directory: {paths.root} (node log: node.log, demo log: demo.log)", flush=True)
-    started = time.monotonic()
-    steps = Steps()
-    pacs = Pacs(paths.received, pacs_port)
-    node: subprocess.Popen | None = None
-    node_log = (paths.root / "node.log").open("w")
+    demo = DemoRun.prepare(Path(getattr(args, "workdir", None) or "var/demo").resolve())
     try:
-        steps.start("start", f"starting `cradle serve` (AE CRADLE on 127.0.0.1:{node_port}) and the demo PACS "
-                             f"(AE {PACS_AE} on port {pacs_port})")
-        pacs.start()
-        node = subprocess.Popen([sys.executable, "-m", "cradle.cli", "serve", "--config", str(paths.config)],
-                                stdin=subprocess.DEVNULL, stdout=node_log, stderr=subprocess.STDOUT)
-        wait_for_node(node_port, node, paths.root / "node.log")
-
-        steps.start("generate", "generating a synthetic archive (training/synth/)")
-        archive = make_archive(paths)
-        print(f"   {len(archive.training)} files to push, {NEW_RADIOGRAPHS} radiographs and 1 MR series kept aside "
-              "as new studies", flush=True)
-
-        steps.start("push", "pushing the archive to the node over C-STORE")
-        sent, tool = push(archive.training, node_port, log)
-        database_url = f"sqlite:///{paths.node / 'cradle.db'}"
-        jobs = wait_until_settled(database_url, archive.training_series, node, timeout=600)
-        skipped = sum(1 for j in jobs if j["state"] == "skipped")
-        print(f"   {sent} instances stored with {tool}; {skipped} jobs skipped: no model is active yet", flush=True)
-
-        steps.start("labels", "importing the synthetic labels (cradle labels import)")
-        code, out = cradle(paths.config, log, "labels", "import", str(archive.labels))
-        if code != 0:
-            raise RuntimeError(f"cradle labels import failed (exit {code}); see {log.name}")
-        print(f"   {out.strip()}", flush=True)
-
-        steps.start("train", "training small models from the archive (cradle train; the commands are in demo.log)")
-        trained = train_models(paths.config, log)
-        not_promoted = [task for task, s in trained.items() if not s["promoted"]]
-        if not_promoted:
-            print(f"   {', '.join(not_promoted)} did not pass the promotion gate: the node keeps no active model for "
-                  "it and its jobs will say so (skipped)", flush=True)
-
-        steps.start("infer", "pushing the new studies; the node runs its pipelines and sends SR and SEG to the PACS")
-        sent, tool = push(archive.new, node_port, log)
-        jobs = wait_until_settled(database_url, archive.new_series, node, timeout=600, delivered=True)
-        time.sleep(0.5)  # the last C-STORE response may still be on its way to the node
-        for job in jobs:
-            if job["state"] != "done":
-                print(f"   job {job['id']} ({job['pipeline']}): {job['state']}: {job['error']}", flush=True)
-
-        steps.start("report", "what arrived at the PACS")
-        from cradle.demo_report import report
-
-        result = report(sorted(pacs.received), archive.truth, archive.new_mr_dir, paths.png, archive.new_mr_reference)
-        for line in result["lines"]:
-            print(f"   {line}", flush=True)
-        steps.finish()
-        expected = {"sr": NEW_RADIOGRAPHS + 1, "seg": 1}
-        ok = (not not_promoted and result["counts"] == expected and result["png"] is not None
-              and all(j["state"] == "done" for j in jobs))
-        total = round(time.monotonic() - started, 1)
-        paths.summary.write_text(json.dumps({
-            "synthetic": True, "banner": BANNER, "ok": ok, "seconds": total, "steps": steps.seconds,
-            "trained": trained, "jobs": jobs, "expected": expected, **{k: v for k, v in result.items() if k != "lines"},
-        }, indent=2, default=str))
-        print(f"{'done' if ok else 'FAILED'} in {total:.0f} s; summary: {paths.summary}\n{BANNER}", flush=True)
-        return 0 if ok else 1
+        return demo.run()
     except (RuntimeError, TimeoutError) as exc:
         print(f"demo failed: {exc}\n{BANNER}", flush=True)
         return 1
     finally:
-        if node is not None:
-            stop_process(node, grace=60, name="cradle serve")
-        pacs.stop()
-        node_log.close()
-        log.close()
+        demo.close()
+
+
+@dataclass
+class DemoRun:
+    """One demo: its folders, logs, ports, the node process and the PACS, step by step."""
+
+    paths: DemoPaths
+    log: TextIO
+    node_log: TextIO
+    node_port: int
+    pacs: Pacs
+    steps: Steps = field(default_factory=Steps)
+    started: float = field(default_factory=time.monotonic)
+    node: subprocess.Popen | None = None
+
+    @classmethod
+    def prepare(cls, root: Path) -> "DemoRun":
+        paths = DemoPaths(root)
+        if paths.root.exists():
+            shutil.rmtree(paths.root)
+        paths.root.mkdir(parents=True)
+        log = (paths.root / "demo.log").open("a", buffering=1)
+        from common.logs import configure_logging
+
+        with contextlib.redirect_stderr(log):  # this process's log lines go to demo.log
+            configure_logging("INFO")
+        for noisy in ("pynetdicom", "highdicom"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        node_port, pacs_port = free_port(), free_port()
+        write_config(paths, node_port, pacs_port)
+        print(f"{BANNER}\nwork directory: {paths.root} (node log: node.log, demo log: demo.log)", flush=True)
+        return cls(paths, log, (paths.root / "node.log").open("w"), node_port, Pacs(paths.received, pacs_port))
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.paths.node / 'cradle.db'}"
+
+    def run(self) -> int:
+        self.start_node()
+        archive = self.generate()
+        self.push_archive(archive)
+        self.import_labels(archive)
+        trained = self.train()
+        jobs = self.infer(archive)
+        return self.report(archive, trained, jobs)
+
+    def start_node(self) -> None:
+        self.steps.start("start", f"starting `cradle serve` (AE CRADLE on 127.0.0.1:{self.node_port}) and the demo "
+                                  f"PACS (AE {PACS_AE} on port {self.pacs.port})")
+        self.pacs.start()
+        self.node = subprocess.Popen([sys.executable, "-m", "cradle.cli", "serve", "--config", str(self.paths.config)],
+                                     stdin=subprocess.DEVNULL, stdout=self.node_log, stderr=subprocess.STDOUT)
+        wait_for_node(self.node_port, self.node, self.paths.root / "node.log")
+
+    def generate(self) -> Archive:
+        self.steps.start("generate", "generating a synthetic archive (training/synth/)")
+        archive = make_archive(self.paths)
+        print(f"   {len(archive.training)} files to push, {NEW_RADIOGRAPHS} radiographs and 1 MR series kept aside "
+              "as new studies", flush=True)
+        return archive
+
+    def push_archive(self, archive: Archive) -> None:
+        self.steps.start("push", "pushing the archive to the node over C-STORE")
+        sent, tool = push(archive.training, self.node_port, self.log)
+        jobs = wait_until_settled(self.database_url, archive.training_series, self.node, timeout=600)
+        skipped = sum(1 for j in jobs if j["state"] == "skipped")
+        print(f"   {sent} instances stored with {tool}; {skipped} jobs skipped: no model is active yet", flush=True)
+
+    def import_labels(self, archive: Archive) -> None:
+        self.steps.start("labels", "importing the synthetic labels (cradle labels import)")
+        code, out = cradle(self.paths.config, self.log, "labels", "import", str(archive.labels))
+        if code != 0:
+            raise RuntimeError(f"cradle labels import failed (exit {code}); see {self.log.name}")
+        print(f"   {out.strip()}", flush=True)
+
+    def train(self) -> dict[str, dict[str, Any]]:
+        self.steps.start("train", "training small models from the archive (cradle train; the commands are in "
+                                  "demo.log)")
+        trained = train_models(self.paths.config, self.log)
+        not_promoted = [task for task, s in trained.items() if not s["promoted"]]
+        if not_promoted:
+            print(f"   {', '.join(not_promoted)} did not pass the promotion gate: the node keeps no active model for "
+                  "it and its jobs will say so (skipped)", flush=True)
+        return trained
+
+    def infer(self, archive: Archive) -> list[dict[str, Any]]:
+        self.steps.start("infer", "pushing the new studies; the node runs its pipelines and sends SR and SEG to the "
+                                  "PACS")
+        push(archive.new, self.node_port, self.log)
+        jobs = wait_until_settled(self.database_url, archive.new_series, self.node, timeout=600, delivered=True)
+        time.sleep(0.5)  # the last C-STORE response may still be on its way to the node
+        for job in jobs:
+            if job["state"] != "done":
+                print(f"   job {job['id']} ({job['pipeline']}): {job['state']}: {job['error']}", flush=True)
+        return jobs
+
+    def report(self, archive: Archive, trained: dict[str, dict[str, Any]], jobs: list[dict[str, Any]]) -> int:
+        self.steps.start("report", "what arrived at the PACS")
+        from cradle.demo_report import report
+
+        result = report(sorted(self.pacs.received), archive.truth, archive.new_mr_dir, self.paths.png,
+                        archive.new_mr_reference)
+        for line in result["lines"]:
+            print(f"   {line}", flush=True)
+        self.steps.finish()
+        expected = {"sr": NEW_RADIOGRAPHS + 1, "seg": 1}
+        ok = (all(s["promoted"] for s in trained.values()) and result["counts"] == expected
+              and result["png"] is not None and all(j["state"] == "done" for j in jobs))
+        total = round(time.monotonic() - self.started, 1)
+        self.paths.summary.write_text(json.dumps({
+            "synthetic": True, "banner": BANNER, "ok": ok, "seconds": total, "steps": self.steps.seconds,
+            "trained": trained, "jobs": jobs, "expected": expected, **{k: v for k, v in result.items() if k != "lines"},
+        }, indent=2, default=str))
+        print(f"{'done' if ok else 'FAILED'} in {total:.0f} s; summary: {self.paths.summary}\n{BANNER}", flush=True)
+        return 0 if ok else 1
+
+    def close(self) -> None:
+        if self.node is not None:
+            stop_process(self.node, grace=60, name="cradle serve")
+        self.pacs.stop()
+        self.node_log.close()
+        self.log.close()

@@ -13,9 +13,8 @@ from config.settings import Settings
 EXIT_FAILURE = 1
 
 # --------------------------------------------------------------------------- cradle models ...
-
-DEFAULT_IMAGE_SIZE = {"view": 512, "bpd": 512, "pneumonia": 512, "lung-seg": 256}
-"""Input size of an imported model when ``--image-size`` is not given (the papers' sizes)."""
+# The tasks are the settings' catalogue's (config/tasks.yaml and the site's ``task_catalogue``): an
+# imported model's default input size is its task's ``image_size`` (the papers' sizes).
 
 
 def _fail(message: str) -> int:
@@ -26,7 +25,7 @@ def _fail(message: str) -> int:
 def _registry(settings: Settings) -> Any:
     from inference.registry import ModelRegistry
 
-    return ModelRegistry(settings.models_dir)
+    return ModelRegistry(settings.models_dir, settings.catalogue())
 
 
 def _row(version: Any) -> dict[str, Any]:
@@ -73,16 +72,17 @@ def _file_sha256(path: Path) -> str:
 
 def models_import(args: argparse.Namespace, settings: Settings) -> int:
     """Register external weights for TASK; ``--activate`` is the admin's validation of them."""
-    from inference.models import TASKS
     from inference.registry import InputSpec, RegistryError
 
-    if args.task not in TASKS:
-        return _fail(f"unknown task {args.task!r}; known: {', '.join(TASKS)}")
+    catalogue = settings.catalogue()
+    if args.task not in catalogue:
+        return _fail(f"unknown task {args.task!r}; known: {', '.join(catalogue.names())}")
+    task = catalogue.get(args.task)
     weights = Path(args.weights)
     if not weights.is_file():
         return _fail(f"weights file not found: {weights}")
     try:
-        spec = InputSpec(image_size=args.image_size or DEFAULT_IMAGE_SIZE[args.task])
+        spec = InputSpec(image_size=args.image_size or task.image_size)
     except ValueError as exc:
         return _fail(str(exc))
     registry = _registry(settings)
@@ -97,7 +97,7 @@ def models_import(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{version.version} is now the active {args.task} model (validated by the admin's --activate)")
     except RegistryError as exc:
         return _fail(f"cannot import {weights.name} as {args.task} ({args.arch}): {exc}")
-    if version.threshold is None and args.task in ("bpd", "pneumonia"):
+    if version.threshold is None and task.kind == "binary":
         print(f"note: no --threshold given; {args.task} calls will use 0.5 until a calibrated threshold is set")
     return 0
 

@@ -1,43 +1,39 @@
 """Network architectures by name, timm style: ``create_model(arch, task)``.
 
-Conventions (from the papers in DESIGN.md): one input channel; ``bpd`` and ``pneumonia`` have one
-logit (sigmoid); ``view`` has one logit per class of the view taxonomy (softmax); ``lung-seg`` is a
-2D U-Net with one output channel (sigmoid). Weights are never downloaded (``pretrained=False``):
+A task's head comes from its kind in the task catalogue (config/tasks.yaml), with one input channel:
+a binary task has one logit (sigmoid), a multiclass task one logit per class (softmax; ``view``'s
+classes are its taxonomy's, config/views.yaml), a regression task one output, a segmentation task is
+a 2D U-Net with one output channel (sigmoid). Weights are never downloaded (``pretrained=False``):
 they come from the model registry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import timm
 import torch
-import yaml
 from torch import nn
 
+from config.tasks import TaskCatalogue, TaskDefinition, load_catalogue
+from config.views import ViewTaxonomy, frontal_chest_classes, load_view_taxonomy, view_taxonomies
+
 __all__ = [
-    "BINARY_TASKS",
-    "CLASSIFICATION_TASKS",
-    "SEGMENTATION_TASKS",
-    "TASKS",
     "UnknownArchitecture",
     "ViewTaxonomy",
+    "check_task",
     "create_model",
+    "default_classes",
+    "frontal_chest_classes",
     "is_segmentation_arch",
     "output_count",
     "prepare_for_inference",
     "resolve_device",
     "segmentation_archs",
-    "frontal_chest_classes",
+    "task_definition",
+    "view_taxonomies",
     "view_taxonomy",
 ]
-
-BINARY_TASKS = ("bpd", "pneumonia")
-CLASSIFICATION_TASKS = (*BINARY_TASKS, "view")
-SEGMENTATION_TASKS = ("lung-seg",)
-TASKS = (*CLASSIFICATION_TASKS, *SEGMENTATION_TASKS)
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 """The lung-segmentation paper's U-Net decoder."""
@@ -71,33 +67,55 @@ def is_segmentation_arch(arch: str) -> bool:
     return arch in _SEGMENTATION_ARCHS
 
 
-def check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+Task = str | TaskDefinition
+"""A task by name (looked up in the catalogue given, else the shipped one) or its definition."""
 
 
-def output_count(task: str, classes: list[str] | None = None) -> int:
-    """Number of logits (classification) or output channels (segmentation) of ``task``."""
-    check_task(task)
-    if task == "view":
+def task_definition(task: Task, catalogue: TaskCatalogue | None = None) -> TaskDefinition:
+    """``task``'s catalogue entry; ValueError naming the known tasks when there is none."""
+    if isinstance(task, TaskDefinition):
+        return task
+    catalogue = catalogue or load_catalogue()
+    if task not in catalogue:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(catalogue.names())}")
+    return catalogue.get(task)
+
+
+def check_task(task: Task, catalogue: TaskCatalogue | None = None) -> None:
+    task_definition(task, catalogue)
+
+
+def default_classes(task: Task, catalogue: TaskCatalogue | None = None) -> list[str] | None:
+    """A multiclass task's classes (its taxonomy's for ``classes: taxonomy``); None for other kinds."""
+    definition = task_definition(task, catalogue)
+    if definition.classes == "taxonomy":
+        return list(view_taxonomy().classes)
+    return list(definition.classes) if definition.classes else None
+
+
+def output_count(task: Task, classes: list[str] | None = None, catalogue: TaskCatalogue | None = None) -> int:
+    """Number of logits (classification), outputs (regression) or output channels (segmentation)."""
+    definition = task_definition(task, catalogue)
+    if definition.kind == "multiclass":
         if not classes:
-            raise ValueError("the view task needs its list of classes")
+            raise ValueError(f"the {definition.name} task needs its list of classes")
         return len(classes)
     return 1
 
 
-def create_model(arch: str, task: str, *, num_classes: int = 1, in_chans: int = 1) -> nn.Module:
+def create_model(arch: str, task: Task, *, num_classes: int = 1, in_chans: int = 1,
+                 catalogue: TaskCatalogue | None = None) -> nn.Module:
     """A freshly initialised network (random weights, never downloaded), in eval mode.
 
-    ``arch`` is ``flexible_unet_resnet50``/``flexible_unet_resnet18`` for ``lung-seg`` and any timm
-    classifier name (``resnet50``, ``regnety_064``, ``resnetrs50``, ``efficientnetv2_s``,
-    ``inception_v3`` ...) for the classification tasks.
+    ``arch`` is ``flexible_unet_resnet50``/``flexible_unet_resnet18`` for a segmentation task and any
+    timm classifier name (``resnet50``, ``regnety_064``, ``resnetrs50``, ``efficientnetv2_s``,
+    ``inception_v3`` ...) for the other kinds.
     """
-    check_task(task)
-    if task in SEGMENTATION_TASKS:
+    definition = task_definition(task, catalogue)
+    if definition.kind == "segmentation":
         if arch not in _SEGMENTATION_ARCHS:
             raise UnknownArchitecture(
-                f"{arch!r} is not a segmentation architecture; {task} takes one of "
+                f"{arch!r} is not a segmentation architecture; {definition.name} takes one of "
                 f"{', '.join(_SEGMENTATION_ARCHS)}")
         model = _SEGMENTATION_ARCHS[arch](in_chans, num_classes)
     else:
@@ -127,42 +145,6 @@ def resolve_device(setting: str = "auto") -> torch.device:
     return device
 
 
-VIEWS_FILE = Path(__file__).resolve().parent.parent / "config" / "views.yaml"
-
-
-@dataclass(frozen=True)
-class ViewTaxonomy:
-    """A radiographic view taxonomy from ``config/views.yaml``: classes and their 7-class parents."""
-
-    name: str
-    classes: tuple[str, ...]
-    parents: dict[str, str]
-    frontal_chest: frozenset[str]
-
-
-def view_taxonomies(path: Path = VIEWS_FILE) -> dict[str, ViewTaxonomy]:
-    document = yaml.safe_load(path.read_text())
-    taxonomies = {}
-    for name, entry in document["taxonomies"].items():
-        parents = dict(entry["classes"])
-        taxonomies[name] = ViewTaxonomy(name, tuple(parents), parents, frozenset(entry["frontal_chest"]))
-    return taxonomies
-
-
-def view_taxonomy(name: str | None = None, path: Path = VIEWS_FILE) -> ViewTaxonomy:
-    """The named taxonomy (default: the file's ``default``, 7 classes)."""
-    if name is None:
-        name = yaml.safe_load(path.read_text())["default"]
-    taxonomies = view_taxonomies(path)
-    if name not in taxonomies:
-        raise ValueError(f"unknown view taxonomy {name!r}; known: {', '.join(taxonomies)}")
-    return taxonomies[name]
-
-
-def frontal_chest_classes(classes: list[str] | tuple[str, ...], path: Path = VIEWS_FILE) -> frozenset[str]:
-    """The classes of a view model that mean "frontal chest film", whichever taxonomy they come from."""
-    frontal = {"chest_frontal"}
-    for taxonomy in view_taxonomies(path).values():
-        frontal |= taxonomy.frontal_chest
-        frontal |= {c for c, parent in taxonomy.parents.items() if parent == "chest_frontal"}
-    return frozenset(c for c in classes if c in frontal)
+def view_taxonomy(name: str | None = None) -> ViewTaxonomy:
+    """The named view taxonomy (default: config/views.yaml's ``default``, 7 classes)."""
+    return load_view_taxonomy(name)

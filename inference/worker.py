@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -108,7 +109,8 @@ class JobRunner:
     def _run_leased(self, res: _ProcessResources, lease: jobs.Lease) -> jobs.Finish:
         host = res.pipelines
         try:
-            sources = load_sources(res.sessions, res.archive, lease.series_pk)
+            sources = load_sources(res.sessions, res.archive, lease.series_pk,
+                                   limits=PixelLimits.of(self.settings))
             output = host.run(lease.pipeline, sources)
             if not jobs.still_owned(res.sessions, lease):
                 log.info("job %d: superseded or taken over while running; output discarded", lease.job_id)
@@ -119,7 +121,8 @@ class JobRunner:
             if host.is_no_active_model(exc):
                 log.info("job %d: skipped: %s", lease.job_id, exc)
                 return jobs.skip(res.sessions, lease, str(exc))
-            return self._failed(res, lease, exc, permanent=host.is_permanent(exc))
+            permanent = isinstance(exc, PERMANENT_INPUT_ERRORS) or host.is_permanent(exc)
+            return self._failed(res, lease, exc, permanent=permanent)
         result = result_summary(lease, output, stored, kept)
         finish = jobs.complete(res.sessions, lease, model_version=str(output.model_version),
                                result=result, has_output=bool(stored))
@@ -153,8 +156,64 @@ class JobRunner:
         return finish
 
 
-def load_sources(sessions: sessionmaker[Session], archive: Archive, series_pk: int) -> list[Dataset]:
-    """The series' instances from the archive, sorted by instance number, then SOP Instance UID."""
+class SeriesTooLarge(ValueError):
+    """The series declares more pixels (or bits) than ``inference.max_pixels_*`` allow: refused before
+    any pixel is decoded (a decoder allocates what the header declares). Permanent: the job fails
+    once, with this reason, and the queue moves on."""
+
+
+class UnreadableSource(ValueError):
+    """An archived instance of the series cannot be read (its header, not its pixels). Permanent."""
+
+
+PERMANENT_INPUT_ERRORS: tuple[type[BaseException], ...] = (SeriesTooLarge, UnreadableSource)
+"""Failures of a job that a retry cannot fix (besides the pipelines' own, ``PipelineHost.is_permanent``)."""
+
+
+@dataclass(frozen=True)
+class PixelLimits:
+    max_pixels_per_frame: int = 100_000_000
+    max_pixels_per_series: int = 1_000_000_000
+    max_bits_allocated: int = 32
+
+    @classmethod
+    def of(cls, settings: Settings) -> "PixelLimits":
+        inference = settings.inference
+        return cls(inference.max_pixels_per_frame, inference.max_pixels_per_series, inference.max_bits_allocated)
+
+
+def declared_pixels(ds: Dataset, limits: PixelLimits) -> int:
+    """Rows x Columns x Samples per Pixel x Number of Frames that ``ds`` declares (0 without pixel
+    data), checked against ``limits`` (SeriesTooLarge); reads header values only."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return 0
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        raise UnreadableSource("image without valid Rows, Columns, Bits Allocated, Samples per Pixel "
+                               "or Number of Frames") from None
+    if min(rows, columns, samples, frames, bits) < 1:
+        raise UnreadableSource("image declares a dimension below 1")
+    if bits > limits.max_bits_allocated:
+        raise SeriesTooLarge(f"Bits Allocated {bits} above inference.max_bits_allocated "
+                             f"({limits.max_bits_allocated})")
+    per_frame = rows * columns * samples
+    if per_frame > limits.max_pixels_per_frame:
+        raise SeriesTooLarge(f"a frame of {rows} x {columns} x {samples} is above inference.max_pixels_per_frame "
+                             f"({limits.max_pixels_per_frame})")
+    return per_frame * frames
+
+
+def load_sources(sessions: sessionmaker[Session], archive: Archive, series_pk: int,
+                 limits: PixelLimits | None = None) -> list[Dataset]:
+    """The series' instances from the archive, sorted by instance number, then SOP Instance UID.
+
+    Each file is read (its pixel data stays encoded) and what it declares is checked against
+    ``limits`` before anything decodes a pixel: per frame, and for the whole series."""
+    limits = limits or PixelLimits()
     with sessions() as session:
         rows = session.execute(select(Instance.file_path, Instance.instance_number, Instance.sop_uid)
                                .where(Instance.series_pk == series_pk)).all()
@@ -163,7 +222,18 @@ def load_sources(sessions: sessionmaker[Session], archive: Archive, series_pk: i
     rows = sorted(rows, key=lambda r: (r.instance_number is None, r.instance_number or 0, r.sop_uid))
     if not rows:
         raise LookupError(f"series {series_pk} has no archived instances")
-    return [dcmread(archive.absolute(row.file_path)) for row in rows]
+    sources, total = [], 0
+    for row in rows:
+        try:
+            ds = dcmread(archive.absolute(row.file_path))
+        except (InvalidDicomError, ValueError, EOFError) as exc:
+            raise UnreadableSource(f"instance {row.sop_uid} cannot be read ({type(exc).__name__})") from None
+        total += declared_pixels(ds, limits)
+        if total > limits.max_pixels_per_series:
+            raise SeriesTooLarge(f"the series declares more than inference.max_pixels_per_series "
+                                 f"({limits.max_pixels_per_series}) pixels")
+        sources.append(ds)
+    return sources
 
 
 def store_result(ingest: Ingest, dataset: Dataset) -> dict[str, str]:
@@ -223,7 +293,6 @@ class PipelineHost:
 
         self._pipelines = pipelines
         self.context = pipelines.PipelineContext.from_settings(settings)
-        self._no_model = _no_active_model_types()
 
     def run(self, pipeline: str, sources: list[Dataset]) -> Any:
         try:
@@ -233,24 +302,11 @@ class PipelineHost:
         return runnable.run(sources, self.context)
 
     def is_no_active_model(self, exc: BaseException) -> bool:
-        return isinstance(exc, self._no_model)
+        return isinstance(exc, self._pipelines.NoActiveModel)
 
     def is_permanent(self, exc: BaseException) -> bool:
         """Retrying does not help: the series does not suit the pipeline, or no such pipeline."""
         return isinstance(exc, (self._pipelines.PipelineInputError, UnknownPipeline))
-
-
-def _no_active_model_types() -> tuple[type[BaseException], ...]:
-    from inference import pipelines
-
-    types: list[type[BaseException]] = [pipelines.NoActiveModel]
-    try:
-        from inference import registry
-    except ImportError:
-        return tuple(types)
-    if getattr(registry, "NoActiveModel", None) not in (None, pipelines.NoActiveModel):
-        types.append(registry.NoActiveModel)
-    return tuple(types)
 
 
 def _default_pipeline_host(settings: Settings) -> PipelineHost:

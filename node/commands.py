@@ -166,7 +166,10 @@ def config_check(args: argparse.Namespace, settings: Settings) -> int:
 
 def config_warnings(settings: Settings) -> list[str]:
     warnings = []
-    if not settings.node.allowed_calling_aets:
+    if settings.node.loopback_only:
+        warnings.append("node.allowed_calling_aets is not set: any calling AE title may associate, "
+                        "from the loopback address (127.0.0.1, ::1) only")
+    elif not settings.node.allowed_calling_aets:
         warnings.append("node.allowed_calling_aets is empty: no modality can send to this node")
     if not settings.storage.fsync:
         warnings.append("storage.fsync is off: success may be answered before the data is on disk")

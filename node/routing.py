@@ -26,7 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from config.settings import RoutingRule
-from storage.models import Instance, Job, JobState, Patient, Series, Study, utcnow
+from storage.models import Instance, Job, JobState, Patient, Retrieval, Series, Study, utcnow
 
 _AGE_STRING = re.compile(r"^(\d{3})([DWMY])$")
 _DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
@@ -42,6 +42,8 @@ class SeriesFacts:
     series_description: str
     age_days: int | None
     is_result: bool = False
+    history_retrieval: int | None = None
+    """The ``Retrieval`` row when the series arrived by a ``cradle retrieve`` without ``--run-pipelines``."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def rule_mismatch(rule: RoutingRule, facts: SeriesFacts) -> tuple[int, str]:
 def _modality_mismatch(rule: RoutingRule, facts: SeriesFacts) -> str:
     allowed = {m.upper() for m in rule.modalities}
     if allowed and facts.modality.upper() not in allowed:
-        return f"modality {facts.modality or '(none)'}"
+        return f"modality {_code(facts.modality) or '(none)'}"
     return ""
 
 
@@ -102,8 +104,15 @@ def _sop_class_mismatch(rule: RoutingRule, facts: SeriesFacts) -> str:
 def _body_part_mismatch(rule: RoutingRule, facts: SeriesFacts) -> str:
     allowed = {b.strip().upper() for b in rule.body_parts}
     if allowed and facts.body_part.strip().upper() not in allowed:
-        return f"body part {facts.body_part or '(not given)'}"
+        return f"body part {_code(facts.body_part) or '(not given)'}"
     return ""
+
+
+def _code(value: str) -> str:
+    """A code string value (CS: upper case, digits, space, underscore; at most 16) as it may be
+    logged; anything else is not shown (free text could carry anything)."""
+    value = value.strip()
+    return value if re.fullmatch(r"[A-Z0-9 _]{0,16}", value) else "(not a code string)"
 
 
 def _description_mismatch(rule: RoutingRule, facts: SeriesFacts) -> str:
@@ -118,10 +127,12 @@ def _age_mismatch(rule: RoutingRule, facts: SeriesFacts) -> str:
         return ""
     if facts.age_days is None:
         return "patient age unknown"
+    # The reason names the rule's bound, never the age: it is logged, and an age in days beside the
+    # time of the log line gives the birth date.
     if rule.max_age_days is not None and facts.age_days > rule.max_age_days:
-        return f"patient age {facts.age_days} days above {rule.max_age_days}"
+        return f"patient age above {rule.max_age_days} days"
     if rule.min_age_days is not None and facts.age_days < rule.min_age_days:
-        return f"patient age {facts.age_days} days below {rule.min_age_days}"
+        return f"patient age below {rule.min_age_days} days"
     return ""
 
 
@@ -129,6 +140,9 @@ def decide(rules: Sequence[RoutingRule], facts: SeriesFacts) -> RoutingDecision:
     """The pipelines for a series (in rule order, each once) and a reason a person can read."""
     if facts.is_result:
         return RoutingDecision((), (), "result series made by this node: not routed")
+    if facts.history_retrieval is not None:
+        return RoutingDecision((), (), f"retrieved history (retrieval {facts.history_retrieval}): archived for "
+                                       "training, not routed (cradle retrieve without --run-pipelines)")
     if not rules:
         return RoutingDecision((), (), "no routing rules configured")
     matched: list[RoutingRule] = []
@@ -167,7 +181,26 @@ def series_facts(session: Session, series_pk: int) -> SeriesFacts:
     return SeriesFacts(
         modality=series.modality, sop_class_uids=sop_classes, body_part=series.body_part,
         series_description=series.series_description,
-        age_days=age_in_days(patient.birth_date, study_date, study.patient_age), is_result=series.is_result)
+        age_days=age_in_days(patient.birth_date, study_date, study.patient_age), is_result=series.is_result,
+        history_retrieval=history_retrieval(session, study.study_uid, series.last_received_at))
+
+
+def history_retrieval(session: Session, study_uid: str, last_received_at: dt.datetime | None) -> int | None:
+    """The retrieval (``cradle retrieve`` without ``--run-pipelines``) that brought this series in: one
+    of its study whose window (asked .. finished, or still running) holds the series' last arrival."""
+    if last_received_at is None:
+        return None
+    unfinished_since = last_received_at - RETRIEVAL_OPEN_AT_MOST  # a retrieve killed before it finished
+    return session.scalar(select(Retrieval.id).where(
+        Retrieval.study_uid == study_uid, Retrieval.run_pipelines.is_(False),
+        Retrieval.requested_at <= last_received_at,
+        (Retrieval.finished_at.is_(None) & (Retrieval.requested_at >= unfinished_since))
+        | (Retrieval.finished_at >= last_received_at))
+        .order_by(Retrieval.id.desc()).limit(1))
+
+
+RETRIEVAL_OPEN_AT_MOST = dt.timedelta(hours=24)
+"""A retrieval never marked finished (its process was killed) covers arrivals for this long at most."""
 
 
 def _first_acquisition_date(session: Session, series_pk: int) -> dt.date | None:

@@ -130,13 +130,20 @@ def _store_one(assoc, item: Outgoing) -> SendOutcome:  # noqa: ANN001 - pynetdic
     if "Status" not in status:
         return SendOutcome(item.sop_uid, None, "no response (DIMSE timeout or association aborted)")
     code = int(status.Status)
-    comment = str(status.get("ErrorComment", "") or "")
-    outcome = SendOutcome(item.sop_uid, code, comment[:500])
+    outcome = SendOutcome(item.sop_uid, code, withheld_comment(status.get("ErrorComment")))
     if not outcome.delivered:
         log.warning("C-STORE of %s answered 0x%04X (%s)", item.sop_uid, code, outcome.category)
     elif outcome.warning:
         log.info("C-STORE of %s answered warning 0x%04X", item.sop_uid, code)
     return outcome
+
+
+def withheld_comment(comment: object) -> str:
+    """What is kept of a destination's Error Comment (0000,0902): its length only. It is free text
+    from another system and may quote the data set (a patient's name or ID); it would otherwise go
+    into the logs, the audit trail and the job's error."""
+    text = str(comment or "").strip()
+    return f"the destination's error comment withheld ({len(text)} characters)" if text else ""
 
 
 def _all(instances: Sequence[Outgoing], status: int | None, error: str) -> list[SendOutcome]:

@@ -12,7 +12,9 @@ at WARNING/ERROR whatever ``logging.level`` says. Our own log lines carry UIDs, 
 
 from __future__ import annotations
 
+import errno
 import logging
+import secrets
 import ssl
 import threading
 import time
@@ -30,6 +32,7 @@ from common.logs import protect_logs
 from config.settings import NodeSettings, Settings
 from node import handlers
 from node.completion import Completion, CompletionMonitor
+from node.guard import ConnectionGate, ContextsCopiedCheaply, GuardedRequestHandler, pynetdicom_association_limit
 from node.metrics import IndexCollector, ListenerMetrics, MetricsServer
 from node.tls import tls_context
 from storage.archive import Archive
@@ -64,10 +67,16 @@ def build_ae(node: NodeSettings) -> AE:
     ae.supported_contexts = supported_contexts()
     ae.require_called_aet = True
     titles = list(node.calling_ae_hosts())
+    if not titles and not node.loopback_only:
+        # pynetdicom reads an empty list as "anyone": name a title nobody has (and EVT_REQUESTED rejects
+        # everybody anyway, failing closed)
+        titles = [f"NOBODY{secrets.token_hex(5).upper()}"]
     ae.require_calling_aet = titles  # checked again, with hosts and "empty means nobody", on EVT_REQUESTED
-    ae.maximum_associations = node.max_associations
+    ae.maximum_associations = pynetdicom_association_limit(node)  # ours is ConnectionGate.reserve
     ae.maximum_pdu_size = node.max_pdu_size
-    ae.acse_timeout = node.acse_timeout
+    # also how long an acceptor thread waits for the A-ASSOCIATE-RQ: just beyond the gate's deadline
+    # (which cuts, logs and audits the connection first), so that no thread outlives it for long
+    ae.acse_timeout = min(node.acse_timeout, node.association_deadline) + 1
     ae.dimse_timeout = node.dimse_timeout
     ae.network_timeout = node.network_timeout
     return ae
@@ -83,22 +92,52 @@ class AssociationServer(ThreadedAssociationServer):
     certificate, TLS below 1.2) closes the connection, counted and audited as a rejection.
     """
 
+    request_queue_size = 128  # the listen() backlog: socketserver's 5 drops SYNs (1 s client retries) in a burst
     metrics: ListenerMetrics | None = None
     handshake_timeout: float = 30.0
+    read_timeout: float | None = None
+    """Each ``recv``/``send`` on an accepted socket waits at most this long (``node.network_timeout``)."""
+    gate: ConnectionGate | None = None
+    node: NodeSettings | None = None
+    _accept_trouble_logged: float = 0.0
+
+    def report(self, reason: str, address: tuple, associated: bool) -> None:
+        """A connection refused or cut by the gate or a receive guard: counted and audited."""
+        handlers.connection_refused(reason, address, associated, self.metrics)
 
     def get_request(self):  # noqa: ANN201 - (socket, address)
-        client, address = self.socket.accept()
+        try:
+            client, address = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # The connection stays in the backlog and select() keeps saying "readable": without
+                # a pause the acceptor would spin at 100 % CPU until a descriptor is free.
+                now = time.monotonic()
+                if now - self._accept_trouble_logged > 10:
+                    self._accept_trouble_logged = now
+                    log.error("cannot accept connections: %s (raise LimitNOFILE, or lower "
+                              "node.max_associations / node.max_pending_connections)", exc.strerror)
+                time.sleep(0.1)
+            raise
+        client.settimeout(self.read_timeout)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
+
+    def verify_request(self, request, client_address) -> bool:  # noqa: ANN001 - socketserver types
+        """At most ``node.max_pending_connections`` connections wait for their association, each
+        under the deadline; one more is closed at once (socketserver shuts it down)."""
+        return self.gate is None or self.gate.admit(request, tuple(client_address))
 
     def process_request_thread(self, request, client_address) -> None:  # noqa: ANN001 - socketserver types
         if isinstance(request, ssl.SSLSocket):
             try:
                 request.settimeout(self.handshake_timeout)
                 request.do_handshake()
-                request.settimeout(None)
+                request.settimeout(self.read_timeout)  # the gate's deadline still runs
             except (OSError, ValueError) as exc:
+                if self.gate is not None:
+                    self.gate.associating(request)
                 handlers.tls_rejected(client_address, _ssl_reason(exc), self.metrics)
                 self.shutdown_request(request)
                 return
@@ -114,16 +153,18 @@ def _ssl_reason(exc: BaseException) -> str:
 
 
 def event_handlers(node: NodeSettings, ingest: Ingest, completion: Completion | None,
-                   metrics: ListenerMetrics | None = None) -> list:
+                   metrics: ListenerMetrics | None = None, gate: ConnectionGate | None = None) -> list:
     after_store = completion.after_store if completion is not None else None
+    allowed = None if node.loopback_only else node.calling_ae_hosts()
     return [
-        (evt.EVT_REQUESTED, handlers.handle_requested, [node.ae_title, node.calling_ae_hosts()]),
+        (evt.EVT_REQUESTED, handlers.handle_requested, [node.ae_title, allowed, gate]),
         (evt.EVT_ACCEPTED, handlers.handle_accepted, [metrics]),
         (evt.EVT_REJECTED, handlers.handle_rejected, [metrics]),
-        (evt.EVT_RELEASED, handlers.handle_released),
-        (evt.EVT_ABORTED, handlers.handle_aborted),
+        (evt.EVT_RELEASED, handlers.handle_released, [gate]),
+        (evt.EVT_ABORTED, handlers.handle_aborted, [gate]),
+        (evt.EVT_CONN_CLOSE, handlers.handle_connection_closed, [gate]),
         (evt.EVT_C_ECHO, handlers.handle_echo),
-        (evt.EVT_C_STORE, handlers.handle_store, [ingest, after_store, metrics]),
+        (evt.EVT_C_STORE, handlers.handle_store, [ingest, after_store, metrics, handlers.StoreLimits.of(node)]),
     ]
 
 
@@ -134,7 +175,8 @@ class Listener:
                  sessions: sessionmaker[Session] | None = None) -> None:
         self.settings = settings
         self._owns_index = sessions is None
-        self.sessions = sessions if sessions is not None else open_index(settings.storage.database_url)
+        self.sessions = sessions if sessions is not None else open_index(settings.storage.database_url,
+                                                                         connect_timeout=settings.storage.connect_timeout)
         self.archive = Archive(settings.storage.archive_dir, fsync=settings.storage.fsync)
         self.ingest = Ingest(self.archive, self.sessions, duplicate_policy=settings.node.duplicate_policy)
         self.completion = Completion(self.sessions, settings.routing.rules,
@@ -145,6 +187,8 @@ class Listener:
         self.metrics.registry.register(IndexCollector(self.sessions))
         self.metrics_server: MetricsServer | None = None
         self._server = None
+        self.gate: ConnectionGate | None = None
+        self._previous_receive_to_files = False
 
     @property
     def address(self) -> tuple[str, int]:
@@ -161,7 +205,10 @@ class Listener:
                  "removed, %d unreadable files", report.temporaries_removed, report.files_reindexed,
                  report.rows_without_file_removed, report.unreadable_files)
         node = self.settings.node
-        if not node.allowed_calling_aets:
+        if node.loopback_only:
+            log.warning("node.allowed_calling_aets is not set: any calling AE title may associate, from the "
+                        "loopback address only (set the list to accept modalities on the network)")
+        elif not node.allowed_calling_aets:
             log.warning("node.allowed_calling_aets is empty: every association will be rejected")
         self._server = self._start_server(node)
         self.monitor.start()
@@ -172,11 +219,21 @@ class Listener:
 
     def _start_server(self, node: NodeSettings) -> AssociationServer:
         """``AE.start_server(block=False)`` with our server class (see :class:`AssociationServer`)."""
+        self._previous_receive_to_files = handlers.receive_to_files(True)
+        gate = ConnectionGate(node)
         server = self.ae.make_server((node.host, node.port), ae_title=node.ae_title,
                                      ssl_context=tls_context(node.tls), server_class=AssociationServer,
-                                     evt_handlers=event_handlers(node, self.ingest, self.completion, self.metrics))
+                                     request_handler=GuardedRequestHandler,
+                                     evt_handlers=event_handlers(node, self.ingest, self.completion, self.metrics,
+                                                                 gate))
+        server.contexts = ContextsCopiedCheaply(server.contexts)
         server.metrics = self.metrics
-        server.handshake_timeout = node.acse_timeout
+        server.node = node
+        server.handshake_timeout = min(node.acse_timeout, node.association_deadline)
+        server.read_timeout = node.network_timeout
+        gate.report = server.report
+        server.gate = gate.start()
+        self.gate = gate
         thread = threading.Thread(target=server.serve_forever, name="cradle-acceptor", daemon=True)
         thread.start()
         self.ae._servers.append(server)  # as start_server does: ae.shutdown() and server.shutdown() use it
@@ -188,12 +245,14 @@ class Listener:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            self.gate.stop()
         deadline = time.monotonic() + grace_seconds
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.ae.active_associations:
             log.warning("aborting %d association(s) still running", len(self.ae.active_associations))
         self.ae.shutdown()
+        handlers.receive_to_files(self._previous_receive_to_files)
         self.monitor.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()

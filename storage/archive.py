@@ -67,15 +67,46 @@ def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
     return "/".join((safe_component(study_uid), safe_component(series_uid), safe_component(sop_uid) + ".dcm"))
 
 
-Data = bytes | Sequence[bytes]
+@dataclass(frozen=True)
+class FileRange:
+    """``length`` bytes of the file ``path`` from ``offset``: a part of a file's content that is copied
+    from another file in chunks (a received data set), never read whole into memory."""
+
+    path: Path
+    offset: int
+    length: int
+
+    CHUNK = 1024 * 1024
+
+    def __len__(self) -> int:
+        return self.length
+
+    def chunks(self):  # noqa: ANN201 - Iterator[bytes]
+        with open(self.path, "rb") as source:
+            source.seek(self.offset)
+            remaining = self.length
+            while remaining:
+                chunk = source.read(min(self.CHUNK, remaining))
+                if not chunk:
+                    raise ArchiveError(5, f"{self.path.name} is shorter than expected")  # EIO
+                remaining -= len(chunk)
+                yield chunk
+
+
+Data = bytes | Sequence[bytes | FileRange]
 """A file's content, whole or in parts (e.g. file meta + data set as received, not joined)."""
 
 
 def content_hash(data: Data) -> str:
     digest = hashlib.sha256()
     for part in _parts(data):
-        digest.update(part)
+        for chunk in _chunks(part):
+            digest.update(chunk)
     return digest.hexdigest()
+
+
+def _chunks(part: bytes | FileRange):  # noqa: ANN202 - Iterable[bytes]
+    return part.chunks() if isinstance(part, FileRange) else (part,)
 
 
 def _parts(data: Data) -> Sequence[bytes]:
@@ -181,13 +212,23 @@ class Archive:
         except OSError as exc:
             raise ArchiveError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
         pool = self._background()
-        digest = pool.submit(content_hash, parts)
+        streamed = any(isinstance(part, FileRange) for part in parts)
+        if streamed:  # hashed as it is copied, chunk by chunk
+            digest: Future[str] = Future()
+            hasher = hashlib.sha256()
+        else:
+            digest = pool.submit(content_hash, parts)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # held until the file takes its name or is removed (or we die)
             for part in parts:
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view):]
+                for chunk in _chunks(part):
+                    if streamed:
+                        hasher.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+            if streamed:
+                digest.set_result(hasher.hexdigest())
         except OSError as exc:
             os.close(fd)
             with contextlib.suppress(OSError):

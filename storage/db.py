@@ -32,7 +32,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DBAPI 
     cursor.close()
 
 
-def create_db_engine(url: str) -> Engine:
+def create_db_engine(url: str, *, connect_timeout: float = 10) -> Engine:
     """An engine for ``url``; a SQLite file's directory is created (owner-only) when missing.
 
     ``hide_parameters``: SQLAlchemy puts bound values (patient names, IDs, birth dates) into its
@@ -48,6 +48,13 @@ def create_db_engine(url: str) -> Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    if parsed.get_backend_name() == "postgresql":
+        # connect_timeout: an unreachable server fails the attempt (the sender hears 0xA700) instead of
+        # holding the C-STORE for the operating system's TCP timeout (minutes); pool_timeout: a
+        # request waits this long for a pooled connection, not 30 s
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True,
+                             pool_timeout=connect_timeout,
+                             connect_args={"connect_timeout": max(1, int(round(connect_timeout)))})
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
 
 
@@ -125,8 +132,8 @@ def _begin_immediate_on_sqlite(session: Session) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def open_index(url: str) -> sessionmaker[Session]:
+def open_index(url: str, *, connect_timeout: float = 10) -> sessionmaker[Session]:
     """Engine + migrations + session factory: what every process does at start."""
-    engine = create_db_engine(url)
+    engine = create_db_engine(url, connect_timeout=connect_timeout)
     migrate(engine)
     return session_factory(engine)

@@ -20,6 +20,10 @@ class MalformedDataset(ValueError):
     """The bytes are not a well-formed data set (truncated, bad lengths, bad delimiters)."""
 
 
+class DatasetLimitExceeded(ValueError):
+    """The data set is larger than the node accepts: inflates too far, or has too many elements."""
+
+
 _PREFIX_END = 132  # 128-byte preamble + b"DICM" (PS3.10 7.1)
 _FILE_META_GROUP = b"\x02\x00"  # group 0002, little endian
 _TRANSFER_SYNTAX_ELEMENT = 0x0010
@@ -31,11 +35,28 @@ _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 
 
-def inflate(data: bytes) -> bytes:
-    """A Deflated Explicit VR Little Endian data set, inflated; a cut-off stream is malformed."""
+_INFLATE_CHUNK = 1024 * 1024
+
+
+def inflate(data: bytes, *, limit: int | None = None) -> bytearray:
+    """A Deflated Explicit VR Little Endian data set, inflated; a cut-off stream is malformed. With
+    ``limit``, inflating stops (DatasetLimitExceeded) as soon as the output would pass it: a
+    "deflate bomb" never takes more than ``limit`` bytes of memory."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = bytearray()
+    pending = data
     try:
-        inflated = inflater.decompress(data) + inflater.flush()
+        while True:
+            room = _INFLATE_CHUNK if limit is None else min(_INFLATE_CHUNK, limit - len(inflated) + 1)
+            chunk = inflater.decompress(pending, room)
+            inflated += chunk
+            if limit is not None and len(inflated) > limit:
+                raise DatasetLimitExceeded(f"deflated data set inflates beyond {limit} bytes "
+                                           "(node.max_inflation_ratio, node.max_dataset_size)")
+            pending = inflater.unconsumed_tail
+            if inflater.eof or (not chunk and not pending):
+                break
+        inflated += inflater.flush()
     except zlib.error as exc:
         raise MalformedDataset(f"deflated data set does not inflate: {exc}") from None
     if not inflater.eof:
@@ -43,24 +64,35 @@ def inflate(data: bytes) -> bytes:
     return inflated
 
 
-def check_structure(data: bytes, *, implicit: bool, little: bool) -> None:
+def check_structure(data: bytes, *, implicit: bool, little: bool, max_elements: int | None = None) -> None:
     """Walk every element's tag and length (values are skipped, not read): each value must lie
     within the data, every undefined-length sequence and item must be delimited, and the data
-    must end where its last element ends. pydicom itself reads a truncated value silently."""
-    if not data:
+    must end where its last element ends. pydicom itself reads a truncated value silently. With
+    ``max_elements``, more elements and items than that (nested ones included) raise
+    DatasetLimitExceeded, after that many steps at most."""
+    if not len(data):
         raise MalformedDataset("empty data set")
+    budget = [max_elements if max_elements is not None else -1]
     try:
-        _walk_elements(memoryview(data), 0, len(data), implicit, "<" if little else ">", None)
+        _walk_elements(memoryview(data), 0, len(data), implicit, "<" if little else ">", None, budget)
     except RecursionError:
         raise MalformedDataset("sequences nested too deeply") from None
     except struct.error as exc:
         raise MalformedDataset(f"truncated: {exc}") from None
 
 
+def _spend(budget: list[int]) -> None:
+    budget[0] -= 1
+    if budget[0] == -1:  # started at max_elements, not at -1 (unlimited)
+        raise DatasetLimitExceeded("data set has more elements than node.max_elements")
+
+
 def _walk_elements(buf: memoryview, pos: int, end: int, implicit: bool, order: str,
-                   delimiter: int | None) -> int:
+                   delimiter: int | None, budget: list[int]) -> int:
     tag_format, long_format, short_format = order + "HH", order + "L", order + "H"
     while pos < end:
+        if budget[0] >= 0:
+            _spend(budget)
         if pos + 8 > end:
             raise MalformedDataset(f"truncated element header at byte {pos}")
         group, element = struct.unpack_from(tag_format, buf, pos)
@@ -83,7 +115,7 @@ def _walk_elements(buf: memoryview, pos: int, end: int, implicit: bool, order: s
         if length == _UNDEFINED:
             # PS3.5 6.2.2: a UN value of undefined length is encoded in Implicit VR Little Endian
             inner_implicit, inner_order = (True, "<") if vr == b"UN" else (implicit, order)
-            pos = _walk_items(buf, pos, end, inner_implicit, inner_order)
+            pos = _walk_items(buf, pos, end, inner_implicit, inner_order, budget)
         elif pos + length > end:
             raise MalformedDataset(f"truncated: ({group:04X},{element:04X}) lacks {pos + length - end} bytes")
         else:
@@ -93,9 +125,11 @@ def _walk_elements(buf: memoryview, pos: int, end: int, implicit: bool, order: s
     return pos
 
 
-def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, order: str) -> int:
+def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, order: str, budget: list[int]) -> int:
     header_format = order + "HHL"
     while True:
+        if budget[0] >= 0:
+            _spend(budget)
         if pos + 8 > end:
             raise MalformedDataset("sequence without its delimiter")
         group, element, length = struct.unpack_from(header_format, buf, pos)
@@ -106,7 +140,7 @@ def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, order: str)
         if tag != _ITEM:
             raise MalformedDataset(f"expected an item, found ({group:04X},{element:04X})")
         if length == _UNDEFINED:
-            pos = _walk_elements(buf, pos, end, implicit, order, _ITEM_DELIMITER)
+            pos = _walk_elements(buf, pos, end, implicit, order, _ITEM_DELIMITER, budget)
         elif pos + length > end:
             raise MalformedDataset("item runs past the end of the data set")
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,21 +22,53 @@ class MissingIdentifiers(ValueError):
     """The dataset lacks a Study, Series or SOP Instance UID (or its SOP Class UID)."""
 
 
+class InvalidIdentifiers(ValueError):
+    """A Study, Series, SOP Instance or SOP Class UID is not a UID (PS3.5 9.1: digits and dots, at most
+    64 characters). Refused rather than made safe: two different invalid UIDs could otherwise be
+    made into one file name or one index key."""
+
+
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_MAX_LENGTH = 64
+
+INDEX_INT_MIN, INDEX_INT_MAX = -(2 ** 31), 2 ** 31 - 1
+"""What the index's INTEGER columns hold (PostgreSQL's 4 bytes): a header value outside is stored as
+unknown (NULL), never merged, never a reason to refuse the instance."""
+
+
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
     value = ds.get(keyword, "")
     if value is None:
         return ""
     if not isinstance(value, str) and hasattr(value, "__iter__"):
         value = "\\".join(str(v) for v in value)
-    return str(value).strip()[:limit]
+    # NUL and lone surrogates: PostgreSQL text cannot hold them (a DataError on every retry)
+    text = str(value).replace("\0", "").encode("utf-8", "replace").decode("utf-8")
+    return text.strip()[:limit]
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
     value = ds.get(keyword)
     try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+        number = int(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
         return None
+    if number is not None and not INDEX_INT_MIN <= number <= INDEX_INT_MAX:
+        return None
+    return number
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    """A UID element's value, checked (see InvalidIdentifiers); "" when absent."""
+    value = ds.get(keyword, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str) and hasattr(value, "__iter__"):
+        raise InvalidIdentifiers(f"{keyword} has more than one value")
+    text = str(value).strip().rstrip("\0").strip()
+    if text and (len(text) > UID_MAX_LENGTH or not UID_PATTERN.match(text)):
+        raise InvalidIdentifiers(f"{keyword} is not a valid UID (digits and dots, at most 64 characters)")
+    return text
 
 
 def _float(ds: Dataset, keyword: str) -> float | None:
@@ -112,7 +145,7 @@ class InstanceHeader:
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> "InstanceHeader":
-        uids = {k: _text(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
+        uids = {k: _uid(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
         missing = [k for k, v in uids.items() if not v]
         if missing:
             raise MissingIdentifiers(f"dataset lacks {', '.join(missing)}")

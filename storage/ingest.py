@@ -36,7 +36,8 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import Row
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.archive import Archive, ArchiveError, Data, PendingFile, StoredFile, content_hash
@@ -58,6 +59,15 @@ class Outcome(str, enum.Enum):
 
 class TransientStoreError(Exception):
     """Disk or database trouble: nothing was committed; the sender should retry."""
+
+
+class PermanentStoreError(Exception):
+    """The index refused the data (a value it cannot hold, a constraint): nothing was committed, and
+    a retry of the same data would fail the same way."""
+
+
+_TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError, SQLAlchemyTimeoutError, DisconnectionError)
+"""Connection lost or refused, server shutting down, lock or pool timeouts, serialization failures."""
 
 
 @dataclass(frozen=True)
@@ -110,10 +120,12 @@ class Ingest:
                 raise
         except ArchiveError as exc:
             raise TransientStoreError(f"archive: {exc}") from exc
-        except SQLAlchemyError as exc:
+        except _TRANSIENT_DB_ERRORS as exc:
             # The file may be on disk under its final name without a row: the sender retries and
             # overwrites it, or the startup sweep indexes it. Nothing is lost or half-written.
             raise TransientStoreError(f"index: {type(exc).__name__}") from exc
+        except SQLAlchemyError as exc:  # DataError, IntegrityError, ...: the same data fails again
+            raise PermanentStoreError(f"index: {type(exc).__name__}") from exc
         outcome = Outcome.conflict_replaced if existing is not None else Outcome.stored
         return StoreResult(outcome, header.sop_uid, recorded.instance_pk, recorded.series_pk, recorded.reopened,
                            recorded.study_pk, recorded.series_instances)
@@ -152,7 +164,7 @@ class Ingest:
             try:
                 self._reindex(path)
                 reindexed += 1
-            except (InvalidDicomError, ValueError, OSError, AttributeError) as exc:
+            except (InvalidDicomError, ValueError, OSError, AttributeError, SQLAlchemyError) as exc:
                 log.warning("archive file %s could not be indexed: %s", path, type(exc).__name__)
                 unreadable += 1
         missing = [pk for path, pk in indexed.items() if path not in on_disk]

@@ -182,6 +182,37 @@ class Send(Base):
     job: Mapped[Job] = relationship(back_populates="sends")
 
 
+class RetrievalState(str, enum.Enum):
+    retrieving = "retrieving"  # asked of the source; instances may be arriving
+    retrieved = "retrieved"    # the index holds as many instances of the study as the source reported
+    failed = "failed"          # refused, interrupted, or fewer instances than reported (reason says which)
+
+
+class Retrieval(Base):
+    """One study the node asked a source for (``cradle retrieve``): the history marker.
+
+    Completion consults it: a series of this study whose last instance arrived while it was being
+    retrieved (``requested_at`` .. ``finished_at``) is archived for training and not routed (no job,
+    nothing sent), unless ``run_pipelines``. The key row is referred to by its line/position only:
+    no accession number or patient ID is kept here."""
+
+    __tablename__ = "retrieval"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    source: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(8), doc="move or get")
+    run_pipelines: Mapped[bool] = mapped_column(default=False)
+    state: Mapped[RetrievalState] = mapped_column(Enum(RetrievalState, native_enum=False, length=16),
+                                                  default=RetrievalState.retrieving, index=True)
+    expected_instances: Mapped[int | None] = mapped_column(Integer, nullable=True,
+                                                           doc="NumberOfStudyRelatedInstances at the source")
+    archived_instances: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="in the index afterwards")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    requested_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
 class StudyLabel(Base):
     """An outcome attached to a study for training (e.g. bpd = 1)."""
 

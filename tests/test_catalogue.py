@@ -8,20 +8,7 @@ import pytest
 
 from config.settings import ConfigError, RoutingRule, load_settings
 from config.tasks import CatalogueError, load_catalogue
-
-TOY = """
-tasks:
-  toy:
-    kind: binary
-    description: Toy finding
-    pipeline: cxr
-    role: finding
-    labels: {source: csv, column: toy}
-    population: {modalities: [CR, DX], body_parts: [CHEST, ""], views: [chest_frontal], max_age_days: 28}
-    sr:
-      concept: {value: "1234567", scheme: "99TOY", meaning: Toy finding}
-    recipe: toy.yaml
-"""
+from site_tasks import TOY
 
 
 def test_the_shipped_catalogue_defines_each_task_once() -> None:
@@ -53,7 +40,7 @@ def test_a_site_file_adds_tasks(tmp_path: Path) -> None:
     catalogue = load_settings(config).catalogue()
     assert catalogue.names() == ("view", "bpd", "pneumonia", "lung-seg", "toy")
     assert [t.name for t in catalogue.findings("cxr")] == ["bpd", "pneumonia", "toy"]
-    assert catalogue.get("toy").sr.concept.scheme == "99TOY"
+    assert catalogue.get("toy").sr.concept.meaning == "Toy finding concept"
 
 
 @pytest.mark.parametrize(("text", "reason"), [

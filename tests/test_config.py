@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from config.settings import CallingAE, Settings, load_settings
 from cradle.cli import main
+from site_tasks import TOY
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "cradle.example.yaml"
 
@@ -126,3 +127,66 @@ def test_status_on_an_empty_node(node_settings: Settings, tmp_path: Path, capsys
     assert main(["status", "--config", str(path)]) == 0
     assert capsys.readouterr().out.split()[:10] == ["patients", "0", "studies", "0", "series", "0", "instances",
                                                     "0", "jobs", "0"]
+
+
+def test_train_choices_are_the_catalogues_tasks(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task of the site's task_catalogue is a choice of ``cradle train``, wherever --config stands."""
+    import training.commands
+
+    trained: list[str] = []
+    monkeypatch.setattr(training.commands, "train", lambda args, settings: trained.append(args.task) or 0)
+    site = tmp_path / "tasks.yaml"
+    site.write_text(TOY)
+    config = tmp_path / "cradle.yaml"
+    config.write_text(f"task_catalogue: {site}\nmodels_dir: {tmp_path / 'models'}\n")
+    assert main(["train", "--config", str(config), "toy", "--json"]) == 0
+    assert main(["train", "toy", f"--config={config}"]) == 0
+    assert trained == ["toy", "toy"]
+    with pytest.raises(SystemExit) as caught:  # the shipped catalogue alone has no such task
+        main(["train", "toy"])
+    assert caught.value.code == 2 and "invalid choice: 'toy'" in capsys.readouterr().err
+
+
+def test_a_config_error_still_exits_2_after_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node:\n  prot: 11112\n")
+    with pytest.raises(SystemExit) as caught:  # the command line is judged first, as before
+        main(["train", "--config", str(bad)])
+    assert caught.value.code == 2 and "the following arguments are required: task" in capsys.readouterr().err
+    assert main(["train", "bpd", "--config", str(bad)]) == 2
+    assert "node.prot: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("url", "secret"), [
+    ("postgresql://cradle:s3cr3t@db.example.org/cradle", "s3cr3t"),
+    ("postgresql://cradle:p@ss@word@db.example.org:5432/cradle", "p@ss@word"),
+    ("redis://:hunter2@redis.example.org:6379/0", "hunter2"),
+    ("postgresql://db.example.org/cradle?user=cradle&password=qwerty9&sslmode=require", "qwerty9"),
+    ("postgresql://db.example.org/cradle?sslpassword=keypass1", "keypass1"),
+])
+def test_redact_url_hides_every_password(url: str, secret: str) -> None:
+    from config.settings import redact_url
+
+    redacted = redact_url(url)
+    assert secret not in redacted and "***" in redacted
+    assert "db.example.org" in redacted or "redis.example.org" in redacted
+
+
+def test_no_allow_list_means_loopback_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    settings = load_settings(None)
+    assert settings.node.allowed_calling_aets is None and settings.node.loopback_only
+    assert load_settings(None, node={"allowed_calling_aets": []}).node.loopback_only is False
+    path = tmp_path / "default.yaml"
+    path.write_text("node:\n  port: 11112\n")
+    assert main(["config", "check", "--config", str(path)]) == 0
+    assert "loopback" in capsys.readouterr().err
+
+
+def test_limits_have_safe_defaults() -> None:
+    settings = load_settings(None)
+    node, inference = settings.node, settings.inference
+    assert (node.max_pending_connections, node.association_deadline, node.max_pdu_size) == (64, 10, 262144)
+    assert node.max_dataset_size == 2 * 1024 ** 3 and node.max_inflation_ratio == 200 and node.max_elements == 500_000
+    assert (inference.max_pixels_per_frame, inference.max_pixels_per_series) == (100_000_000, 1_000_000_000)
+    assert settings.storage.connect_timeout == 10

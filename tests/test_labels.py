@@ -17,15 +17,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
+from config.views import ViewHeader, load_view_taxonomy
 from cradle.cli import main
 from storage.archive import Archive
 from storage.db import open_index, transaction
 from storage.index import InstanceHeader
 from storage.ingest import Ingest
 from storage.models import Study, StudyLabel
+from site_tasks import SITE_TASKS
 from training import synth
-from training.labels import (ViewHeader, import_labels, judge_segmentation, load_view_taxonomy, parse_binary,
-                             parse_gestational_age, parse_irds_grade, read_label_file, reference_segmentations)
+from training.labels import (import_labels, judge_segmentation, parse_binary, parse_gestational_age, parse_irds_grade,
+                             read_label_file, reference_segmentations)
 
 # --- an index with a few studies --------------------------------------------------------------
 
@@ -252,3 +254,63 @@ def test_view_labels_from_headers_match_the_synthetic_truth(tmp_path: Path) -> N
     assert fine.label_of(ViewHeader("CR", "KNEE")) == "knee"
     assert taxonomy.label_of(ViewHeader("CR", "KNEE")) == "extremity"
     assert taxonomy.label_of(ViewHeader("MR", "CHEST")) is None
+
+
+# --- a site's own tasks (config/tasks.yaml's layout, task_catalogue) ---------------------------
+
+
+@pytest.fixture
+def site_catalogue(tmp_path: Path):  # noqa: ANN201 - a TaskCatalogue
+    from config.tasks import load_catalogue
+
+    site = tmp_path / "site-tasks.yaml"
+    site.write_text(SITE_TASKS)
+    return load_catalogue(site)
+
+
+def test_a_site_task_is_a_label_column_with_no_code_change(tmp_path: Path, node: tuple, studies: dict,
+                                                            site_catalogue) -> None:  # noqa: ANN001
+    _, sessions = node
+    path = tmp_path / "site.csv"
+    path.write_text("StudyInstanceUID,bpd,toy,toy_grade,toy_age\n"
+                    f"{studies['S1']['uid']},1,yes,Moderate,18.5\n"
+                    f"{studies['S2']['uid']},,0,grade 3,\n"
+                    f"{studies['S3']['uid']},,,none,240\n")
+    _, rejections = read_label_file(path)  # the shipped catalogue does not know the site's columns
+    assert "unknown column(s): toy, toy_grade, toy_age" in rejections[0].reason
+    report = import_labels(sessions, path, site_catalogue)
+    assert report.ok and report.applied and report.labels_written == 8
+    labels = _labels(sessions)
+    s1, s2, s3 = (studies[k]["uid"] for k in ("S1", "S2", "S3"))
+    assert labels[(s1, "toy")] == 1.0 and labels[(s2, "toy")] == 0.0  # stored by task name
+    assert [labels[(s, "toy-grade")] for s in (s1, s2, s3)] == [1.0, 2.0, 0.0]  # class index, aliases folded
+    assert labels[(s1, "toy-age")] == 18.5 and labels[(s3, "toy-age")] == 240.0
+    assert labels[(s1, "bpd")] == 1.0
+
+
+def test_a_site_tasks_values_are_checked_by_its_kind(tmp_path: Path, site_catalogue) -> None:  # noqa: ANN001
+    path = tmp_path / "bad.csv"
+    path.write_text("PatientID,toy,toy_grade,toy_age\nP1,maybe,,\nP2,,moderately,\nP3,,,241\nP4,,,soon\n")
+    rows, rejections = read_label_file(path, site_catalogue)
+    assert rows == []
+    assert [str(r) for r in rejections] == [
+        "line 2: toy: 'maybe' is not 0/1, yes/no or true/false",
+        "line 3: toy_grade: 'moderately' is not one of none, mild, severe",
+        "line 4: toy_age: 241 is outside the plausible toy-age (months) range 0-240",
+        "line 5: toy_age: 'soon' is not a number"]
+
+
+def test_cradle_labels_import_takes_the_site_catalogue(tmp_path: Path, node_settings: Settings, node: tuple,
+                                                       studies: dict, capsys: pytest.CaptureFixture) -> None:
+    _, sessions = node
+    site = tmp_path / "site-tasks.yaml"
+    site.write_text(SITE_TASKS)
+    config = tmp_path / "cradle.yaml"
+    config.write_text(json.dumps({"storage": {"archive_dir": str(node_settings.storage.archive_dir),
+                                              "database_url": node_settings.storage.database_url},
+                                  "task_catalogue": str(site)}))
+    path = tmp_path / "toy.csv"
+    path.write_text(f"StudyInstanceUID,toy\n{studies['S1']['uid']},yes\n")
+    assert main(["labels", "import", str(path), "--config", str(config)]) == 0
+    assert "1 labels on 1 studies applied" in capsys.readouterr().out
+    assert _labels(sessions)[(studies["S1"]["uid"], "toy")] == 1.0

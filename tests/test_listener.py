@@ -312,7 +312,7 @@ def test_routed_series_get_exactly_their_jobs(any_index: Settings, listener: Lis
         [(uid["cr"], "cxr", "queued", 1), (uid["dx"], "cxr", "queued", 1), (uid["mr1"], "lung-mri", "queued", 1)])
     assert sorted(enqueued) == sorted(job_id for *_, job_id in jobs) and len(enqueued) == 3
     reasons = dict(rows(node_settings, Series.series_uid, Series.routing_reason))
-    assert reasons[uid["adult"]] == "patient age 16437 days above 28 for rule neonatal-chest-radiograph"
+    assert reasons[uid["adult"]] == "patient age above 28 days for rule neonatal-chest-radiograph"
     assert reasons[uid["ot"]] == "no rule matched: modality OT"
     assert index_counts(node_settings) == {"patients": 2, "studies": 5, "series": 5, "instances": 7,
                                            "jobs": {"queued": 3}}
@@ -336,7 +336,7 @@ def test_synthetic_studies_end_to_end(listener: Listener, node_settings: Setting
     assert index_counts(node_settings)["instances"] == len(files)
     reasons = dict(rows(node_settings, Series.series_uid, Series.routing_reason))
     adults = [ds.SeriesInstanceUID for ds in headers if ds.PatientAge.endswith("Y")]
-    assert adults and all("days above 28 for rule neonatal-chest-radiograph" in reasons[uid] for uid in adults)
+    assert adults and all("patient age above 28 days for rule neonatal-chest-radiograph" in reasons[uid] for uid in adults)
 
 
 def test_series_without_count_completes_after_quiet_period(node_settings: Settings, enqueued: Enqueued,
@@ -444,12 +444,18 @@ def test_unwritable_archive_answers_out_of_resources(listener: Listener, node_se
     assert index_counts(node_settings)["instances"] == 1
 
 
-def test_tls(node_settings: Settings, enqueued: Enqueued, tmp_path: Path) -> None:
-    key, certificate = tmp_path / "key.pem", tmp_path / "cert.pem"
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """(private key, certificate) for localhost, made with openssl (the test is skipped without it)."""
+    key, certificate = directory / "key.pem", directory / "cert.pem"
     made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
                            "-out", str(certificate), "-days", "1", "-subj", "/CN=localhost"], capture_output=True)
     if made.returncode != 0:
         pytest.skip("openssl cannot make a test certificate here")
+    return key, certificate
+
+
+def test_tls(node_settings: Settings, enqueued: Enqueued, tmp_path: Path) -> None:
+    key, certificate = self_signed_certificate(tmp_path)
     node_settings.node.tls = TLSSettings(enabled=True, certificate=certificate, private_key=key)
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certificate))
     ds = make_image()
@@ -561,3 +567,18 @@ def test_listener_does_not_import_torch(node_settings: Settings, tmp_path: Path)
             f"node.commands.load_enqueue(load_settings({str(config)!r}))  # the job queue, when installed\n"
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_no_allow_list_admits_any_title_from_loopback_only(node_settings: Settings, enqueued: Enqueued) -> None:
+    from node.handlers import is_loopback
+
+    node_settings.node.allowed_calling_aets = None
+    with Listener(node_settings, enqueue=enqueued):
+        for calling in ("ANYTITLE", "STORESCU"):
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", node_settings.node.port, ae_title=CALLED)
+            assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("10.0.0.5") and not is_loopback("192.168.1.2") and not is_loopback("not an address")

@@ -20,6 +20,7 @@ from pydicom.uid import JPEG2000Lossless
 from scipy import ndimage
 
 from config.settings import Settings, load_settings
+from config.tasks import TaskCatalogue
 from inference.gradcam import grad_cam, hot_spot_polygon, upsample
 from inference.models import create_model, view_taxonomy
 from inference.pipelines import NoActiveModel, PipelineContext, PipelineInputError, get_pipeline
@@ -28,6 +29,7 @@ from inference.pipelines.lung_mri import (LEFT, RIGHT, SliceGeometry, lung_volum
                                           split_left_right)
 from inference.preprocess import letterbox, minmax_clipped, modality_values, prepare_radiograph
 from inference.registry import InputSpec, ModelCache, ModelRegistry
+from site_tasks import TOY
 from training.synth import lung_volumes_ml as true_volumes_ml
 from training.synth import make_cxr, make_mr_series
 
@@ -36,10 +38,11 @@ SEG_SPEC = InputSpec(image_size=64)
 VIEWS = list(view_taxonomy().classes)
 
 
-def biased_state(task: str, arch: str, bias: dict[int, float] | float, seed: int = 0) -> dict[str, torch.Tensor]:
+def biased_state(task: str, arch: str, bias: dict[int, float] | float, seed: int = 0,
+                 catalogue: TaskCatalogue | None = None) -> dict[str, torch.Tensor]:
     """Random weights whose output bias is set: the model's answer is known in advance."""
     torch.manual_seed(seed)
-    model = create_model(arch, task, num_classes=len(VIEWS) if task == "view" else 1)
+    model = create_model(arch, task, num_classes=len(VIEWS) if task == "view" else 1, catalogue=catalogue)
     state = model.state_dict()
     key = "segmentation_head.0.bias" if task == "lung-seg" else "fc.bias"
     if task != "lung-seg":
@@ -52,7 +55,8 @@ def biased_state(task: str, arch: str, bias: dict[int, float] | float, seed: int
 
 def register_active(registry: ModelRegistry, task: str, arch: str, bias: dict[int, float] | float,
                     spec: InputSpec, **kwargs: object) -> str:
-    version = registry.register(task, arch, biased_state(task, arch, bias), input_spec=spec, **kwargs)
+    state = biased_state(task, arch, bias, catalogue=registry.catalogue)
+    version = registry.register(task, arch, state, input_spec=spec, **kwargs)
     registry.activate(task, version.version, accept_unvalidated=True, reason="test weights")
     return version.version
 
@@ -388,3 +392,56 @@ def test_uneven_slice_positions_weigh_each_slice_by_its_extent(mr_series: tuple[
     ones = np.ones((len(kept), 4, 4), dtype=np.uint8) * LEFT
     expected = 16 * geometry.pixel_area_mm2 * spacing * len(series) / 1000
     assert lung_volumes_ml(ones, geometry)["left"] == pytest.approx(expected, rel=1e-3)
+
+
+# --------------------------------------------------------------------------- the task catalogue
+
+
+def test_cxr_runs_a_site_finding_with_its_catalogue_coding(tmp_path: Path, cr_monochrome1: Dataset) -> None:
+    site = tmp_path / "tasks.yaml"
+    site.write_text(TOY)
+    settings = load_settings(None, models_dir=str(tmp_path / "models"), task_catalogue=str(site))
+    context = PipelineContext.from_settings(settings)
+    assert "toy" in context.registry.catalogue and context.catalogue is context.registry.catalogue
+    register_active(context.registry, "view", "resnet18", {VIEWS.index("chest_frontal"): 6.0}, CXR_SPEC)
+    register_active(context.registry, "toy", "resnet18", 4.0, CXR_SPEC, threshold=0.5)
+    output = get_pipeline("cxr").run([cr_monochrome1], context)
+    assert output.model_version == "view-1+toy-1"
+    assert output.summary["tasks_run"] == ["view", "toy"] and output.summary["findings"]["toy"]["positive"]
+    assert output.summary["tasks_not_run"] == {"bpd": "no active model for bpd",
+                                               "pneumonia": "no active model for pneumonia"}
+    assert list(output.artefacts) == ["gradcam-toy.png"]
+    (sr,) = output.datasets
+    concepts = {(c.CodingSchemeDesignator, c.CodeValue, c.CodeMeaning) for item in _walk(sr.ContentSequence)
+                for key in ("ConceptNameCodeSequence", "ConceptCodeSequence") for c in item.get(key, [])}
+    assert ("99TOY", "1234567", "Toy finding concept") in concepts
+    tracking = {str(item.TextValue) for item in _walk(sr.ContentSequence)
+                if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "112039"}
+    assert "Toy finding" in tracking  # the catalogue's description is the finding's label
+
+
+def test_the_writers_codes_are_the_catalogues() -> None:
+    """The SR/SEG writers code the shipped tasks' results as the catalogue says (golden bytes rely on it)."""
+    from config.tasks import load_catalogue
+    from inference import codes
+    from inference.codes import code_key
+    from inference.pipelines.cxr import code_of, finding_tasks, view_task
+    from inference.pipelines.lung_mri import segmentation_task
+
+    catalogue = load_catalogue()
+    assert [code_of(t.sr.concept) for t in finding_tasks(catalogue)] == [codes.BRONCHOPULMONARY_DYSPLASIA,
+                                                                         codes.PNEUMONIA]
+    assert code_key(code_of(view_task(catalogue).sr.concept)) == code_key(codes.IMAGE_VIEW)
+    lung = segmentation_task(catalogue)
+    assert [code_of(o) for o in lung.outputs] == [codes.LEFT_LUNG, codes.RIGHT_LUNG]
+    assert code_of(lung.sr.concept) == codes.VOLUME and code_of(lung.sr.units) == codes.MILLILITER
+
+
+def test_one_view_taxonomy_for_training_and_inference() -> None:
+    from config import views
+
+    assert view_taxonomy() == views.load_view_taxonomy("views7") == views.load_view_taxonomy()
+    assert view_taxonomy().parents["chest_pa"] == "chest_frontal"  # a fine class's rule folds into views7
+    assert views.frontal_chest_classes(VIEWS) == {"chest_frontal"}
+    assert views.frontal_chest_classes(view_taxonomy("views30").classes) == {"chest_ap_supine", "chest_ap_erect",
+                                                                             "chest_pa"}

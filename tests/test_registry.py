@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from inference.models import create_model, view_taxonomy
-from inference.registry import (InputSpec, ModelCache, ModelLoadError, ModelRegistry, NoActiveModel, NotValidated,
-                                RegistryError, WeightsIntegrityError)
+from inference.errors import NoActiveModel
+from inference.registry import (InputSpec, ModelCache, ModelLoadError, ModelRegistry, NotValidated, RegistryError,
+                                WeightsIntegrityError)
 from cradle.cli import main
+from site_tasks import SITE_TASKS
 
 SPEC = InputSpec(image_size=128)
 
@@ -46,6 +48,27 @@ def test_register_copies_weights_with_their_sha256(registry: ModelRegistry) -> N
 def test_view_versions_carry_the_taxonomy(registry: ModelRegistry) -> None:
     version = registry.register("view", "resnet18", small_state("view"), input_spec=SPEC)
     assert version.classes == list(view_taxonomy().classes) and version.num_outputs == 7
+
+
+def test_heads_and_tasks_come_from_the_catalogue(tmp_path: Path, registry: ModelRegistry) -> None:
+    from config.tasks import load_catalogue
+
+    with pytest.raises(RegistryError, match="unknown task 'toy-grade'; known: view, bpd, pneumonia, lung-seg"):
+        registry.register("toy-grade", "resnet18", small_state(), input_spec=SPEC)
+    site = tmp_path / "tasks.yaml"
+    site.write_text(SITE_TASKS)
+    catalogue = load_catalogue(site)
+    extended = ModelRegistry(registry.models_dir, catalogue)
+    torch.manual_seed(0)
+    grade_state = create_model("resnet18", catalogue.get("toy-grade"), num_classes=3).state_dict()
+    grade = extended.register("toy-grade", "resnet18", grade_state, input_spec=SPEC)
+    assert grade.classes == ["none", "mild", "severe"] and grade.num_outputs == 3  # the task's classes
+    age = extended.register("toy-age", "resnet18", small_state(), input_spec=SPEC)  # one output
+    assert age.classes is None and age.num_outputs == 1
+    assert extended.load(age, "cpu")(torch.zeros(1, 1, 64, 64)).shape == (1, 1)
+    with pytest.raises(ModelLoadError, match="is not a segmentation architecture; lung-seg takes one of"):
+        extended.register("lung-seg", "resnet18", small_state(), input_spec=SPEC)
+    assert extended.tasks() == ["toy-grade", "toy-age"] and registry.tasks() == []
 
 
 def test_activate_rollback_and_history(registry: ModelRegistry) -> None:

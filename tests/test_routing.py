@@ -52,7 +52,7 @@ def test_neonatal_radiograph_matches_the_default_rule() -> None:
 
 
 @pytest.mark.parametrize(("overrides", "reason"), [
-    ({"age_days": 16436}, "patient age 16436 days above 28 for rule neonatal-chest-radiograph"),
+    ({"age_days": 16436}, "patient age above 28 days for rule neonatal-chest-radiograph"),
     ({"modality": "OT"}, "no rule matched: modality OT"),
     ({"body_part": "SKULL"}, "body part SKULL for rule neonatal-chest-radiograph"),
     ({"age_days": None}, "patient age unknown for rule neonatal-chest-radiograph"),
@@ -76,7 +76,7 @@ def test_sop_class_regex_and_minimum_age() -> None:
         "SOP class 1.2.840.10008.5.1.4.1.1.1 for rule dx-ap"
     assert decide([rule], replace(dx, series_description="PA")).reason == \
         r"series description does not match /(?i)\bap\b/ for rule dx-ap"
-    assert decide([rule], replace(dx, age_days=1)).reason == "patient age 1 days below 2 for rule dx-ap"
+    assert decide([rule], replace(dx, age_days=1)).reason == "patient age below 2 days for rule dx-ap"
 
 
 def test_two_rules_give_each_pipeline_once() -> None:
@@ -185,7 +185,7 @@ def test_adult_is_archived_with_the_reason(ingest: Ingest, completion: Completio
     assert done is not None and not done.decision.matched
     assert jobs_of(ingest.sessions, result.series_pk) == [] and enqueued == []
     assert series_row(ingest.sessions, result.series_pk).routing_reason == \
-        "patient age 16437 days above 28 for rule neonatal-chest-radiograph"
+        "patient age above 28 days for rule neonatal-chest-radiograph"
 
 
 def test_age_string_when_birth_date_is_missing(ingest: Ingest, completion: Completion) -> None:

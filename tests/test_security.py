@@ -505,3 +505,11 @@ def test_model_promotions_are_audited(tmp_path: Path) -> None:
         ("model.activate", None, "bpd-1"), ("model.activate", "bpd-1", "bpd-2"), ("model.rollback", "bpd-2", "bpd-1")]
     assert all(e["task"] == "bpd" and e["by"] and e["reason"] for e in events)
     assert [e["component"] for e in events] == ["models import", "models promote", "models rollback"]
+
+
+def test_a_destinations_error_comment_is_withheld() -> None:
+    from node.sender import withheld_comment
+
+    text = withheld_comment("Patient DOE^JANE (ID 12345) does not match")
+    assert "DOE" not in text and "12345" not in text and "characters" in text
+    assert withheld_comment(None) == "" and withheld_comment("  ") == ""

@@ -61,3 +61,34 @@ def test_worker_unit_binds_one_gpu_per_instance() -> None:
     text = (UNITS / "cradle-worker@.service").read_text()
     assert "Environment=CUDA_VISIBLE_DEVICES=%i" in text
     assert "--queue gpu%i" in text
+
+
+@pytest.mark.parametrize("unit", [u.name for u in sorted(UNITS.glob("*.service"))])
+def test_units_limit_resources_and_filter_system_calls(unit: str) -> None:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str
+    parser.read(UNITS / unit)
+    service = parser["Service"]
+    for key in ("MemoryMax", "TasksMax", "LimitNOFILE", "SystemCallFilter", "SystemCallErrorNumber"):
+        assert service.get(key), key
+    assert int(service["TasksMax"]) >= 128 and int(service["LimitNOFILE"]) >= 1024
+    text = (UNITS / unit).read_text()
+    assert "SystemCallFilter=@system-service" in text and "SystemCallFilter=~@privileged" in text
+
+
+def test_systemd_analyze_security_exposure(tmp_path: Path) -> None:
+    """Every unit's exposure (`systemd-analyze security --offline`) is low; the README lists them."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    exposures = {}
+    for copy in _instantiated(tmp_path):
+        if not copy.name.endswith(".service"):
+            continue
+        result = subprocess.run([analyze, "security", "--offline=true", str(copy)], capture_output=True, text=True,
+                                cwd=tmp_path)
+        if result.returncode != 0 and "Overall exposure" not in result.stdout:
+            pytest.skip(f"systemd-analyze security --offline is not supported here: {result.stderr[-200:]}")
+        exposures[copy.name] = float(result.stdout.strip().splitlines()[-1].split(":")[-1].split()[0])
+    print(f"\nsystemd-analyze security exposure: {exposures}")
+    assert exposures and all(value <= 2.5 for value in exposures.values()), exposures

@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+import shutil
 import textwrap
 import time
 from collections.abc import Iterator
@@ -26,18 +27,22 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from config.settings import Settings, load_settings
 from conftest import free_port, require
+from site_tasks import TOY
+from test_pipelines import CXR_SPEC, VIEWS, _walk, dciodvfy_errors, register_active
 from inference.models import create_model
+from inference.pipelines import PipelineContext, get_pipeline
 from inference.registry import InputSpec, ModelRegistry
 from cradle.cli import main
 from training import datasets as ds
 from training import evaluate as ev
 from training import promote
 from training import synth
-from training.engine import BinaryObjective, FoldPaths, Trainer, seed_everything
+from training.engine import FoldPaths, Trainer, seed_everything
+from training.kinds import BinaryObjective
 from training.recipe import GateConfig, RecipeError, load_recipe
 from training.run import transfer_weights
-from training.strategies import (EarlyStopping, Schedule, StrategyConfig, backbone_names, cutmix, layer_groups,
-                                 stage_at)
+from training.strategies import (EarlyStopping, LearningRates, ScheduleConfig, Stage, StrategyConfig,
+                                 backbone_names, cutmix, layer_groups, stage_at)
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 # A training run (and the archive fixture it may build) takes minutes on two CPU cores, more when
@@ -213,6 +218,61 @@ def test_lung_segmentation_from_reviewer_segs(node: Node, capsys: pytest.Capture
     assert (reports / "dice_box.png").is_file() and (reports / "loss.png").is_file()
     version = ModelRegistry(node.settings.models_dir).active("lung-seg")
     assert version.arch == "flexible_unet_resnet18" and version.input_spec.image_size == 64
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_a_site_task_trains_from_its_catalogue_entry_and_recipe(node: Node, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A binary task defined only in a site's catalogue file, labelled through ``cradle labels import``,
+    trains with ``cradle train toy --recipe FILE`` and is registered under its name: no code knows it."""
+    site = tmp_path / "tasks.yaml"
+    site.write_text(TOY)
+    config = tmp_path / "cradle.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load(node.config.read_text()), "task_catalogue": str(site)}))
+    labels = write_labels(tmp_path / "toy.csv", node.synth.labels_csv)  # the bpd values, as the toy column
+    labels.write_text(labels.read_text().replace("StudyInstanceUID,bpd", "StudyInstanceUID,toy", 1))
+    assert main(["labels", "import", str(labels), "--config", str(config)]) == 0
+    recipe = tmp_path / "toy-recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"task": "toy", "arch": "resnet50", "strategy": "progressive"}))
+    output = io.StringIO()
+    with capsys.disabled(), contextlib.redirect_stdout(output):
+        assert main(["train", "toy", "--config", str(config), "--recipe", str(recipe), *BPD, "--json"]) == 0
+    summary = json.loads(output.getvalue())
+    metrics = summary["metrics"]
+    print(f"toy (site task, bpd labels): AUROC {metrics['auroc_mean']:.3f} over folds, {metrics['test_auroc']:.3f} "
+          f"held-out", file=sys.__stderr__)
+    assert summary["version"] == "toy-1" and metrics["test_auroc"] >= 0.9
+    registry = ModelRegistry(node.settings.models_dir, load_settings(config).catalogue())
+    version = registry.get("toy", summary["version"])
+    assert version.validated and version.provenance["recipe"]["task"] == "toy"
+    assert registry.active("toy").version == summary["version"] and version.threshold is not None
+    assert (Path(node.settings.models_dir) / "toy" / "reports" / summary["version"] / "roc.png").is_file()
+    assert load_recipe("bpd").kind == "binary"  # the shipped catalogue does not know the toy task:
+    with pytest.raises(RecipeError, match="unknown task 'toy'"):
+        load_recipe("toy", recipe)
+    run_site_task_end_to_end(config, tmp_path)
+
+
+def run_site_task_end_to_end(config: Path, tmp_path: Path) -> None:
+    """The trained toy model runs in the cxr pipeline on a new film (beside a view model that calls
+    every film frontal), coded in the SR as its catalogue entry says; the SR passes dciodvfy. A copy
+    of the models folder keeps the module's registry as the other tests expect it."""
+    settings = load_settings(config)
+    models = tmp_path / "models"
+    shutil.copytree(settings.models_dir, models)
+    settings = load_settings(config, models_dir=str(models))
+    context = PipelineContext.from_settings(settings)
+    register_active(context.registry, "view", "resnet18", {VIEWS.index("chest_frontal"): 6.0}, CXR_SPEC)
+    film = synth.make_cxr(np.random.default_rng(99), modality="DX", size=128)
+    output = get_pipeline("cxr").run([film], context)
+    assert output.summary["tasks_run"][0] == "view" and "toy" in output.summary["tasks_run"]  # and bpd when active
+    assert "toy-1" in output.model_version.split("+")
+    (sr,) = output.datasets
+    concepts = {(c.CodingSchemeDesignator, c.CodeValue, c.CodeMeaning) for item in _walk(sr.ContentSequence)
+                for key in ("ConceptNameCodeSequence", "ConceptCodeSequence") for c in item.get(key, [])}
+    assert ("99TOY", "1234567", "Toy finding concept") in concepts
+    assert dciodvfy_errors(sr, tmp_path / "toy-sr.dcm") == []
 
 
 # --- splits and memory --------------------------------------------------------------------------
@@ -392,26 +452,59 @@ def test_trainer_freezes_and_decays_learning_rates_as_the_strategy_says(tmp_path
         assert rates == pytest.approx({g: 1e-3 * 0.5 ** (5 - g) for g in range(6)})
 
 
+def _rates(config: ScheduleConfig, scales: tuple[float, ...] = (0.5, 1.0)) -> LearningRates:
+    """Learning rates (lr 1e-2) on a two-group optimizer, at ``scales``."""
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD([{"params": [layer.weight], "layer_group": 0},
+                                 {"params": [layer.bias], "layer_group": 1}], lr=1.0)
+    return LearningRates(optimizer, 1e-2, Stage((True, True), scales), config)
+
+
+def _factors(rates: LearningRates, steps: int) -> list[float]:
+    """The schedule's factor before each of ``steps`` optimizer steps."""
+    factors = []
+    for _ in range(steps):
+        factors.append(rates.factor())
+        rates.optimizer.step()
+        rates.after_step()
+    return factors
+
+
 def test_warmup_poly_and_plateau_schedules() -> None:
-    poly = Schedule("warmup_poly", total_steps=100, warmup_steps=10, power=1.0)
-    assert [poly.factor(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
-    assert [poly.factor(s) for s in (10, 55, 100)] == pytest.approx([1.0, 0.5, 0.0])
-    plateau = Schedule("plateau", total_steps=0, plateau_factor=0.1, plateau_patience=1, mode="min")
-    for value in (1.0, 0.9, 0.95, 0.95):
+    poly = _factors(_rates(ScheduleConfig("warmup_poly", total_steps=100, warmup_steps=10, power=1.0)), 102)
+    assert [poly[s] for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [poly[s] for s in (10, 55, 100, 101)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    # a stage change (linear probing → fine-tuning) rescales the groups where the schedule stands
+    rates = _rates(ScheduleConfig("warmup_poly", total_steps=100, warmup_steps=10, power=1.0), (1.0, 1.0))
+    _factors(rates, 55)
+    rates.begin_epoch(Stage((True, True), (0.01, 0.1)))
+    assert [g["lr"] for g in rates.optimizer.param_groups] == pytest.approx([0.5e-4, 0.5e-3])
+    plateau = _rates(ScheduleConfig("plateau", total_steps=0, plateau_factor=0.1, plateau_patience=1, mode="min"))
+    for value in (1.0, 0.9, 0.95, float("nan"), 0.95):
         plateau.end_epoch(value)
-    assert plateau.factor(0) == pytest.approx(0.1)
+    assert plateau.factor() == pytest.approx(0.1)
+    assert [g["lr"] for g in plateau.optimizer.param_groups] == pytest.approx([0.5e-3, 1e-3])
     early = EarlyStopping(patience=2)
     assert [early.update(e, v) for e, v in enumerate((0.6, 0.7, 0.65, 0.69))] == [True, True, False, False]
     assert early.should_stop and early.best_epoch == 1
 
 
 def test_cutmix_mixes_images_and_targets_by_area() -> None:
-    images = torch.cat([torch.zeros(4, 1, 32, 32), torch.ones(4, 1, 32, 32)])
-    targets = torch.tensor([0.0] * 4 + [1.0] * 4)
-    mixed, mixed_targets = cutmix(images, targets, 1.0, torch.Generator().manual_seed(1))
-    # an image's mean is the share of ones in it, which is its target by area
-    assert torch.allclose(mixed_targets, mixed.mean(dim=(1, 2, 3)), atol=1e-6)
-    assert ((mixed_targets > 0) & (mixed_targets < 1)).any()
+    np.random.seed(0)  # timm's Mixup draws from numpy's global generator (seeded per fold)
+    for count in (8, 8, 9, 9):  # timm mixes an even number of images: the odd one out stays as it is
+        images = torch.cat([torch.zeros(count // 2, 1, 32, 32), torch.ones(count - count // 2, 1, 32, 32)])
+        targets = torch.tensor([0.0] * (count // 2) + [1.0] * (count - count // 2))
+        mixed, mixed_targets = cutmix(1.0, 1.0, 1, binary=True)(images.clone(), targets)
+        # an image's mean is the share of ones in it, which is its target by area
+        assert mixed_targets.shape == targets.shape
+        assert torch.allclose(mixed_targets, mixed.mean(dim=(1, 2, 3)), atol=1e-6)
+        assert ((mixed_targets > 0) & (mixed_targets < 1)).any()
+        assert count % 2 == 0 or mixed_targets[-1] == 1.0
+    classes = torch.tensor([0, 2, 1, 2])
+    mixed, soft = cutmix(1.0, 1.0, 3, binary=False)(torch.rand(4, 1, 16, 16), classes)
+    assert soft.shape == (4, 3) and torch.allclose(soft.sum(dim=1), torch.ones(4))
+    assert torch.equal(cutmix(0.0, 1.0, 3, binary=False)(torch.rand(4, 1, 8, 8), classes)[1],
+                       torch.nn.functional.one_hot(classes, 3).float())  # never applied: plain one-hot
 
 
 class PowerCut(Exception):

@@ -27,7 +27,7 @@ def labels_import(args: argparse.Namespace, settings: Settings) -> int:
     path = Path(args.file)
     sessions = open_index(settings.storage.database_url)
     try:
-        report = import_labels(sessions, path)
+        report = import_labels(sessions, path, settings.catalogue())
     except LabelFileError as exc:
         _err(f"cradle: {exc}")
         return EXIT_FAILURE
@@ -60,7 +60,7 @@ def train(args: argparse.Namespace, settings: Settings) -> int:
     from training.recipe import RecipeError, load_recipe
 
     try:
-        recipe = load_recipe(args.task, args.recipe, args.overrides)
+        recipe = load_recipe(args.task, args.recipe, args.overrides, catalogue=settings.catalogue())
     except RecipeError as exc:
         _err(f"cradle: {exc}")
         return EXIT_FAILURE

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,11 +28,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from torch.utils.data import Dataset
 
+from common.files import atomic_file
+from config.views import ViewHeader, ViewTaxonomy
 from inference.preprocess import letterbox, modality_values, normalise, prepare_radiograph
 from inference.registry import InputSpec
-from storage.archive import Archive
 from storage.models import Instance, Patient, Series, Study, StudyLabel
-from training.labels import ReferenceSegmentation, ViewHeader, ViewTaxonomy
+from training.labels import ReferenceSegmentation
 
 RADIOGRAPH_MODALITIES = ("CR", "DX")
 
@@ -104,12 +103,13 @@ def _labels(session: Session, task: str) -> dict[int, float]:
                                 .where(StudyLabel.task == task)).all())
 
 
-def collect_binary(session: Session, task: str, taxonomy: ViewTaxonomy, views: Sequence[str],
-                   salt: str) -> Collection:
-    """Radiographs of studies labelled for ``task`` (restricted to header-derived ``views``)."""
+def collect_labelled(session: Session, task: str, taxonomy: ViewTaxonomy, views: Sequence[str], salt: str, *,
+                     classes: list[str] | None = None) -> Collection:
+    """Radiographs of studies labelled for ``task`` (restricted to header-derived ``views``); the label
+    is the imported value (a class's index for a multiclass task)."""
     labels, irds = _labels(session, task), _labels(session, "irds_grade")
     wanted = set(views)
-    collection = Collection(task, [])
+    collection = Collection(task, [], classes=classes)
     for row in _radiograph_rows(session):
         if row.study_pk not in labels:
             continue
@@ -125,11 +125,11 @@ def collect_binary(session: Session, task: str, taxonomy: ViewTaxonomy, views: S
     return collection
 
 
-def collect_views(session: Session, taxonomy: ViewTaxonomy, salt: str,
+def collect_views(session: Session, task: str, taxonomy: ViewTaxonomy, salt: str,
                   max_per_class: int | None = None) -> Collection:
     """Radiographs labelled by their own headers through the taxonomy's rules."""
     index = {name: i for i, name in enumerate(taxonomy.classes)}
-    collection = Collection("view", [], classes=list(taxonomy.classes))
+    collection = Collection(task, [], classes=list(taxonomy.classes))
     counts: Counter = Counter()
     for row in _radiograph_rows(session):
         view = taxonomy.label_of(_header(row))
@@ -146,10 +146,10 @@ def collect_views(session: Session, taxonomy: ViewTaxonomy, salt: str,
     return collection
 
 
-def collect_segmentation(session: Session, references: Sequence[ReferenceSegmentation], archive: Archive,
+def collect_segmentation(session: Session, task: str, references: Sequence[ReferenceSegmentation],
                          salt: str) -> Collection:
     """Every slice of every MR series that a person-made SEG labels."""
-    collection = Collection("lung-seg", [])
+    collection = Collection(task, [])
     for reference in references:
         rows = session.execute(
             select(Instance.sop_uid, Instance.file_path, Instance.sha256, Instance.instance_number,
@@ -294,9 +294,8 @@ class PreprocessCache:
     @staticmethod
     def put(path: Path, array: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.npy")
-        np.save(temp, array, allow_pickle=False)
-        os.replace(temp, path)
+        with atomic_file(path) as handle:
+            np.save(handle, array, allow_pickle=False)
 
 
 def radiograph_array(archive_root: Path, path: str, spec: InputSpec) -> np.ndarray:

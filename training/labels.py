@@ -2,11 +2,13 @@
 
 ``cradle labels import FILE.csv`` attaches outcomes to archived studies. The header names one key
 column (``StudyInstanceUID``, ``AccessionNumber`` or ``PatientID``; when several are present a row
-uses its most specific non-empty one) and any of the label columns below. Every row is validated
-against the file and the index; when any row is rejected nothing is applied and each rejection is
-reported with its line number and reason. Accepted files are applied in one transaction (an empty
-cell means unknown and leaves an existing label alone). Rejection reasons never repeat the
-identifier itself: the line number is enough to find it, and terminals end up in logs.
+uses its most specific non-empty one) and any of the label columns: each task of the task catalogue
+whose labels come from a csv column (its accepted values by kind: binary 0/1, yes/no, true/false;
+multiclass its class names and aliases; regression a number within its range), and the covariates
+below. Every row is validated against the file and the index; when any row is rejected nothing is
+applied and each rejection is reported with its line number and reason. Accepted files are applied in
+one transaction (an empty cell means unknown and leaves an existing label alone). Rejection reasons
+never repeat the identifier itself: the line number is enough to find it, and terminals end up in logs.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.tasks import TaskCatalogue, TaskDefinition, load_catalogue
+from config.views import load_view_taxonomy
 from storage.archive import Archive
 from storage.db import transaction
 from storage.models import Instance, Patient, Series, Study, StudyLabel
@@ -30,9 +33,8 @@ from storage.models import Instance, Patient, Series, Study, StudyLabel
 KEY_COLUMNS = ("StudyInstanceUID", "AccessionNumber", "PatientID")
 """Most specific first."""
 
-BINARY_TASKS = ("bpd", "pneumonia")
-COVARIATES = ("irds_grade", "gestational_age_weeks", "birth_weight_g")
-LABEL_COLUMNS = (*BINARY_TASKS, *COVARIATES)
+BINARY_TASKS = tuple(task.name for task in load_catalogue() if task.kind == "binary")
+"""The shipped catalogue's binary tasks (derived: the catalogue is the definition)."""
 
 _TRUE = {"1", "yes", "y", "true", "t"}
 _FALSE = {"0", "no", "n", "false", "f"}
@@ -85,13 +87,57 @@ def parse_birth_weight(text: str) -> float:
     return _number_in(text, 200, 6500, "birth weight (g)")
 
 
-PARSERS: dict[str, Callable[[str], float]] = {
-    "bpd": parse_binary,
-    "pneumonia": parse_binary,
+def parse_class(text: str, classes: Sequence[str], aliases: dict[str, str]) -> float:
+    """A class name (or an alias of one), any case → its index in ``classes``."""
+    value = text.strip().lower()
+    names = {c.lower(): c for c in classes} | {a.lower(): c for a, c in aliases.items()}
+    if value not in names or names[value] not in classes:
+        raise ValueError(f"{text.strip()!r} is not one of {', '.join(classes)}")
+    return float(list(classes).index(names[value]))
+
+
+COVARIATE_PARSERS: dict[str, Callable[[str], float]] = {
     "irds_grade": parse_irds_grade,
     "gestational_age_weeks": parse_gestational_age,
     "birth_weight_g": parse_birth_weight,
 }
+COVARIATES = tuple(COVARIATE_PARSERS)
+"""Columns that describe the baby rather than a task's outcome; any label CSV may carry them."""
+
+
+def task_parser(task: TaskDefinition) -> Callable[[str], float]:
+    """The values a task's label column accepts, by the task's kind."""
+    if task.kind == "binary":
+        return parse_binary
+    if task.kind == "multiclass":
+        classes = load_view_taxonomy().classes if task.classes == "taxonomy" else tuple(task.classes or ())
+        return lambda text: parse_class(text, classes, task.labels.aliases)
+    if task.kind == "regression" and task.labels.range is not None:
+        low, high = task.labels.range
+        what = f"{task.name} ({task.labels.units})" if task.labels.units else task.name
+        return lambda text: _number_in(text, low, high, what)
+    raise LabelFileError(f"task {task.name}: a {task.kind} task takes no labels from a csv column")
+
+
+@dataclass(frozen=True)
+class LabelColumn:
+    """A column of the label CSV: the label it records (a task's name, or a covariate's) and its parser."""
+
+    name: str
+    label: str
+    parse: Callable[[str], float]
+
+
+def label_columns(catalogue: TaskCatalogue | None = None) -> dict[str, LabelColumn]:
+    """The label columns: the catalogue's csv-labelled tasks (in catalogue order), then the covariates."""
+    columns = {task.labels.column: LabelColumn(task.labels.column, task.name, task_parser(task))
+               for task in catalogue or load_catalogue() if task.labels.source == "csv" and task.labels.column}
+    columns.update({name: LabelColumn(name, name, parse) for name, parse in COVARIATE_PARSERS.items()})
+    return columns
+
+
+LABEL_COLUMNS = tuple(label_columns())
+"""The shipped catalogue's label columns and the covariates (derived)."""
 
 
 # --- the file ---------------------------------------------------------------------------------
@@ -143,52 +189,57 @@ def _dialect(text: str) -> type[csv.Dialect] | csv.Dialect:
         return csv.excel
 
 
-def check_header(header: Sequence[str]) -> list[str]:
-    """Problems with the header row (line 1)."""
+def check_header(header: Sequence[str], columns: Sequence[str] = LABEL_COLUMNS) -> list[str]:
+    """Problems with the header row (line 1), given the known label ``columns``."""
     names = [h.strip() for h in header]
+    columns = tuple(columns)
     problems = []
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         problems.append(f"duplicate column(s): {', '.join(duplicates)}")
-    unknown = [n for n in names if n not in KEY_COLUMNS and n not in LABEL_COLUMNS]
+    unknown = [n for n in names if n not in KEY_COLUMNS and n not in columns]
     if unknown:
         problems.append(f"unknown column(s): {', '.join(unknown)} (known: "
-                        f"{', '.join(KEY_COLUMNS + LABEL_COLUMNS)})")
+                        f"{', '.join(KEY_COLUMNS + columns)})")
     if not any(n in KEY_COLUMNS for n in names):
         problems.append(f"no key column; name one of {', '.join(KEY_COLUMNS)}")
-    if not any(n in LABEL_COLUMNS for n in names):
-        problems.append(f"no label column; name at least one of {', '.join(LABEL_COLUMNS)}")
+    if not any(n in columns for n in names):
+        problems.append(f"no label column; name at least one of {', '.join(columns)}")
     return problems
 
 
-def parse_row(line: int, row: dict[str, str]) -> tuple[LabelRow | None, list[Rejection]]:
-    """One data row → a LabelRow, or the reasons it is rejected."""
+def parse_row(line: int, row: dict[str, str],
+              columns: dict[str, LabelColumn] | None = None) -> tuple[LabelRow | None, list[Rejection]]:
+    """One data row → a LabelRow (values by label), or the reasons it is rejected."""
+    columns = columns if columns is not None else label_columns()
     key_column = next((k for k in KEY_COLUMNS if (row.get(k) or "").strip()), None)
     if key_column is None:
         return None, [Rejection(line, f"empty key: fill one of {', '.join(k for k in KEY_COLUMNS if k in row)}")]
     values: dict[str, float] = {}
     rejections = []
-    for column in LABEL_COLUMNS:
-        text = (row.get(column) or "").strip()
+    for column in columns.values():
+        text = (row.get(column.name) or "").strip()
         if not text:
             continue
         try:
-            values[column] = PARSERS[column](text)
+            values[column.label] = column.parse(text)
         except ValueError as exc:
-            rejections.append(Rejection(line, f"{column}: {exc}"))
+            rejections.append(Rejection(line, f"{column.name}: {exc}"))
     if rejections:
         return None, rejections
     return LabelRow(line, key_column, row[key_column].strip(), values), []
 
 
-def read_label_file(path: Path) -> tuple[list[LabelRow], list[Rejection]]:
-    """Parse and validate the values of every row (no database needed)."""
+def read_label_file(path: Path, catalogue: TaskCatalogue | None = None) -> tuple[list[LabelRow], list[Rejection]]:
+    """Parse and validate the values of every row (no database needed) against the catalogue's label
+    columns (default: the shipped catalogue's)."""
+    columns = label_columns(catalogue)
     text = _open_text(path)
     if not text.strip():
         return [], [Rejection(1, "the file is empty")]
     reader = csv.reader(io.StringIO(text, newline=""), _dialect(text))
     header = next(reader)
-    problems = check_header(header)
+    problems = check_header(header, tuple(columns))
     if problems:
         return [], [Rejection(1, p) for p in problems]
     names = [h.strip() for h in header]
@@ -200,7 +251,7 @@ def read_label_file(path: Path) -> tuple[list[LabelRow], list[Rejection]]:
         if len(cells) != len(names):
             rejections.append(Rejection(line, f"{len(cells)} fields, the header has {len(names)}"))
             continue
-        row, problems_here = parse_row(line, dict(zip(names, cells)))
+        row, problems_here = parse_row(line, dict(zip(names, cells)), columns)
         rejections.extend(problems_here)
         if row is not None:
             rows.append(row)
@@ -265,9 +316,10 @@ def _apply(session: Session, assignments: dict[tuple[int, str], tuple[float, int
     return len(assignments)
 
 
-def import_labels(sessions: sessionmaker[Session], path: Path) -> ImportReport:
-    """Validate ``path`` entirely, then apply it in one transaction only when no row is rejected."""
-    rows, rejections = read_label_file(path)
+def import_labels(sessions: sessionmaker[Session], path: Path, catalogue: TaskCatalogue | None = None) -> ImportReport:
+    """Validate ``path`` entirely, then apply it in one transaction only when no row is rejected.
+    ``catalogue``: the settings' (``Settings.catalogue()``, with the site's tasks); default the shipped one."""
+    rows, rejections = read_label_file(path, catalogue)
     report = ImportReport(rows=len(rows) + len({r.line for r in rejections if r.line > 1}))
     with transaction(sessions) as session:
         assignments, unresolved = resolve(session, rows)
@@ -359,78 +411,3 @@ def reference_segmentations(session: Session, archive: Archive,
         for target in targets:
             chosen[target] = ReferenceSegmentation(sop_uid, path, target, segments, reason)
     return list(chosen.values())
-
-
-# --- views from headers -----------------------------------------------------------------------
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
-
-
-@dataclass(frozen=True)
-class ViewRule:
-    label: str
-    body_parts: frozenset[str] = frozenset()
-    view_positions: frozenset[str] = frozenset()
-    description: re.Pattern[str] | None = None
-    modalities: frozenset[str] = frozenset({"CR", "DX"})
-
-    def matches(self, header: "ViewHeader") -> bool:
-        if self.modalities and header.modality.upper() not in self.modalities:
-            return False
-        if self.body_parts and header.body_part.upper().replace(" ", "_") not in self.body_parts:
-            return False
-        if self.view_positions and header.view_position.upper() not in self.view_positions:
-            return False
-        text = " ".join((header.series_description, header.protocol_name, header.study_description))
-        return self.description is None or bool(self.description.search(text))
-
-
-@dataclass(frozen=True)
-class ViewHeader:
-    modality: str
-    body_part: str = ""
-    view_position: str = ""
-    series_description: str = ""
-    protocol_name: str = ""
-    study_description: str = ""
-
-
-@dataclass(frozen=True)
-class ViewTaxonomy:
-    """A taxonomy's class list, each fine class's 7-class parent, and the header rules."""
-
-    name: str
-    classes: tuple[str, ...]
-    parents: dict[str, str]
-    rules: tuple[ViewRule, ...]
-
-    def label_of(self, header: ViewHeader) -> str | None:
-        """The class of an image from its header, or None when no rule matches."""
-        for rule in self.rules:
-            if rule.matches(header):
-                return rule.label if rule.label in self.classes else self.parents.get(rule.label)
-        return None
-
-
-def _rule(entry: dict) -> ViewRule:
-    upper = lambda items: frozenset(str(i).upper().replace(" ", "_") for i in items or [])  # noqa: E731
-    pattern = entry.get("description")
-    return ViewRule(label=entry["class"], body_parts=upper(entry.get("body_parts")),
-                    view_positions=upper(entry.get("view_positions")),
-                    description=re.compile(pattern, re.IGNORECASE) if pattern else None,
-                    modalities=upper(entry.get("modalities", ["CR", "DX"])))
-
-
-def load_view_taxonomy(name: str | None = None, *, views_file: Path | None = None,
-                       rules_file: Path | None = None) -> ViewTaxonomy:
-    """``config/views.yaml`` (classes) + ``config/view_rules.yaml`` (header rules, 30-class names;
-    a 7-class taxonomy folds them to their parents)."""
-    views = yaml.safe_load((views_file or CONFIG_DIR / "views.yaml").read_text())
-    name = name or views.get("default", "views7")
-    if name not in views["taxonomies"]:
-        raise ValueError(f"unknown view taxonomy {name!r}; known: {', '.join(views['taxonomies'])}")
-    classes = views["taxonomies"][name]["classes"]
-    parents = dict(views["taxonomies"].get("views30", {}).get("classes", {}))
-    parents.update({c: p for c, p in classes.items()})
-    rules = yaml.safe_load((rules_file or CONFIG_DIR / "view_rules.yaml").read_text())["rules"]
-    return ViewTaxonomy(name, tuple(classes), parents, tuple(_rule(r) for r in rules))

@@ -1,4 +1,5 @@
-"""Training recipes: YAML defaults in ``config/train/TASK.yaml``, overridden by ``--set key=value``.
+"""Training recipes: YAML defaults in the task's recipe file (its catalogue entry's ``recipe``, in
+``config/train/``; or ``--recipe FILE``), overridden by ``--set key=value``.
 
 timm style: the model's defaults live in one validated object; the CLI overrides any key, dotted
 for nested sections (``--set gate.min_auroc=0.8``, ``--set augment.hflip=0``); values are parsed
@@ -11,16 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      model_validator)
 
+from config.tasks import Kind, TaskCatalogue, load_catalogue
 from training.strategies import ScheduleName, StrategyConfig, StrategyName
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "config" / "train"
-TASKS = ("bpd", "pneumonia", "view", "lung-seg")
+RECIPES_DIR = Path(str(resources.files("config").joinpath("train")))
+MONITORS = {"binary": "auroc", "multiclass": "balanced_accuracy", "segmentation": "dice"}
+"""The validation metric a kind follows with ``monitor: auto``."""
 
 
 class RecipeError(ValueError):
@@ -64,7 +69,10 @@ class GateConfig(Strict):
 
 
 class Recipe(Strict):
-    task: Literal["bpd", "pneumonia", "view", "lung-seg"]
+    """A training recipe. Validated against a task catalogue (``context={"catalogue": ...}``; the
+    shipped one by default): ``task`` is one of its tasks and :attr:`kind` that task's kind."""
+
+    task: str
     arch: str = "resnet50"
     image_size: int = Field(256, ge=32)
     normalisation: str = "minmax_0.5pct"
@@ -109,9 +117,9 @@ class Recipe(Strict):
     init: str = Field("random", description="random, auto (the active view model if any), a task (its active "
                                             "version) or a version like view-3")
     views: list[str] = Field(default_factory=lambda: ["chest_frontal"],
-                             description="bpd/pneumonia: view classes (from headers) to train on; [] = all")
-    taxonomy: str = Field("views7", description="view task: views7 or views30")
-    max_per_class: int | None = Field(None, ge=1, description="view task: cap per class")
+                             description="csv-labelled tasks: view classes (from headers) to train on; [] = all")
+    taxonomy: str = Field("views7", description="tasks with the taxonomy's classes: views7 or views30")
+    max_per_class: int | None = Field(None, ge=1, description="header-labelled tasks: cap per class")
 
     target_sensitivity: float = Field(0.9, gt=0, le=1)
     temperature_scaling: bool = True
@@ -122,23 +130,33 @@ class Recipe(Strict):
     deterministic: bool = True
     channels_last: bool = Field(True, description="NHWC memory format (faster convolutions on CPU and GPU)")
 
+    _kind: Kind = PrivateAttr()
+
     @model_validator(mode="after")
-    def _consistent(self) -> "Recipe":
-        if self.task == "lung-seg" and self.image_size % 32:
-            raise ValueError(f"lung-seg needs image_size divisible by 32, got {self.image_size}")
+    def _consistent(self, info: ValidationInfo) -> "Recipe":
+        catalogue = (info.context or {}).get("catalogue") or load_catalogue()
+        if self.task not in catalogue:
+            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(catalogue.names())}")
+        self._kind = catalogue.get(self.task).kind
+        if self._kind == "segmentation" and self.image_size % 32:
+            raise ValueError(f"{self.task} needs image_size divisible by 32, got {self.image_size}")
         if self.strategy == "lp_ft" and self.lp_epochs >= self.epochs:
             raise ValueError("lp_ft needs lp_epochs < epochs")
+        if self.cutmix_prob > 0 and self.cutmix_alpha == 0:
+            raise ValueError("CutMix draws its box's area from Beta(cutmix_alpha, cutmix_alpha): cutmix_alpha "
+                             "must be above 0 when cutmix_prob is")
         return self
 
     @property
-    def kind(self) -> Literal["binary", "multiclass", "segmentation"]:
-        return {"bpd": "binary", "pneumonia": "binary", "view": "multiclass"}.get(self.task, "segmentation")
+    def kind(self) -> Kind:
+        """The task's kind in the catalogue the recipe was validated against."""
+        return self._kind
 
     @property
     def monitor_metric(self) -> str:
         if self.monitor != "auto":
             return self.monitor
-        return {"binary": "auroc", "multiclass": "balanced_accuracy", "segmentation": "dice"}[self.kind]
+        return MONITORS.get(self.kind, "loss")
 
     def strategy_config(self) -> StrategyConfig:
         return StrategyConfig(self.strategy, self.layer_decay, self.lp_epochs, self.ft_lr_scale, self.unfreeze_every)
@@ -187,31 +205,35 @@ def _describe(exc: ValidationError, source: str) -> str:
     return "invalid recipe:\n  " + "\n  ".join(lines)
 
 
-def recipe_path(task: str, path: str | Path | None = None) -> Path:
-    return Path(path) if path else RECIPES_DIR / f"{task}.yaml"
+def recipe_path(task: str, path: str | Path | None = None, catalogue: TaskCatalogue | None = None) -> Path:
+    """``path``, else the task's default recipe (its catalogue entry's ``recipe``, in config/train/)."""
+    if path:
+        return Path(path)
+    return RECIPES_DIR / (catalogue or load_catalogue()).get(task).recipe
 
 
-def load_recipe(task: str, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
-    """Defaults ← ``config/train/TASK.yaml`` (or ``path``) ← overrides."""
-    if task not in TASKS:
-        raise RecipeError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    source = recipe_path(task, path)
-    data: dict[str, Any] = {}
-    if source.is_file():
-        try:
-            data = yaml.safe_load(source.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{source}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{source}: the top level must be a mapping")
-    elif path:
-        raise RecipeError(f"recipe not found: {source}")
+def load_recipe(task: str, path: str | Path | None = None, overrides: Sequence[str] = (),
+                catalogue: TaskCatalogue | None = None) -> Recipe:
+    """Defaults ← the task's recipe file (or ``path``) ← overrides; ``task`` must be in ``catalogue``
+    (default: the shipped one; a node passes ``settings.catalogue()``, which holds the site's tasks)."""
+    catalogue = catalogue or load_catalogue()
+    if task not in catalogue:
+        raise RecipeError(f"unknown task {task!r}; known: {', '.join(catalogue.names())}")
+    source = recipe_path(task, path, catalogue)
+    if not source.is_file():
+        raise RecipeError(f"recipe not found: {source}" + ("" if path else " (give one with --recipe FILE)"))
+    try:
+        data = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: the top level must be a mapping")
     if data.get("task", task) != task:
         raise RecipeError(f"{source} is a recipe for {data['task']!r}, not {task!r}")
     data["task"] = task
     for text in overrides:
         _merge(data, *parse_override(text))
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={"catalogue": catalogue})
     except ValidationError as exc:
-        raise RecipeError(_describe(exc, source.name if source.is_file() else "recipe")) from None
+        raise RecipeError(_describe(exc, source.name)) from None

@@ -16,19 +16,22 @@ Strategies (``strategy`` in a recipe):
 
 The learning rate of a group at a step is ``lr * stage scale * schedule factor``: the schedule is
 ``constant``, ``warmup_poly`` (linear warm-up, then polynomial decay) or ``plateau`` (multiply by
-``plateau_factor`` after ``plateau_patience`` epochs without improvement of the validation metric).
+``plateau_factor`` after ``plateau_patience`` epochs without improvement of the validation metric),
+run by torch's schedulers (``LinearLR`` + ``PolynomialLR`` in a ``SequentialLR``, ``ReduceLROnPlateau``).
 Frozen groups keep their batch-norm statistics (their BN layers run in eval mode).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.optim import lr_scheduler
 
 StrategyName = Literal["full", "linear_probe", "lp_ft", "progressive"]
 ScheduleName = Literal["constant", "warmup_poly", "plateau"]
@@ -149,9 +152,9 @@ def apply_stage(model: nn.Module, groups: list[list[str]], stage: Stage) -> None
 
 # --- learning-rate schedule -------------------------------------------------------------------
 
-@dataclass
-class Schedule:
-    """The schedule factor, per optimizer step (warm-up/poly) or per epoch (plateau)."""
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """A recipe's schedule keys, with the run's length in optimizer steps."""
 
     name: ScheduleName
     total_steps: int
@@ -160,45 +163,87 @@ class Schedule:
     plateau_factor: float = 0.1
     plateau_patience: int = 3
     mode: Literal["max", "min"] = "max"
-    min_factor: float = 0.0
-    best: float | None = None
-    bad_epochs: int = 0
-    reductions: int = 0
 
-    def factor(self, step: int) -> float:
-        if self.name == "plateau":
-            return max(self.plateau_factor ** self.reductions, self.min_factor)
-        if self.name == "constant":
-            return 1.0
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        remaining = max(self.total_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / remaining, 1.0)
-        return max((1.0 - progress) ** self.power, self.min_factor)
+
+def torch_scheduler(config: ScheduleConfig, optimizer: torch.optim.Optimizer
+                    ) -> lr_scheduler.LRScheduler | lr_scheduler.ReduceLROnPlateau | None:
+    """The schedule as a torch scheduler on ``optimizer`` (whose group learning rates are the peaks):
+
+    - ``warmup_poly``: ``LinearLR`` from lr/warmup_steps up to lr over the warm-up steps, then
+      ``PolynomialLR`` down to 0 at the last step (``SequentialLR``); stepped after every optimizer step.
+    - ``plateau``: ``ReduceLROnPlateau`` (×plateau_factor after more than plateau_patience epochs
+      without any improvement); stepped after every epoch with the validation metric.
+    - ``constant``: none.
+    """
+    if config.name == "plateau":
+        return lr_scheduler.ReduceLROnPlateau(optimizer, mode=config.mode, factor=config.plateau_factor,
+                                              patience=config.plateau_patience, threshold=0.0, eps=0.0)
+    if config.name == "constant":
+        return None
+    warmup = config.warmup_steps
+    decay = lr_scheduler.PolynomialLR(optimizer, total_iters=max(config.total_steps - warmup, 1),
+                                      power=config.power)
+    if warmup == 0:
+        return decay
+    ramp = lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0,
+                                 total_iters=warmup - 1)
+    return lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
+
+
+class LearningRates:
+    """The learning rate of each layer group: ``lr × stage scale × schedule`` (see the module's
+    docstring). The stage's scales are applied when an epoch starts (a change multiplies the
+    groups' rates, which every torch scheduler continues from); the schedule is :func:`torch_scheduler`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, stage: Stage,
+                 config: ScheduleConfig) -> None:
+        self.optimizer = optimizer
+        self.base_lr = base_lr
+        self.scales = tuple(stage.lr_scale)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = base_lr * self.scales[group["layer_group"]]
+        self.config = config
+        self.scheduler = torch_scheduler(config, optimizer)
+
+    @property
+    def per_step(self) -> bool:
+        return self.scheduler is not None and self.config.name != "plateau"
+
+    def begin_epoch(self, stage: Stage) -> None:
+        """Apply ``stage``'s learning-rate scales (a no-op while they stay the same)."""
+        if tuple(stage.lr_scale) == self.scales:
+            return
+        ratios = [new / old for new, old in zip(stage.lr_scale, self.scales)]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratios[group["layer_group"]]
+        schedulers = [self.scheduler, *getattr(self.scheduler, "_schedulers", [])]
+        for scheduler in (s for s in schedulers if hasattr(s, "base_lrs")):
+            scheduler.base_lrs = [lr * ratios[g["layer_group"]]  # what a closed form starts from
+                                  for lr, g in zip(scheduler.base_lrs, self.optimizer.param_groups)]
+        self.scales = tuple(stage.lr_scale)
+
+    def after_step(self) -> None:
+        if self.per_step:
+            self.scheduler.step()
 
     def end_epoch(self, value: float) -> None:
-        """Plateau bookkeeping with the epoch's validation metric."""
-        if self.name != "plateau" or not np.isfinite(value):
-            return
-        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
-        if better:
-            self.best, self.bad_epochs = value, 0
-            return
-        self.bad_epochs += 1
-        if self.bad_epochs > self.plateau_patience:
-            self.reductions += 1
-            self.bad_epochs = 0
+        """The plateau schedule's look at the epoch's validation metric (non-finite values are ignored)."""
+        if self.config.name == "plateau" and np.isfinite(value):
+            self.scheduler.step(value)
+
+    def factor(self) -> float:
+        """The schedule's current factor (the head's learning rate over lr × its stage scale)."""
+        head = max(self.optimizer.param_groups, key=lambda g: g["layer_group"])
+        return head["lr"] / (self.base_lr * self.scales[head["layer_group"]])
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "bad_epochs": self.bad_epochs, "reductions": self.reductions}
+        return {"scales": list(self.scales),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best, self.bad_epochs, self.reductions = state["best"], state["bad_epochs"], state["reductions"]
-
-
-def set_learning_rates(optimizer: torch.optim.Optimizer, base_lr: float, stage: Stage, factor: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = base_lr * stage.lr_scale[group["layer_group"]] * factor
+        self.scales = tuple(state["scales"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
 
 
 def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[int, float]:
@@ -248,23 +293,34 @@ class EarlyStopping:
 
 # --- CutMix -----------------------------------------------------------------------------------
 
-def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float,
-           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """CutMix (Yun et al. 2019): paste a random box from a shuffled batch; mix targets by area."""
-    batch, _, height, width = images.shape
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    lam = float(np.random.default_rng(seed).beta(alpha, alpha)) if alpha > 0 else 0.5
-    permutation = torch.randperm(batch, generator=generator)
-    cut_h, cut_w = int(height * np.sqrt(1 - lam)), int(width * np.sqrt(1 - lam))
-    cy = int(torch.randint(0, height, (1,), generator=generator))
-    cx = int(torch.randint(0, width, (1,), generator=generator))
-    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-    mixed = images.clone()
-    mixed[:, :, y0:y1, x0:x1] = images[permutation, :, y0:y1, x0:x1]
-    area = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
-    mixed_targets = area * targets + (1.0 - area) * targets[permutation]
-    return mixed, mixed_targets
+Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def cutmix(prob: float, alpha: float, num_classes: int, *, binary: bool) -> Mixer:
+    """CutMix (Yun et al. 2019) with timm's ``Mixup`` (CutMix only, no label smoothing): with
+    probability ``prob`` a batch gets one box, of area drawn from Beta(alpha, alpha), pasted from
+    the batch in reverse order, and targets mixed by the pasted area. Binary targets are mixed as
+    timm's one-column multi-label targets; class indices become mixed one-hot rows. timm mixes an
+    even number of images: in an odd batch the last one stays as it is. Its randomness is numpy's
+    global generator (seeded per fold, saved in checkpoints)."""
+    from timm.data import Mixup
+
+    mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=alpha, prob=prob, mode="batch", label_smoothing=0.0,
+                  num_classes=1 if binary else num_classes, multi_label=binary)
+
+    def dense(targets: torch.Tensor) -> torch.Tensor:
+        return targets.float()[:, None] if binary else F.one_hot(targets.long(), num_classes).float()
+
+    def mix(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        even = len(images) - len(images) % 2
+        mixed = dense(targets)
+        if even:
+            # timm mixes images[:even] in place (a view) and returns its targets mixed
+            _, mixed_even = mixup(images[:even], mixed[:even] if binary else targets[:even])
+            mixed = torch.cat([mixed_even, mixed[even:]])
+        return images, mixed[:, 0] if binary else mixed
+
+    return mix
 
 
 def trainable_fraction(model: nn.Module) -> float:

@@ -35,7 +35,7 @@ def register(app: Celery, settings: Settings) -> None:
         from training.recipe import load_recipe
         from training.run import run_training
 
-        resolved = load_recipe(task, recipe, overrides or [])
+        resolved = load_recipe(task, recipe, overrides or [], catalogue=settings.catalogue())
         summary = run_training(settings, resolved, progress=False, say=log.info)
         log.info("training run %s: version %s, promoted %s", task, summary["version"], summary["promoted"])
         return summary

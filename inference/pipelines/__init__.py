@@ -1,9 +1,9 @@
 """Pipelines by name (timm style): ``get_pipeline("cxr").run(sources, context)``.
 
 A pipeline turns one complete series into result datasets (SR, SEG) with the active, validated
-model versions of its tasks. When a task it cannot do without has no such version, ``run`` raises
-:class:`NoActiveModel` before any model runs: the job is skipped, never answered with untrained
-weights.
+model versions of its tasks (the task catalogue's tasks of that pipeline). When a task it cannot do
+without has no such version, ``run`` raises :class:`~inference.errors.NoActiveModel` before any model
+runs: the job is skipped, never answered with untrained weights.
 
 This module is light (no torch at import), so routing and the CLI can list pipeline names; the
 pipelines themselves are imported when first asked for.
@@ -15,11 +15,14 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from inference.errors import NoActiveModel, PipelineInputError
+
 if TYPE_CHECKING:
     import torch
     from pydicom import Dataset
 
     from config.settings import Settings
+    from config.tasks import TaskCatalogue
     from inference.registry import LoadedModel, ModelCache, ModelRegistry, ModelVersion
 
 __all__ = [
@@ -39,22 +42,6 @@ PIPELINES: dict[str, str] = {
 """Pipeline name → ``module:class`` (imported on first use)."""
 
 
-class NoActiveModel(Exception):
-    """A task has no active, validated model: the job produces no clinical output.
-
-    ``str(e)`` is ``"no active model for <task>"`` (tasks joined by ", " when several are missing).
-    """
-
-    def __init__(self, *tasks: str) -> None:
-        self.tasks = tasks
-        super().__init__(f"no active model for {', '.join(tasks)}")
-
-
-class PipelineInputError(ValueError):
-    """The series cannot be processed by the pipeline (wrong kind, inconsistent geometry ...).
-    Retrying does not help."""
-
-
 @dataclass
 class PipelineOutput:
     """What a run produced. ``model_version`` names every model version behind the result."""
@@ -67,9 +54,9 @@ class PipelineOutput:
 
 @dataclass
 class PipelineContext:
-    """What a worker process hands every run: the registry, the device, the settings and its own
-    :class:`~inference.registry.ModelCache`. ``device`` may be given as the ``inference.device``
-    setting (``"auto"``, ``"cpu"``, ``"cuda:0"``); it is resolved on construction."""
+    """What a worker process hands every run: the registry (and its task catalogue), the device, the
+    settings and its own :class:`~inference.registry.ModelCache`. ``device`` may be given as the
+    ``inference.device`` setting (``"auto"``, ``"cpu"``, ``"cuda:0"``); it is resolved on construction."""
 
     registry: ModelRegistry
     device: torch.device | str
@@ -95,7 +82,13 @@ class PipelineContext:
         num_threads = num_threads or getattr(settings.inference, "num_threads", None)
         if num_threads:
             torch.set_num_threads(int(num_threads))
-        return cls(ModelRegistry(settings.models_dir), settings.inference.device, settings, ModelCache())
+        registry = ModelRegistry(settings.models_dir, settings.catalogue())
+        return cls(registry, settings.inference.device, settings, ModelCache())
+
+    @property
+    def catalogue(self) -> TaskCatalogue:
+        """The task catalogue the registry holds versions for (``from_settings``: the settings')."""
+        return self.registry.catalogue
 
     def model(self, task: str) -> LoadedModel:
         """The task's active, validated model, loaded once per process (NoActiveModel otherwise)."""
@@ -107,8 +100,9 @@ class PipelineContext:
 
 
 class Pipeline(Protocol):
+    """Runs the tasks the catalogue gives to ``name`` (``context.catalogue.of_pipeline(name)``)."""
+
     name: str
-    tasks: tuple[str, ...]
 
     def run(self, sources: list[Dataset], context: PipelineContext) -> PipelineOutput: ...
 

@@ -1,24 +1,28 @@
-"""``cxr``: a neonatal chest radiograph (CR/DX) → view, BPD risk, pneumonia → TID 1500 SR.
+"""``cxr``: a neonatal chest radiograph (CR/DX) → view and findings → TID 1500 SR.
+
+The tasks are the task catalogue's for the ``cxr`` pipeline: its view task and every binary finding
+task (shipped: BPD risk and pneumonia; a site's own binary finding runs the same way), each reported
+with the catalogue's SR concept and description.
 
 1. Decode (any transfer syntax), Modality LUT, MONOCHROME1 inverted, min-max with 0.5 % clipping,
    resize keeping aspect (pad) to each model's input size, CLAHE when the model was trained with it.
 2. The view classifier (PedXnet-style, softmax over the taxonomy's classes) answers "is this a
    frontal chest film?" for every image of the series; the image most likely to be one is reported.
-3. On a frontal chest film, the BPD-risk model (ResNet-50) and the pneumonia model (RegNetY-064 by
-   default) give a probability (sigmoid of the logit over the version's temperature) and the call at
-   the version's operating threshold; each positive call gets a Grad-CAM heat map (PNG artefact) and
-   the outline of its hot spot as the SR region.
+3. On a frontal chest film, each finding model (e.g. BPD risk: ResNet-50; pneumonia: RegNetY-064
+   by default) gives a probability (sigmoid of the logit over the version's temperature) and the
+   call at the version's operating threshold; each positive call gets a Grad-CAM heat map (PNG
+   artefact) and the outline of its hot spot as the SR region.
 4. The SR always goes out; on anything else than a frontal chest film it states the view and its
    probability and reports no finding.
 
 Missing models (decided so that no clinical statement comes from untrained weights and no
 statement is implied for a model that did not run):
 
-- no active, validated ``view`` model → :class:`NoActiveModel` ("no active model for view"): without
+- no active, validated view model → :class:`NoActiveModel` ("no active model for view"): without
   the view gate nothing tells us the image is a chest film at all;
-- neither ``bpd`` nor ``pneumonia`` active → ``NoActiveModel("bpd", "pneumonia")``
-  ("no active model for bpd, pneumonia"): an SR with a view only is no result;
-- one of them active → it runs; the SR carries a group only for the finding that ran, each group
+- no finding task active → ``NoActiveModel`` naming every finding task ("no active model for bpd,
+  pneumonia"): an SR with a view only is no result;
+- some of them active → they run; the SR carries a group only for the finding that ran, each group
   names its own model version (TID 4019 algorithm identification), so a missing finding reads as
   "not assessed", never as negative. The summary lists ``tasks_not_run`` with the reason.
 """
@@ -33,27 +37,43 @@ import cv2
 import numpy as np
 import torch
 from pydicom import Dataset
+from pydicom.sr.coding import Code
 
-from inference.codes import BRONCHOPULMONARY_DYSPLASIA, PNEUMONIA
+from config.tasks import CodeSpec, TaskCatalogue, TaskDefinition
+from config.views import frontal_chest_classes
+from inference.errors import NoActiveModel, PipelineInputError
 from inference.gradcam import grad_cam, heat_map_png, hot_spot_polygon, upsample
-from inference.models import frontal_chest_classes
-from inference.pipelines import NoActiveModel, PipelineContext, PipelineInputError, PipelineOutput
+from inference.pipelines import PipelineContext, PipelineOutput
 from inference.preprocess import Letterbox, letterbox, modality_values, normalise
 from inference.registry import InputSpec, LoadedModel, ModelVersion
 from inference.results import AlgorithmIdentity, Finding, ViewResult
 from inference.secondary_capture import summary_image
 from inference.sr.radiograph import cxr_report
 
-__all__ = ["CxrPipeline", "FINDING_TASKS", "RADIOGRAPH_MODALITIES"]
+__all__ = ["CxrPipeline", "RADIOGRAPH_MODALITIES", "code_of", "finding_tasks", "view_task"]
 
-FINDING_TASKS = ("bpd", "pneumonia")
 RADIOGRAPH_MODALITIES = ("CR", "DX")
 DEFAULT_THRESHOLD = 0.5
 """Operating threshold of a version registered without one (an import without ``--threshold``)."""
-
-FINDING_CODES = {"bpd": BRONCHOPULMONARY_DYSPLASIA, "pneumonia": PNEUMONIA}
-FINDING_LABELS = {"bpd": "Moderate/severe BPD risk", "pneumonia": "Pneumonia"}
 _LO = 64
+PIPELINE = "cxr"
+
+
+def code_of(spec: CodeSpec) -> Code:
+    """The catalogue's coded concept as the writers take it."""
+    return Code(spec.value, spec.scheme, spec.meaning)
+
+
+def view_task(catalogue: TaskCatalogue) -> TaskDefinition:
+    task = catalogue.view_task(PIPELINE)
+    if task is None:
+        raise LookupError(f"the task catalogue has no view task for the {PIPELINE} pipeline")
+    return task
+
+
+def finding_tasks(catalogue: TaskCatalogue) -> list[TaskDefinition]:
+    """The binary findings the catalogue gives this pipeline, in catalogue order (the SR's order)."""
+    return [task for task in catalogue.findings(PIPELINE) if task.kind == "binary"]
 
 
 @dataclass
@@ -70,6 +90,12 @@ class _Radiograph:
             self.inputs[spec] = letterbox(normalised, spec.image_size, keep_aspect=spec.keep_aspect,
                                           clahe=spec.clahe)
         return self.inputs[spec]
+
+
+@dataclass(frozen=True)
+class _FindingModel:
+    task: TaskDefinition
+    loaded: LoadedModel
 
 
 @dataclass(frozen=True)
@@ -117,35 +143,37 @@ def classify(model: torch.nn.Module, batch: np.ndarray, device: torch.device) ->
 
 
 class CxrPipeline:
-    name = "cxr"
-    tasks = ("view", *FINDING_TASKS)
+    name = PIPELINE
 
     # ---- models
 
     def active_versions(self, context: PipelineContext) -> list[ModelVersion]:
         """The versions a run would use now; NoActiveModel when the run would be refused."""
-        view = context.active("view")
+        view_name = view_task(context.catalogue).name
+        view = context.active(view_name)
         if view is None:
-            raise NoActiveModel("view")
-        findings = [v for v in (context.active(t) for t in FINDING_TASKS) if v is not None]
+            raise NoActiveModel(view_name)
+        names = [task.name for task in finding_tasks(context.catalogue)]
+        findings = [v for v in (context.active(name) for name in names) if v is not None]
         if not findings:
-            raise NoActiveModel(*FINDING_TASKS)
+            raise NoActiveModel(*names)
         return [view, *findings]
 
     def model_version(self, context: PipelineContext) -> str:
         return version_tag(self.active_versions(context))
 
-    def _load(self, context: PipelineContext) -> tuple[LoadedModel, dict[str, LoadedModel], dict[str, str]]:
-        view = context.model("view")
-        findings: dict[str, LoadedModel] = {}
+    def _load(self, context: PipelineContext) -> tuple[LoadedModel, dict[str, _FindingModel], dict[str, str]]:
+        view = context.model(view_task(context.catalogue).name)
+        tasks = finding_tasks(context.catalogue)
+        findings: dict[str, _FindingModel] = {}
         not_run: dict[str, str] = {}
-        for task in FINDING_TASKS:
+        for task in tasks:
             try:
-                findings[task] = context.model(task)
+                findings[task.name] = _FindingModel(task, context.model(task.name))
             except NoActiveModel as exc:
-                not_run[task] = str(exc)
+                not_run[task.name] = str(exc)
         if not findings:
-            raise NoActiveModel(*FINDING_TASKS)
+            raise NoActiveModel(*(task.name for task in tasks))
         return view, findings, not_run
 
     # ---- the run
@@ -160,11 +188,11 @@ class CxrPipeline:
         findings: dict[str, Finding] = {}
         artefacts: dict[str, bytes] = {}
         if view.is_frontal_chest:
-            for task, loaded in finding_models.items():
-                findings[task] = self._finding(task, loaded, image, context, timer, artefacts)
+            for name, model in finding_models.items():
+                findings[name] = self._finding(model, image, context, timer, artefacts)
         else:
-            not_run.update({task: "not a frontal chest film" for task in finding_models})
-        used = [view_model.version, *(m.version for m in finding_models.values())]
+            not_run.update({name: "not a frontal chest film" for name in finding_models})
+        used = [view_model.version, *(m.loaded.version for m in finding_models.values())]
         tag = version_tag(used)
         algorithm = AlgorithmIdentity(name="cradle cxr", version=tag)
         report = cxr_report(
@@ -195,7 +223,7 @@ class CxrPipeline:
         if not frontal:
             raise PipelineInputError(f"view model {version.version} has no frontal chest class among {classes}")
         batch = np.stack([image.model_input(version.input_spec)[0] for image in images])
-        _, logits = timer("view", classify, loaded.module, batch, device)
+        _, logits = timer(version.task, classify, loaded.module, batch, device)
         probabilities = torch.softmax(logits / version.temperature, dim=1).numpy()
         threshold = version.threshold if version.threshold is not None else DEFAULT_THRESHOLD
         return [self._view_call(p, classes, frontal, threshold) for p in probabilities]
@@ -208,11 +236,12 @@ class CxrPipeline:
                          {c: float(v) for c, v in zip(classes, p)})
 
     @staticmethod
-    def _finding(task: str, loaded: LoadedModel, image: _Radiograph, context: PipelineContext, timer: _Timer,
+    def _finding(model: _FindingModel, image: _Radiograph, context: PipelineContext, timer: _Timer,
                  artefacts: dict[str, bytes]) -> Finding:
+        task, loaded = model.task, model.loaded
         version = loaded.version
         model_input, box = image.model_input(version.input_spec)
-        features, logits = timer(task, classify, loaded.module, model_input[None], context.device)
+        features, logits = timer(task.name, classify, loaded.module, model_input[None], context.device)
         probability = float(torch.sigmoid(logits[0, 0] / version.temperature))
         threshold = version.threshold if version.threshold is not None else DEFAULT_THRESHOLD
         positive = probability >= threshold
@@ -220,9 +249,9 @@ class CxrPipeline:
         if positive and context.settings.inference.gradcam:
             heat = upsample(grad_cam(loaded.module, features), box)
             region = hot_spot_polygon(heat)
-            artefacts[f"gradcam-{task}.png"] = heat_map_png(model_input, heat)
-        return Finding(FINDING_CODES[task], probability, threshold, positive, region=region,
-                       label=FINDING_LABELS[task], algorithm=algorithm_identity(version))
+            artefacts[f"gradcam-{task.name}.png"] = heat_map_png(model_input, heat)
+        return Finding(code_of(task.sr.concept), probability, threshold, positive, region=region,
+                       label=task.description, algorithm=algorithm_identity(version))
 
     @staticmethod
     def _summary_image(source: Dataset, view: _ViewCall, findings: dict[str, Finding],
@@ -233,21 +262,21 @@ class CxrPipeline:
         lines = [f"View: {view.label} ({view.probability:.0%})"]
         if not view.is_frontal_chest:
             lines.append("Not a frontal chest film: no findings assessed")
-        for number, (task, finding) in enumerate(findings.items(), start=1):
+        for number, finding in enumerate(findings.values(), start=1):
             call = "POSITIVE" if finding.positive else "negative"
-            lines.append(f"{FINDING_LABELS[task]}: {finding.probability:.0%} "
+            lines.append(f"{finding.label}: {finding.probability:.0%} "
                          f"(threshold {finding.threshold:.0%}) {call}")
             if finding.region is not None:
                 cv2.fillPoly(overlay, [np.round(finding.region - 0.5).astype(np.int32)], number)
-        return summary_image(source, overlay if overlay.any() else None, lines, algorithm, pipeline="cxr",
+        return summary_image(source, overlay if overlay.any() else None, lines, algorithm, pipeline=PIPELINE,
                              model_version_tag=algorithm.version)
 
     @staticmethod
     def _summary(tag: str, image: _Radiograph, view: _ViewCall, views: list[_ViewCall], findings: dict[str, Finding],
-                 models: dict[str, LoadedModel], not_run: dict[str, str], timer: _Timer,
+                 models: dict[str, _FindingModel], not_run: dict[str, str], timer: _Timer,
                  context: PipelineContext) -> dict[str, Any]:
         return {
-            "pipeline": "cxr",
+            "pipeline": PIPELINE,
             "model_version": tag,
             "image": str(image.dataset.SOPInstanceUID),
             "images_classified": len(views),
@@ -255,11 +284,11 @@ class CxrPipeline:
                      "frontal_chest_probability": view.frontal_probability,
                      "is_frontal_chest": view.is_frontal_chest},
             "findings": {task: {"probability": f.probability, "threshold": f.threshold, "positive": f.positive,
-                                "model": models[task].version.version,
-                                "threshold_source": "version" if models[task].version.threshold is not None
+                                "model": models[task].loaded.version.version,
+                                "threshold_source": "version" if models[task].loaded.version.threshold is not None
                                 else "default", "region": f.region is not None}
                          for task, f in findings.items()},
-            "tasks_run": ["view", *findings],
+            "tasks_run": [view_task(context.catalogue).name, *findings],
             "tasks_not_run": not_run,
             "forward_seconds": timer.seconds,
             "device": str(context.device),

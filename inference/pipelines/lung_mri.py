@@ -1,5 +1,8 @@
 """``lung-mri``: a neonatal chest MR series → left and right lung → SEG + TID 1500 SR (volumes, mL).
 
+The task is the task catalogue's segmentation task of the ``lung-mri`` pipeline; its two outputs
+(left lung, right lung, in label order) name the structures.
+
 1. Slices sorted by position along the normal (ImageOrientationPatient × ImagePositionPatient),
    stacked into a volume in Modality LUT units, normalised once per volume.
 2. The 2D U-Net (MONAI FlexibleUNet, ResNet-50 encoder, decoder 256-128-64-32-16) runs on batches of
@@ -25,8 +28,10 @@ import torch
 from pydicom import Dataset
 from scipy import ndimage
 
+from config.tasks import TaskCatalogue, TaskDefinition
+from inference.errors import NoActiveModel, PipelineInputError
 from inference.geometry import sort_series
-from inference.pipelines import NoActiveModel, PipelineContext, PipelineInputError, PipelineOutput
+from inference.pipelines import PipelineContext, PipelineOutput
 from inference.preprocess import letterbox, modality_values, normalise
 from inference.registry import InputSpec, LoadedModel
 from inference.results import AlgorithmIdentity, WriterInputError
@@ -44,8 +49,11 @@ __all__ = [
     "lung_volumes_ml",
     "postprocess",
     "segment_slices",
+    "segmentation_task",
     "split_left_right",
 ]
+
+PIPELINE = "lung-mri"
 
 LEFT, RIGHT = 1, 2  # label values (and SEG segment numbers) of the writers
 DEFAULT_THRESHOLD = 0.5
@@ -230,21 +238,32 @@ class _StageClock:
         self._last = now
 
 
+def segmentation_task(catalogue: TaskCatalogue) -> TaskDefinition:
+    """The catalogue's (first: the shipped) segmentation task of this pipeline, whose two outputs are the
+    left and the right lung."""
+    task = next((t for t in catalogue.of_pipeline(PIPELINE) if t.kind == "segmentation"), None)
+    if task is None or len(task.outputs) != 2:
+        raise LookupError(f"the task catalogue has no segmentation task with two outputs (left, right lung) "
+                          f"for the {PIPELINE} pipeline")
+    return task
+
+
 class LungMriPipeline:
-    name = "lung-mri"
-    tasks = ("lung-seg",)
+    name = PIPELINE
 
     def __init__(self, batch_slices: int | None = None) -> None:
         self.batch_slices = batch_slices  # None: from BATCH_PIXELS and the model's input size
 
     def model_version(self, context: PipelineContext) -> str:
-        version = context.active("lung-seg")
+        task = segmentation_task(context.catalogue).name
+        version = context.active(task)
         if version is None:
-            raise NoActiveModel("lung-seg")
+            raise NoActiveModel(task)
         return version.version
 
     def run(self, sources: list[Dataset], context: PipelineContext) -> PipelineOutput:
-        loaded = context.model("lung-seg")
+        task = segmentation_task(context.catalogue)
+        loaded = context.model(task.name)
         clock = _StageClock()
         ordered = self._sorted(sources)
         geometry = SliceGeometry.from_series(ordered)
@@ -258,14 +277,14 @@ class LungMriPipeline:
         labels = postprocess(probabilities >= threshold, geometry)
         volumes = lung_volumes_ml(labels, geometry)
         clock.lap("postprocess")
-        algorithm = AlgorithmIdentity(name=f"cradle lung-seg {version.arch}"[:64], version=version.version)
+        algorithm = AlgorithmIdentity(name=f"cradle {task.name} {version.arch}"[:64], version=version.version)
         segmentation = lung_segmentation(ordered, labels, algorithm)
         clock.lap("seg")
         report = lung_report(ordered, segmentation, volumes, algorithm)
         clock.lap("sr")
         datasets = [segmentation, report]
         if context.settings.inference.summary_image:
-            datasets.append(self._summary_image(ordered, labels, volumes, algorithm))
+            datasets.append(self._summary_image(task, ordered, labels, volumes, algorithm))
             clock.lap("summary_image")
         summary = self._summary(loaded, ordered, geometry, volumes, seconds, context)
         summary["stage_seconds"] = clock.laps
@@ -282,21 +301,22 @@ class LungMriPipeline:
             raise PipelineInputError(str(exc)) from exc
 
     @staticmethod
-    def _summary_image(ordered: list[Dataset], labels: np.ndarray, volumes: dict[str, float],
-                       algorithm: AlgorithmIdentity) -> Dataset:
+    def _summary_image(task: TaskDefinition, ordered: list[Dataset], labels: np.ndarray,
+                       volumes: dict[str, float], algorithm: AlgorithmIdentity) -> Dataset:
         """Secondary Capture of the slice with the most lung, both lungs drawn, volumes as text."""
         key = int(np.argmax((labels > 0).reshape(len(labels), -1).sum(axis=1)))
-        lines = [f"Left lung: {volumes['left']:.1f} mL", f"Right lung: {volumes['right']:.1f} mL",
+        left, right = (output.meaning for output in task.outputs)
+        lines = [f"{left}: {volumes['left']:.1f} mL", f"{right}: {volumes['right']:.1f} mL",
                  f"Total: {volumes['left'] + volumes['right']:.1f} mL"]
         overlay = labels[key] if labels[key].any() else None
-        return summary_image(ordered[key], overlay, lines, algorithm, pipeline="lung-mri")
+        return summary_image(ordered[key], overlay, lines, algorithm, pipeline=PIPELINE)
 
     @staticmethod
     def _summary(loaded: LoadedModel, ordered: list[Dataset], geometry: SliceGeometry, volumes: dict[str, float],
                  seconds: float, context: PipelineContext) -> dict[str, Any]:
         extents = geometry.slice_extents_mm()
         return {
-            "pipeline": "lung-mri",
+            "pipeline": PIPELINE,
             "model_version": loaded.version.version,
             "slices": len(ordered),
             "rows": int(ordered[0].Rows),
@@ -304,7 +324,7 @@ class LungMriPipeline:
             "slice_spacing_mm": float(np.median(extents)),
             "evenly_spaced": bool(np.allclose(extents, extents[0], rtol=0.01)),
             "volumes_ml": {**volumes, "total": volumes["left"] + volumes["right"]},
-            "tasks_run": ["lung-seg"],
-            "forward_seconds": {"lung-seg": seconds},
+            "tasks_run": [loaded.version.task],
+            "forward_seconds": {loaded.version.task: seconds},
             "device": str(context.device),
         }

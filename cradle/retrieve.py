@@ -49,7 +49,7 @@ class KeyFileError(ValueError):
 
 def read_keys(path: Path) -> list:
     """The keys of a labels CSV, one per data row, named by line number (never by the key itself)."""
-    from node.retrieve import RetrieveKey
+    from node.cohort import RetrieveKey
     from training.labels import KEY_COLUMNS, LabelFileError, _dialect, _open_text
 
     try:
@@ -88,7 +88,7 @@ def read_keys(path: Path) -> list:
 
 
 def _keys(args: argparse.Namespace) -> list:
-    from node.retrieve import RetrieveKey
+    from node.cohort import RetrieveKey
 
     if args.csv:
         return read_keys(Path(args.csv))
@@ -99,7 +99,8 @@ def _keys(args: argparse.Namespace) -> list:
 
 
 def retrieve(args: argparse.Namespace, settings: Settings) -> int:
-    from node.retrieve import ListenerNotRunning, Retriever, Window
+    from node.cohort import Window
+    from node.retrieve import ListenerNotRunning, Retriever
 
     sources = {source.name: source for source in settings.sources}
     source = sources.get(args.source)
@@ -119,9 +120,9 @@ def retrieve(args: argparse.Namespace, settings: Settings) -> int:
     _warn_about_setup(settings, source)
 
     from node import handlers
-    from storage.db import open_index
+    from storage.db import open_configured_index
 
-    sessions = open_index(settings.storage.database_url, connect_timeout=settings.storage.connect_timeout)
+    sessions = open_configured_index(settings.storage)
     enqueue = None
     if args.run_pipelines:
         from node.commands import load_enqueue

@@ -14,7 +14,7 @@ from common.logs import protect_logs
 from config.settings import Settings
 from inference.worker import register as register_jobs
 from node.queue import DEFAULT_QUEUE, JobQueue, make_celery
-from storage.db import open_index
+from storage.db import open_configured_index
 from training.tasks import register as register_training
 
 
@@ -29,7 +29,7 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
     ``--queue training`` makes this worker also run ``cradle train --queue`` runs.
     """
     protect_logs()  # pydicom warnings quote element values; pynetdicom logs identifiers
-    sessions = open_index(settings.storage.database_url)  # migrations run once, here
+    sessions = open_configured_index(settings.storage)  # migrations run once, here
     app = make_celery(settings)
     runner = register_jobs(app, settings)
     register_training(app, settings)  # runs only on a worker started with --queue training

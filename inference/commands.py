@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,17 +61,10 @@ def models_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def models_import(args: argparse.Namespace, settings: Settings) -> int:
     """Register external weights for TASK; ``--activate`` is the admin's validation of them."""
     from inference.registry import InputSpec, RegistryError
+    from inference.registry.weights import sha256_of_file
 
     catalogue = settings.catalogue()
     if args.task not in catalogue:
@@ -86,7 +78,7 @@ def models_import(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     registry = _registry(settings)
-    provenance = {"source": "import", "source_file": weights.name, "source_sha256": _file_sha256(weights)}
+    provenance = {"source": "import", "source_file": weights.name, "source_sha256": sha256_of_file(weights)}
     try:
         version = registry.register(args.task, args.arch, weights, input_spec=spec, threshold=args.threshold,
                                     provenance=provenance)

@@ -26,7 +26,7 @@ from config.settings import Settings
 from node.queue import RUN_JOB, publish
 from storage import jobs
 from storage.archive import Archive, safe_component
-from storage.db import create_db_engine, session_factory
+from storage.db import configured_engine, session_factory
 from storage.ingest import Ingest
 from storage.models import Instance, Series
 
@@ -69,7 +69,7 @@ class JobRunner:
     def resources(self) -> _ProcessResources:
         """This process's collaborators; re-opened in a forked child (never share a DB pool)."""
         if self._resources is None or self._resources.pid != os.getpid():
-            engine = create_db_engine(self.settings.storage.database_url)
+            engine = configured_engine(self.settings.storage)
             sessions = session_factory(engine)
             archive = Archive(self.settings.storage.archive_dir, fsync=self.settings.storage.fsync)
             ingest = Ingest(archive, sessions, duplicate_policy="replace")  # a re-run replaces its result

@@ -82,9 +82,9 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
     and outcomes by pipeline and model version, dispatch, sends by destination, recent failures.
     ``--json`` keeps ``patients``, ``studies``, ``series``, ``instances``, ``jobs`` (state → count) and
     adds the rest under their own keys. The same numbers as the Prometheus endpoint (storage.stats)."""
-    from storage.db import open_index
+    from storage.db import open_configured_index
 
-    sessions = open_index(settings.storage.database_url)
+    sessions = open_configured_index(settings.storage)
     with sessions() as session:
         summary = status_summary(session)
     if getattr(args, "json", False):

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from common.output import print_json
 from config.settings import Settings
 from storage import jobs
-from storage.db import open_index
+from storage.db import open_configured_index
 from storage.models import Job, JobState, Send, Series
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def jobs_list(args: argparse.Namespace, settings: Settings) -> int:
     if state and state not in JobState.__members__:
         print(f"cradle: unknown state {state!r}; one of {', '.join(JobState.__members__)}", file=sys.stderr)
         return EXIT_USAGE
-    sessions = open_index(settings.storage.database_url)
+    sessions = open_configured_index(settings.storage)
     with sessions() as session:
         listed = [job_summary(job, series) for job, series in _rows(session, state)]
     if getattr(args, "json", False):
@@ -86,7 +86,7 @@ def _print_table(listed: list[dict[str, Any]]) -> None:
 
 
 def jobs_show(args: argparse.Namespace, settings: Settings) -> int:
-    sessions = open_index(settings.storage.database_url)
+    sessions = open_configured_index(settings.storage)
     with sessions() as session:
         job = session.get(Job, args.job_id)
         if job is None:
@@ -101,7 +101,7 @@ def jobs_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def jobs_retry(args: argparse.Namespace, settings: Settings) -> int:
-    sessions = open_index(settings.storage.database_url)
+    sessions = open_configured_index(settings.storage)
     try:
         action = jobs.retry(sessions, args.job_id)
     except jobs.RetryRefused as exc:
@@ -130,7 +130,7 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     from node.server import protect_logs
 
     protect_logs()
-    sessions = open_index(settings.storage.database_url)
+    sessions = open_configured_index(settings.storage)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from storage import jobs
-from storage.db import create_db_engine, create_private_file, session_factory
+from storage.db import configured_engine, create_private_file, session_factory
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,7 @@ class JobQueue:
                  app: Celery | None = None) -> None:
         self.settings = settings
         self.app = app if app is not None else make_celery(settings)
-        self.sessions = sessions if sessions is not None else session_factory(
-            create_db_engine(settings.storage.database_url))
+        self.sessions = sessions if sessions is not None else session_factory(configured_engine(settings.storage))
 
     def enqueue(self, job_id: int, countdown: float | None = None) -> None:
         try:

@@ -67,7 +67,7 @@ def send(destination: Destination, instances: Sequence[Outgoing], node: NodeSett
         return []
     ae = _application_entity(node, instances)
     try:
-        tls_args = _tls_args(destination, node)
+        tls_args = client_tls(destination, node)
     except (OSError, ssl.SSLError) as exc:  # a certificate, key or CA file missing or unreadable
         log.error("destination %s: TLS set-up failed: %s", destination.name, exc)
         return _all(instances, None, f"TLS set-up failed: {type(exc).__name__}")
@@ -150,7 +150,7 @@ def _all(instances: Sequence[Outgoing], status: int | None, error: str) -> list[
     return [SendOutcome(item.sop_uid, status, error) for item in instances]
 
 
-def _tls_args(destination: Destination, node: NodeSettings) -> tuple[ssl.SSLContext, str] | None:
+def client_tls(destination: Destination, node: NodeSettings) -> tuple[ssl.SSLContext, str] | None:
     """DICOM TLS to this destination (BCP 195: TLS 1.2+), verifying its certificate and name against
     ``destination.tls.ca_certificates`` (else ``node.tls.ca_certificates``, else the system's CAs) and
     presenting ``destination.tls.certificate`` (else the node's own, when it has one)."""

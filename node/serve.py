@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from common.processes import stop_processes
 from config.settings import Settings
-from storage.db import open_index
+from storage.db import open_configured_index
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def part_commands(config: str | None) -> dict[str, list[str]]:
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
     settings.storage.archive_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    open_index(settings.storage.database_url)  # migrate once, before the parts start
+    open_configured_index(settings.storage)  # migrate once, before the parts start
     supervisor = Supervisor(part_commands(args.config), dict(os.environ))
 
     def request_stop(signum: int, _frame: object) -> None:

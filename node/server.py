@@ -36,7 +36,7 @@ from node.guard import ConnectionGate, ContextsCopiedCheaply, GuardedRequestHand
 from node.metrics import IndexCollector, ListenerMetrics, MetricsServer
 from node.tls import tls_context
 from storage.archive import Archive
-from storage.db import open_index
+from storage.db import open_configured_index
 from storage.ingest import Ingest, SweepReport
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,7 @@ class Listener:
                  sessions: sessionmaker[Session] | None = None) -> None:
         self.settings = settings
         self._owns_index = sessions is None
-        self.sessions = sessions if sessions is not None else open_index(settings.storage.database_url,
-                                                                         connect_timeout=settings.storage.connect_timeout)
+        self.sessions = sessions if sessions is not None else open_configured_index(settings.storage)
         self.archive = Archive(settings.storage.archive_dir, fsync=settings.storage.fsync)
         self.ingest = Ingest(self.archive, self.sessions, duplicate_policy=settings.node.duplicate_policy)
         self.completion = Completion(self.sessions, settings.routing.rules,

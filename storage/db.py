@@ -15,6 +15,8 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import StorageSettings
+
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
@@ -130,6 +132,16 @@ def _begin_immediate_on_sqlite(session: Session) -> None:
         return
     if not connection.connection.dbapi_connection.in_transaction:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def configured_engine(storage: StorageSettings) -> Engine:
+    """The index engine of a process, with the configured connect timeout."""
+    return create_db_engine(storage.database_url, connect_timeout=storage.connect_timeout)
+
+
+def open_configured_index(storage: StorageSettings) -> sessionmaker[Session]:
+    """:func:`open_index` for the configured index (``storage.database_url``, ``storage.connect_timeout``)."""
+    return open_index(storage.database_url, connect_timeout=storage.connect_timeout)
 
 
 def open_index(url: str, *, connect_timeout: float = 10) -> sessionmaker[Session]:

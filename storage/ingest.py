@@ -126,6 +126,8 @@ class Ingest:
             raise TransientStoreError(f"index: {type(exc).__name__}") from exc
         except SQLAlchemyError as exc:  # DataError, IntegrityError, ...: the same data fails again
             raise PermanentStoreError(f"index: {type(exc).__name__}") from exc
+        if existing is not None and existing.file_path != header.relative_path:
+            self._drop_moved(existing.file_path, header.sop_uid)
         outcome = Outcome.conflict_replaced if existing is not None else Outcome.stored
         return StoreResult(outcome, header.sop_uid, recorded.instance_pk, recorded.series_pk, recorded.reopened,
                            recorded.study_pk, recorded.series_instances)
@@ -142,6 +144,15 @@ class Ingest:
         outcome = Outcome.conflict_kept if self.duplicate_policy == "keep_first" else Outcome.conflict_rejected
         log.warning("SOP Instance UID %s re-sent with different content: %s", sop_uid, outcome.value)
         return StoreResult(outcome, sop_uid, None, None)
+
+    def _drop_moved(self, old_path: str, sop_uid: str) -> None:
+        """A replacement filed under other Study/Series UIDs: the row now names the new file, so the
+        old one goes (a crash before this leaves it to the startup sweep, which removes it too)."""
+        try:
+            self.archive.remove(old_path)
+        except OSError as exc:
+            log.warning("SOP Instance UID %s: superseded file %s not removed (%s)", sop_uid, old_path,
+                        exc.strerror or type(exc).__name__)
 
     def store_dataset(self, dataset: Dataset, *, is_result: bool = True) -> StoreResult:
         """Archive a dataset made here (an SR, SEG or SC result)."""
@@ -162,8 +173,7 @@ class Ingest:
         reindexed = unreadable = 0
         for path in sorted(on_disk - indexed.keys()):
             try:
-                self._reindex(path)
-                reindexed += 1
+                reindexed += self._reindex(path)
             except (InvalidDicomError, ValueError, OSError, AttributeError, SQLAlchemyError) as exc:
                 log.warning("archive file %s could not be indexed: %s", path, type(exc).__name__)
                 unreadable += 1
@@ -173,7 +183,7 @@ class Ingest:
                 session.query(Instance).filter(Instance.id.in_(missing)).delete(synchronize_session=False)
         return SweepReport(temporaries, reindexed, len(missing), unreadable)
 
-    def _reindex(self, path: str) -> None:
+    def _reindex(self, path: str) -> bool:
         data = self.archive.read(path)
         check_file(data)
         dataset = dcmread(BytesIO(data), stop_before_pixels=True)
@@ -181,8 +191,13 @@ class Ingest:
         if header.relative_path != path:
             raise ValueError("file name does not match its UIDs")
         with transaction(self.sessions) as session:
+            indexed = archived_copy(session, header.sop_uid)
+            if indexed is not None and indexed.file_path != path and self.archive.exists(indexed.file_path):
+                self._drop_moved(path, header.sop_uid)  # superseded by a replacement under other UIDs
+                return False
             record_instance(session, header, StoredFile(path, len(data), content_hash(data)),
                             transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID))
+        return True
 
 
 @dataclass(frozen=True)

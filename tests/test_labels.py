@@ -53,7 +53,7 @@ def node(node_settings: Settings) -> tuple[Ingest, sessionmaker[Session]]:
 
 @pytest.fixture
 def studies(node: tuple[Ingest, sessionmaker[Session]]) -> dict[str, dict[str, str]]:
-    """Four small radiograph studies of three patients (patient P3 has two studies, one accession
+    """Four small radiograph studies of three patients on four days (patient P3 has two studies, one accession
     number is shared by two studies)."""
     ingest, _ = node
     rng = np.random.default_rng(0)
@@ -61,7 +61,7 @@ def studies(node: tuple[Ingest, sessionmaker[Session]]) -> dict[str, dict[str, s
     for index, (patient, accession) in enumerate([("P1", "A1"), ("P2", "A2"), ("P3", "A3"), ("P3", "A3")]):
         baby = synth.make_neonate(rng, index + 1, dt.date(2024, 3, 1))
         baby = dataclasses.replace(baby, patient_id=patient)
-        study = synth.make_study(baby, index + 1, dt.datetime(2024, 3, 2, 8), key=("labels", index))
+        study = synth.make_study(baby, index + 1, dt.datetime(2024, 3, 2 + index, 8), key=("labels", index))
         study = dataclasses.replace(study, accession_number=accession)
         ds = synth.make_cxr(rng, study=study, size=64)
         _store(ingest, ds)
@@ -101,6 +101,40 @@ def test_header_problems_are_reported_on_line_1(tmp_path: Path) -> None:
 
 
 # --- import -----------------------------------------------------------------------------------
+
+
+def test_a_study_date_narrows_a_patient_id_as_retrieve_reads_it(tmp_path: Path, node_settings: Settings,
+                                                               node: tuple, studies: dict,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The labels CSV of ``cradle retrieve`` (PatientID + StudyDate) is accepted by labels import: the date
+    (or range) picks that patient's studies; a date with no study is a rejection naming no identifier."""
+    _, sessions = node
+    with sessions() as session:
+        dates = dict(session.execute(select(Study.study_uid, Study.study_date)).all())
+    first, second = (studies[k]["uid"] for k in ("S3", "S4"))
+    assert dates[first] != dates[second], "P3's two studies must differ in date for this test"
+    day = dates[second].strftime("%Y%m%d")
+    path = tmp_path / "labels.csv"
+    config = tmp_path / "cradle.yaml"
+    config.write_text(json.dumps({"storage": {"archive_dir": str(node_settings.storage.archive_dir),
+                                              "database_url": node_settings.storage.database_url}}))
+    path.write_text(f"PatientID,StudyDate,bpd\nP3,-19990101,0\nP1,2024031,1\n")
+    assert main(["labels", "import", str(path), "--config", str(config)]) == 3
+    err = capsys.readouterr().err
+    assert "line 2: no archived study of this PatientID has that StudyDate" in err
+    assert "line 3: StudyDate: '2024031' is not a DICOM date or range" in err
+    path.write_text(f"PatientID,StudyDate,bpd\nP3,{day},1\n")
+    assert main(["labels", "import", str(path), "--config", str(config)]) == 0
+    assert _labels(sessions) == {(second, "bpd"): 1.0}
+    path.write_text(f"PatientID,StudyDate,bpd\nP3,{day}-,1\n")
+    rows, rejections = read_label_file(path)
+    assert rejections == [] and rows[0].study_dates == (dates[second], None)
+    with sessions() as session:
+        from training.labels import studies_for
+        picked, problem = studies_for(session, "PatientID", "P3", rows[0].study_dates)
+        none, reason = studies_for(session, "PatientID", "P3", (None, dt.date(1999, 1, 1)))
+    assert problem is None and len(picked) == 1 and none == []
+    assert reason == "no archived study of this PatientID has that StudyDate"
 
 
 def test_import_by_study_accession_and_patient(tmp_path: Path, node: tuple, studies: dict) -> None:

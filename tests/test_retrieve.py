@@ -384,7 +384,7 @@ def test_read_keys_uses_the_labels_rules(tmp_path):
 
 
 def test_window():
-    from node.retrieve import Window
+    from node.cohort import Window
 
     night = Window.parse("20:00-06:00")
     assert night.contains(dt.datetime(2026, 1, 1, 23, 0)) and night.contains(dt.datetime(2026, 1, 1, 5, 59))
@@ -403,7 +403,8 @@ def test_window():
 
 def test_retriever_waits_for_its_window(tmp_path):
     """A study starts only inside the window: the retriever sleeps until it opens."""
-    from node.retrieve import Retriever, Window
+    from node.cohort import Window
+    from node.retrieve import Retriever
 
     _config, settings = _node_config(tmp_path, None)
     now = [dt.datetime(2026, 1, 1, 18, 30)]

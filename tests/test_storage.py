@@ -229,6 +229,27 @@ def test_conflicting_resend_follows_the_policy(archive: Archive, sessions: sessi
         assert counts(session)["instances"] == 1
 
 
+def test_a_replacement_under_other_uids_leaves_one_file_and_the_sweep_keeps_it(
+        archive: Archive, sessions: sessionmaker[Session]) -> None:
+    """``replace``: the same SOP Instance UID re-sent under new Study/Series UIDs moves the instance;
+    the old file goes at once, and one left by a crash before that is removed by the sweep, never
+    indexed back over the replacement."""
+    ingest = Ingest(archive, sessions, duplicate_policy="replace")
+    first = make_image(fill=1)
+    moved = make_image(sop_uid=first.SOPInstanceUID, fill=2)
+    store(ingest, first)
+    assert store(ingest, moved).outcome is Outcome.conflict_replaced
+    old, new = header_of(first).relative_path, header_of(moved).relative_path
+    assert archive.files() == [new]
+    archive.put(old, file_bytes(first))  # as a crash between the row's commit and the removal leaves it
+    report = ingest.sweep()
+    assert (report.files_reindexed, report.rows_without_file_removed) == (0, 0)
+    assert archive.files() == [new]
+    with sessions() as session:
+        assert list(session.scalars(select(Instance.file_path))) == [new]
+        assert session.scalar(select(Instance.sha256)) == content_hash(file_bytes(moved))
+
+
 def test_a_failing_write_is_transient_and_leaves_nothing(ingest: Ingest, archive: Archive) -> None:
     ds = make_image()
     blocker = archive.root / ds.StudyInstanceUID

@@ -59,6 +59,8 @@ BPD = ["--set", "arch=resnet10t", "--set", "image_size=96", "--set", "epochs=10"
        "--set", "augment={hflip: 0.5, affine_prob: 0, brightness: 0, contrast: 0, gamma: 0, noise_std: 0, "
                 "blur_prob: 0, sharpen_prob: 0}"]
 # FlexibleUNet-ResNet18 at 64 px, 2 folds, at most 8 epochs: about 20 s; held-out Dice 0.917 per volume.
+TOY_SHORTER = ["--set", "folds=2", "--set", "epochs=6", "--set", "min_epochs=4"]
+"""The toy task proves the path, not the recipe: the BPD settings, two folds, fewer epochs."""
 LUNG = ["--set", "arch=flexible_unet_resnet18", "--set", "image_size=64", "--set", "epochs=8", "--set",
         "min_epochs=6", "--set", "early_stopping_patience=2", "--set", "folds=2", "--set", "batch_size=8",
         "--set", "lr=1e-3", "--set", "bootstrap=500"]
@@ -237,7 +239,8 @@ def test_a_site_task_trains_from_its_catalogue_entry_and_recipe(node: Node, tmp_
     recipe.write_text(yaml.safe_dump({"task": "toy", "arch": "resnet50", "strategy": "progressive"}))
     output = io.StringIO()
     with capsys.disabled(), contextlib.redirect_stdout(output):
-        assert main(["train", "toy", "--config", str(config), "--recipe", str(recipe), *BPD, "--json"]) == 0
+        assert main(["train", "toy", "--config", str(config), "--recipe", str(recipe), *BPD, *TOY_SHORTER,
+                     "--json"]) == 0
     summary = json.loads(output.getvalue())
     metrics = summary["metrics"]
     print(f"toy (site task, bpd labels): AUROC {metrics['auroc_mean']:.3f} over folds, {metrics['test_auroc']:.3f} "
@@ -421,7 +424,7 @@ def _tiny_loaders(n: int = 24, size: int = 32, seed: int = 0) -> tuple[DataLoade
 
 def _trainer(overrides: list[str]) -> Trainer:
     recipe = load_recipe("bpd", overrides=["arch=resnet18", "image_size=32", "epochs=6", "early_stopping_patience=0",
-                                           "init=random", "cutmix_prob=0", *overrides])
+                                           "init=auto", "cutmix_prob=0", *overrides])  # the Trainer takes a built model
     return Trainer(recipe, BinaryObjective(), torch.device("cpu"), progress=False)
 
 
@@ -691,3 +694,139 @@ def test_queued_run_reaches_the_training_queue_and_runs_on_a_worker(node: Node, 
     assert len(new) == 1, log.read_text()[-3000:]
     assert new[0].provenance["recipe"]["image_size"] == 32 and "auroc_mean" in new[0].metrics
     assert f"training run view: version {new[0].version}" in log.read_text()
+
+
+# --- starting from weights: a site's checkpoint file, the in-domain view model -------------------------
+
+
+def _timm_checkpoint(arch: str = "resnet18", in_chans: int = 3) -> dict[str, torch.Tensor]:
+    """A state dict as timm/torchvision save an ImageNet model: 3 input channels, 1000 classes."""
+    seed_everything(0)
+    return create_model(arch, "bpd", num_classes=1000, in_chans=in_chans).state_dict()
+
+
+def test_a_checkpoint_file_in_timm_torchvision_or_hub_layout_starts_the_backbone(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from training.initialise import checkpoint_file, read_checkpoint
+
+    source = _timm_checkpoint()
+    timm_file = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.items()}, timm_file)
+    torchvision_file = tmp_path / "resnet18.pth"  # wrapped, with DataParallel's prefix
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.items()}, "epoch": 90}, torchvision_file)
+    hub = tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / "0123abc"
+    hub.mkdir(parents=True)
+    shutil.copy(timm_file, hub / "model.safetensors")
+    stem = source["conv1.weight"].sum(dim=1, keepdim=True)  # timm's adapt_input_conv for 1 channel
+    for path in (timm_file, torchvision_file, checkpoint_file(tmp_path / "models--timm--resnet18.a1_in1k")):
+        model = create_model("resnet18", "bpd")
+        state, report, reading = read_checkpoint(path, model)
+        model.load_state_dict(state, strict=False)
+        assert report.adapted == ["conv1.weight"] and not report.missing
+        assert set(report.unused) == {"fc.weight", "fc.bias"}  # the ImageNet head is replaced by the task's
+        assert torch.allclose(model.state_dict()["conv1.weight"], stem)
+        assert torch.equal(model.state_dict()["layer4.1.conv2.weight"], source["layer4.1.conv2.weight"])
+        assert model.state_dict()["fc.weight"].shape == (1, 512)
+    assert "'module.' prefix" in read_checkpoint(torchvision_file, create_model("resnet18", "bpd"))[2]
+    unet = create_model("flexible_unet_resnet18", "lung-seg")  # the U-Net's encoder takes a ResNet checkpoint
+    state, report, _ = read_checkpoint(timm_file, unet)
+    assert report.loaded and not report.missing and "encoder.conv1.weight" in report.adapted
+    other = tmp_path / "other.safetensors"
+    save_file({"transformer.h.0.attn.weight": torch.zeros(4, 4)}, other)
+    with pytest.raises(RecipeError, match="no tensor of other.safetensors fits"):
+        read_checkpoint(other, create_model("resnet18", "bpd"))
+
+
+def test_a_freezing_strategy_from_random_weights_is_refused(tmp_path: Path) -> None:
+    for strategy in ("progressive", "linear_probe", "lp_ft"):
+        with pytest.raises(RecipeError, match="head would learn on random features"):
+            load_recipe("bpd", overrides=[f"strategy={strategy}", "init=random", "lp_epochs=1"])
+    assert load_recipe("bpd", overrides=["strategy=full", "init=random"]).strategy == "full"
+    config = tmp_path / "cradle.yaml"
+    config.write_text(yaml.safe_dump(_settings(tmp_path, free_port())))
+    assert main(["train", "bpd", "--config", str(config), "--set", "init=random", "--json"]) == 1
+
+
+def _own_models(node: Node, tmp_path: Path) -> Path:
+    """A config on the module's archive and index with its own models and runs folders."""
+    values = yaml.safe_load(node.config.read_text())
+    values["models_dir"] = str(tmp_path / "models")
+    values["training"] = {**values["training"], "runs_dir": str(tmp_path / "runs")}
+    config = tmp_path / "cradle.yaml"
+    config.write_text(yaml.safe_dump(values))
+    return config
+
+
+def _train_with(config: Path, task: str, sets: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    output = io.StringIO()
+    with capsys.disabled(), contextlib.redirect_stdout(output):
+        assert main(["train", task, "--config", str(config), *sets, "--json"]) == 0
+    return json.loads(output.getvalue())
+
+
+def _set(*pairs: str) -> list[str]:
+    return [item for pair in pairs for item in ("--set", pair)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_init_auto_and_view_name_what_is_missing(node: Node, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    config = _own_models(node, tmp_path)
+    settings = load_settings(config)
+    register_active(ModelRegistry(settings.models_dir), "view", "resnet18", {VIEWS.index("chest_frontal"): 6.0},
+                    CXR_SPEC)
+    capsys.readouterr()
+    # init=view with no view model of resnet10t: an error naming the architectures there are
+    assert main(["train", "bpd", "--config", str(config), *BPD, *_set("init=view"), "--json"]) == 1
+    error = capsys.readouterr().err
+    assert "no view model of resnet10t" in error and "view has models of resnet18" in error
+    # init: auto with a freezing strategy and no view model of the architecture: random, so refused
+    assert main(["train", "bpd", "--config", str(config), *BPD, *_set("init=auto", "strategy=progressive"),
+                 "--json"]) == 1
+    error = capsys.readouterr().err
+    assert "training from random weights" in error and "head would learn on random features" in error
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_a_site_checkpoint_in_timm_or_torchvision_layout_starts_a_run(node: Node, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A "pretrained" checkpoint made by a short run, saved as timm (safetensors) and as torchvision
+    (a wrapped .pth, 3-channel stem) would save it, starts ``cradle train bpd --set init=FILE``: its
+    file and sha256 are in the summary and the provenance; a short run from it beats one from random."""
+    from safetensors.torch import save_file
+
+    from inference.registry.weights import sha256_of_file
+
+    config = _own_models(node, tmp_path)
+    registry = ModelRegistry(load_settings(config).models_dir)
+    short = _set("epochs=2", "min_epochs=2", "folds=2", "bootstrap=0")
+    # the same split: the pretraining run never saw the held-out test patients either
+    pretrain = _train_with(config, "bpd", [*BPD, *_set("epochs=3", "min_epochs=3", "folds=2", "bootstrap=0")], capsys)
+    weights = {k: v.contiguous() for k, v in registry.load(registry.get("bpd", pretrain["version"])).state_dict().items()}
+    timm_file = tmp_path / "resnet10t-site.safetensors"
+    save_file(weights, timm_file)
+    from_file = _train_with(config, "bpd", [*BPD, *short, *_set(f"init={timm_file}")], capsys)
+    assert pretrain["init"] == "random"
+    assert from_file["init"] == {"file": timm_file.name, "sha256": sha256_of_file(timm_file)}
+    assert from_file["init_transfer"]["loaded"] == from_file["init_transfer"]["wanted"] > 50
+    version = registry.get("bpd", from_file["version"])
+    assert version.provenance["init"] == from_file["init"]
+    report = (Path(registry.models_dir) / "bpd" / "reports" / from_file["version"] / "report.md").read_text()
+    assert timm_file.name in report and "tensors loaded" in report
+    print(f"bpd, 2 epochs, 2 folds from a site checkpoint: held-out AUROC {from_file['metrics']['test_auroc']:.3f} "
+          f"(the 3-epoch run it came from: {pretrain['metrics']['test_auroc']:.3f})", file=sys.__stderr__)
+    assert from_file["metrics"]["test_auroc"] >= 0.8
+
+    rgb = dict(weights)  # torchvision style: a 3-channel stem (each channel a third), wrapped, prefixed
+    rgb["conv1.0.weight"] = weights["conv1.0.weight"].repeat(1, 3, 1, 1) / 3
+    torchvision_file = tmp_path / "resnet10t-site.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in rgb.items()}}, torchvision_file)
+    from_rgb = _train_with(config, "bpd", [*BPD, *_set("epochs=1", "min_epochs=1", "folds=2", "bootstrap=0",
+                                                       f"init={torchvision_file}")], capsys)
+    assert from_rgb["init"] == {"file": torchvision_file.name, "sha256": sha256_of_file(torchvision_file)}
+    assert from_rgb["init_transfer"]["adapted"] == 1
+    print(f"bpd, 1 epoch from the torchvision-layout copy: held-out AUROC {from_rgb['metrics']['test_auroc']:.3f}",
+          file=sys.__stderr__)  # one epoch is noisy: what is tested is that the 3-channel stem loads

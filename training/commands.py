@@ -21,11 +21,11 @@ def _err(message: str) -> None:
 
 def labels_import(args: argparse.Namespace, settings: Settings) -> int:
     """Validate the whole CSV, then apply it in one transaction, or report every rejected row."""
-    from storage.db import open_index
+    from storage.db import open_configured_index
     from training.labels import LabelFileError, import_labels
 
     path = Path(args.file)
-    sessions = open_index(settings.storage.database_url)
+    sessions = open_configured_index(settings.storage)
     try:
         report = import_labels(sessions, path, settings.catalogue())
     except LabelFileError as exc:

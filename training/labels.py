@@ -5,7 +5,8 @@ column (``StudyInstanceUID``, ``AccessionNumber`` or ``PatientID``; when several
 uses its most specific non-empty one) and any of the label columns: each task of the task catalogue
 whose labels come from a csv column (its accepted values by kind: binary 0/1, yes/no, true/false;
 multiclass its class names and aliases; regression a number within its range), and the covariates
-below. Every row is validated against the file and the index; when any row is rejected nothing is
+below; an optional ``StudyDate`` column (a DICOM date or range) narrows a PatientID row to those
+studies, as ``cradle retrieve`` reads the same file. Every row is validated against the file and the index; when any row is rejected nothing is
 applied and each rejection is reported with its line number and reason. Accepted files are applied in
 one transaction (an empty cell means unknown and leaves an existing label alone). Rejection reasons
 never repeat the identifier itself: the line number is enough to find it, and terminals end up in logs.
@@ -14,6 +15,7 @@ never repeat the identifier itself: the line number is enough to find it, and te
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +34,10 @@ from storage.models import Instance, Patient, Series, Study, StudyLabel
 
 KEY_COLUMNS = ("StudyInstanceUID", "AccessionNumber", "PatientID")
 """Most specific first."""
+STUDY_DATE_COLUMN = "StudyDate"
+"""Optional: narrows a PatientID row to the studies of that DICOM date or range (YYYYMMDD,
+YYYYMMDD-YYYYMMDD, open-ended with a leading or trailing dash), as ``cradle retrieve`` reads it."""
+_DATE_RANGE = re.compile(r"^(\d{8})?(-)?(\d{8})?$")
 
 BINARY_TASKS = tuple(task.name for task in load_catalogue() if task.kind == "binary")
 """The shipped catalogue's binary tasks (derived: the catalogue is the definition)."""
@@ -157,6 +163,7 @@ class LabelRow:
     key_column: str
     key: str
     values: dict[str, float]
+    study_dates: tuple[dt.date | None, dt.date | None] | None = None
 
 
 @dataclass
@@ -197,7 +204,7 @@ def check_header(header: Sequence[str], columns: Sequence[str] = LABEL_COLUMNS) 
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         problems.append(f"duplicate column(s): {', '.join(duplicates)}")
-    unknown = [n for n in names if n not in KEY_COLUMNS and n not in columns]
+    unknown = [n for n in names if n not in KEY_COLUMNS and n not in columns and n != STUDY_DATE_COLUMN]
     if unknown:
         problems.append(f"unknown column(s): {', '.join(unknown)} (known: "
                         f"{', '.join(KEY_COLUMNS + columns)})")
@@ -225,9 +232,29 @@ def parse_row(line: int, row: dict[str, str],
             values[column.label] = column.parse(text)
         except ValueError as exc:
             rejections.append(Rejection(line, f"{column.name}: {exc}"))
+    dates = None
+    date_text = (row.get(STUDY_DATE_COLUMN) or "").strip()
+    if date_text:
+        try:
+            dates = parse_study_dates(date_text)
+        except ValueError as exc:
+            rejections.append(Rejection(line, f"{STUDY_DATE_COLUMN}: {exc}"))
     if rejections:
         return None, rejections
-    return LabelRow(line, key_column, row[key_column].strip(), values), []
+    return LabelRow(line, key_column, row[key_column].strip(), values, dates), []
+
+
+def parse_study_dates(text: str) -> tuple[dt.date | None, dt.date | None]:
+    """A DICOM date or range → (first, last), either end open."""
+    match = _DATE_RANGE.match(text)
+    if not match or not (match[1] or match[3]) or (match[1] and match[3] and not match[2]):
+        raise ValueError(f"{text!r} is not a DICOM date or range (YYYYMMDD, YYYYMMDD-YYYYMMDD)")
+    try:
+        first = dt.datetime.strptime(match[1], "%Y%m%d").date() if match[1] else None
+        last = dt.datetime.strptime(match[3], "%Y%m%d").date() if match[3] else None
+    except ValueError:
+        raise ValueError(f"{text!r} is not a calendar date") from None
+    return (first, first) if first and not match[2] else (first, last)
 
 
 def read_label_file(path: Path, catalogue: TaskCatalogue | None = None) -> tuple[list[LabelRow], list[Rejection]]:
@@ -262,8 +289,10 @@ def read_label_file(path: Path, catalogue: TaskCatalogue | None = None) -> tuple
 
 # --- resolving keys against the index ---------------------------------------------------------
 
-def studies_for(session: Session, key_column: str, key: str) -> tuple[list[int], str | None]:
-    """Study primary keys the key designates, or the reason it designates none (or is ambiguous)."""
+def studies_for(session: Session, key_column: str, key: str,
+                study_dates: tuple[dt.date | None, dt.date | None] | None = None) -> tuple[list[int], str | None]:
+    """Study primary keys the key designates, or the reason it designates none (or is ambiguous).
+    ``study_dates`` narrows a PatientID to the studies of those dates."""
     if key_column == "StudyInstanceUID":
         found = session.scalars(select(Study.id).where(Study.study_uid == key)).all()
         return list(found), None if found else "no archived study has this StudyInstanceUID"
@@ -278,7 +307,15 @@ def studies_for(session: Session, key_column: str, key: str) -> tuple[list[int],
                     "date); use StudyInstanceUID")
     if not patients:
         return [], "no archived patient has this PatientID"
-    found = session.scalars(select(Study.id).where(Study.patient_pk == patients[0])).all()
+    query = select(Study.id).where(Study.patient_pk == patients[0])
+    first, last = study_dates or (None, None)
+    if first is not None:
+        query = query.where(Study.study_date >= first)
+    if last is not None:
+        query = query.where(Study.study_date <= last)
+    found = session.scalars(query).all()
+    if study_dates is not None and not found:
+        return [], "no archived study of this PatientID has that StudyDate"
     return list(found), None
 
 
@@ -289,7 +326,7 @@ def resolve(session: Session, rows: Iterable[LabelRow]) -> tuple[dict[tuple[int,
     assignments: dict[tuple[int, str], tuple[float, int]] = {}
     rejections = []
     for row in rows:
-        studies, problem = studies_for(session, row.key_column, row.key)
+        studies, problem = studies_for(session, row.key_column, row.key, row.study_dates)
         if problem:
             rejections.append(Rejection(row.line, problem))
             continue

@@ -26,6 +26,14 @@ from training.strategies import ScheduleName, StrategyConfig, StrategyName
 RECIPES_DIR = Path(str(resources.files("config").joinpath("train")))
 MONITORS = {"binary": "auroc", "multiclass": "balanced_accuracy", "segmentation": "dice"}
 """The validation metric a kind follows with ``monitor: auto``."""
+FREEZING_STRATEGIES = ("linear_probe", "lp_ft", "progressive")
+"""Strategies that train a frozen backbone's head first: they need a start that is not random."""
+
+
+def frozen_random_message(strategy: str, init: str) -> str:
+    return (f"strategy {strategy} freezes the backbone, and this run starts from random weights ({init}): its "
+            "head would learn on random features. Start from weights (init=FILE with a site checkpoint, or "
+            "init=view after `cradle train view --set arch=ARCH`), or set strategy=full")
 
 
 class RecipeError(ValueError):
@@ -114,8 +122,10 @@ class Recipe(Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     seed: int = 0
-    init: str = Field("random", description="random, auto (the active view model if any), a task (its active "
-                                            "version) or a version like view-3")
+    init: str = Field("random", description="random; auto (the view model of the same architecture, else random); "
+                                            "a task (its active version; view: its version of the same "
+                                            "architecture); a version like view-3; or a checkpoint file "
+                                            "(.safetensors, .pth, .pt, .bin; timm/torchvision/Hugging Face layout)")
     views: list[str] = Field(default_factory=lambda: ["chest_frontal"],
                              description="csv-labelled tasks: view classes (from headers) to train on; [] = all")
     taxonomy: str = Field("views7", description="tasks with the taxonomy's classes: views7 or views30")
@@ -140,6 +150,8 @@ class Recipe(Strict):
         self._kind = catalogue.get(self.task).kind
         if self._kind == "segmentation" and self.image_size % 32:
             raise ValueError(f"{self.task} needs image_size divisible by 32, got {self.image_size}")
+        if self.init == "random" and self.strategy in FREEZING_STRATEGIES:
+            raise ValueError(frozen_random_message(self.strategy, "init=random"))
         if self.strategy == "lp_ft" and self.lp_epochs >= self.epochs:
             raise ValueError("lp_ft needs lp_epochs < epochs")
         if self.cutmix_prob > 0 and self.cutmix_alpha == 0:

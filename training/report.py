@@ -108,6 +108,12 @@ def _facts(report: dict[str, Any]) -> list[tuple[str, str]]:
              ("manifest", report["manifest"]["hash"][:16]), ("split", json.dumps(report["manifest"]["counts"])),
              ("patients", str(report["manifest"]["patients"])), ("code", report["code_version"]),
              ("device", report["device"]), ("training time", f"{report['seconds']:.0f} s")]
+    transfer = report.get("init_transfer")
+    if transfer:
+        facts.append(("initial weights", f"{transfer['loaded']}/{transfer['wanted']} tensors loaded"
+                      + (f", {transfer['adapted']} adapted to 1 input channel" if transfer["adapted"] else "")
+                      + f", {transfer['missing']} kept new, {transfer['unused']} of the source unused"))
+    facts += [("warning", warning) for warning in report.get("warnings", [])]
     for key, label in (("auroc_ci", "test AUROC 95% CI"), ("dice_ci", "test Dice 95% CI"),
                        ("balanced_accuracy_ci", "test balanced accuracy 95% CI")):
         if test.get(key):

@@ -8,7 +8,9 @@ once finished it returns its summary instead of registering a second copy.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import shutil
@@ -35,8 +37,10 @@ from training import promote, report
 from training.engine import FoldPaths, FoldResult, Trainer, atomic_json, plain, seed_everything
 from training.kinds import Context, kind_of
 from training.kinds import make_loader as _make_loader
-from training.recipe import Recipe
-from training.strategies import backbone_names
+from inference.registry.weights import sha256_of_file
+from training.initialise import (Start, Transfer, backbone_arch, checkpoint_file, describe, is_checkpoint_path,
+                                 plan_transfer, read_checkpoint, refuse_frozen_random, transfer)
+from training.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -89,77 +93,119 @@ def in_domain_task(ctx: Context) -> TaskDefinition | None:
     return next((t for t in map(ctx.catalogue.view_task, pipelines) if t is not None), None)
 
 
+def version_of_arch(ctx: Context, task: str) -> ModelVersion | None:
+    """``task``'s version with the recipe's (backbone) architecture: the active one when it has it, else
+    the newest validated one (a view model pretrained with ``--set arch=...`` for the downstream tasks)."""
+    wanted = backbone_arch(ctx.recipe.arch)
+    active = ctx.registry.active(task)
+    if active is not None and backbone_arch(active.arch) == wanted:
+        return active
+    matching = [v for v in ctx.registry.versions(task) if v.validated and backbone_arch(v.arch) == wanted]
+    return matching[-1] if matching else None
+
+
+def _no_version_of_arch(ctx: Context, task: str) -> str:
+    archs = sorted({v.arch for v in ctx.registry.versions(task)})
+    wanted = backbone_arch(ctx.recipe.arch)
+    have = (f"{task} has models of {', '.join(archs)}" if archs else f"{task} has no model yet")
+    return (f"no {task} model of {wanted} to start {ctx.recipe.arch} from ({have}); train one with "
+            f"`cradle train {task} --set arch={wanted}`, or give init=FILE or init=random")
+
+
 def resolve_init(ctx: Context, init: str) -> ModelVersion | None:
-    """``random`` → None; ``auto`` → the active view model if there is one (in-domain
-    initialisation), else None; a task name → its active version; else a version such as ``view-3``."""
+    """The model version ``init`` names: ``random`` → None; ``auto`` → the in-domain view model of the
+    same architecture, else None; the run's own task → its active version; another task → its version
+    of the same architecture (RecipeError naming the architectures it has); else a version (``view-3``)."""
     if init == "random":
         return None
     if init == "auto":
         source = in_domain_task(ctx)
-        return ctx.registry.active(source.name) if source else None
-    if init in ctx.catalogue:
+        return version_of_arch(ctx, source.name) if source else None
+    if init == ctx.recipe.task:
         version = ctx.registry.active(init)
         if version is None:
-            raise ValueError(f"init: {init} has no active version")
+            raise RecipeError(f"init: {init} has no active version")
+        return version
+    if init in ctx.catalogue:
+        version = version_of_arch(ctx, init)
+        if version is None:
+            raise RecipeError(f"init: {_no_version_of_arch(ctx, init)}")
         return version
     task = init.rsplit("-", 1)[0]
+    if task not in ctx.catalogue:
+        raise RecipeError(f"init: {init!r} is neither random, auto, a task, a version (like view-3) nor a "
+                          f"checkpoint file (.safetensors, .pth, .pt, .bin)")
     return ctx.registry.get(task, init)
 
 
 def transfer_weights(model: nn.Module, source: dict[str, torch.Tensor], *, whole: bool) -> tuple[int, int]:
-    """Copy matching tensors (same name, or the same name inside a U-Net ``encoder.``; same shape).
-    ``whole`` copies the head too (same task and classes); otherwise the backbone only."""
-    target = model.state_dict()
-    wanted = set(target) if whole else {n for n in target if n in backbone_names(model)
-                                        or _is_backbone_buffer(n, model)}
-    loaded = {}
-    for name in wanted:
-        for candidate in (name, name.removeprefix("encoder.")):
-            if candidate in source and source[candidate].shape == target[name].shape:
-                loaded[name] = source[candidate]
-                break
-    model.load_state_dict(loaded, strict=False)
-    return len(loaded), len(wanted)
-
-
-def _is_backbone_buffer(name: str, model: nn.Module) -> bool:
-    module = name.rsplit(".", 1)[0]
-    return any(p.startswith(module + ".") for p in backbone_names(model))
-
-
-def initial_state(ctx: Context) -> tuple[dict[str, torch.Tensor] | None, ModelVersion | None]:
-    version = resolve_init(ctx, ctx.recipe.init)
-    if version is None:
-        return None, None
-    module = ctx.registry.load(version, "cpu")
-    state = {k: v.contiguous() for k, v in module.state_dict().items()}
-    if ctx.recipe.init == "auto" and transfer_weights(build_model_like(ctx), state, whole=False)[0] == 0:
-        return None, None  # the view model's backbone does not fit this architecture: random
-    return state, version
+    """Copy what fits of ``source`` into ``model`` (:func:`training.initialise.transfer`); (loaded, wanted)."""
+    report = transfer(model, source, whole=whole)
+    return len(report.loaded), report.wanted
 
 
 def build_model_like(ctx: Context) -> nn.Module:
+    """The run's network before the data is collected (a multiclass task's classes from the recipe)."""
     classes = ctx.kind.classes(ctx.recipe)
     return create_model(ctx.recipe.arch, ctx.task, num_classes=ctx.kind.num_outputs(classes))
 
 
-def new_model(ctx: Context, collection: ds.Collection, init: tuple[dict | None, ModelVersion | None]) -> nn.Module:
+def _log_transfer(report: Transfer, source: str) -> None:
+    log.info("init from %s: %d/%d tensors loaded (%d adapted from 3 input channels), %d not in it, %d of it unused",
+             source, len(report.loaded), report.wanted, len(report.adapted), len(report.missing), len(report.unused))
+    log.info("init from %s: loaded: %s", source, ", ".join(report.loaded))
+    if report.adapted:
+        log.info("init from %s: stem summed to 1 channel: %s", source, ", ".join(report.adapted))
+    log.info("init from %s: not loaded (kept new): %s", source, ", ".join(report.missing) or "none")
+    log.info("init from %s: unused: %s", source, ", ".join(report.unused) or "none")
+
+
+def initial_state(ctx: Context) -> Start:
+    """Where this run starts (the recipe's ``init``), its tensors named as the run's network names them."""
+    recipe = ctx.recipe
+    if recipe.init not in ("random", "auto") and recipe.init not in ctx.catalogue and is_checkpoint_path(recipe.init):
+        path = checkpoint_file(Path(recipe.init))
+        state, report, reading = read_checkpoint(path, build_model_like(ctx))
+        _log_transfer(report, f"{path.name} ({reading})")
+        ctx.say(f"init: {path.name}: {len(report.loaded)}/{report.wanted} tensors loaded"
+                + (", stem adapted to 1 channel" if report.adapted else ""))
+        return Start({"file": path.name, "sha256": sha256_of_file(path)}, state, transfer=report.counts())
+    version = resolve_init(ctx, recipe.init)
+    if version is None:
+        start = Start()
+        if recipe.init == "auto":
+            source = in_domain_task(ctx)
+            message = (f"init: auto: {_no_version_of_arch(ctx, source.name) if source else 'no view task'}; "
+                       "training from random weights")
+            log.warning(message)
+            ctx.say(f"warning: {message}")
+            start.warnings.append(message)
+        return start
+    module = ctx.registry.load(version, "cpu")
+    source = {k: v.contiguous() for k, v in module.state_dict().items()}
+    whole = ((version.task, version.arch, version.num_outputs)  # same task and head: copy the head too
+             == (recipe.task, recipe.arch, ctx.kind.num_outputs(ctx.kind.classes(recipe))))
+    state, report = plan_transfer(build_model_like(ctx), source, whole=whole)
+    if not report.loaded:
+        raise RecipeError(f"init: no tensor of {version.version} ({version.arch}) fits {recipe.arch}")
+    _log_transfer(report, version.version)
+    ctx.say(f"init: {version.version}: {len(report.loaded)}/{report.wanted} tensors loaded")
+    return Start(version.version, state, version, whole, transfer=report.counts())
+
+
+def new_model(ctx: Context, collection: ds.Collection, start: Start) -> nn.Module:
     model = build_model(ctx, collection)
-    state, version = init
-    if state is not None:
-        whole = ((version.task, version.arch, version.num_outputs)  # same task and head: copy the head too
-                 == (ctx.recipe.task, ctx.recipe.arch, num_outputs(ctx, collection)))
-        loaded, total = transfer_weights(model, state, whole=whole)
-        if loaded == 0 and ctx.recipe.init != "auto":
-            raise ValueError(f"init: no tensor of {version.version} ({version.arch}) fits {ctx.recipe.arch}")
-        log.info("initialised %d/%d tensors from %s", loaded, total, version.version)
+    if start.state is not None:
+        target = model.state_dict()
+        model.load_state_dict({k: v for k, v in start.state.items() if k in target and v.shape == target[k].shape},
+                              strict=False)
     return model
 
 
 # --- folds ------------------------------------------------------------------------------------
 
 def train_fold(ctx: Context, collection: ds.Collection, train: list[ds.Sample], val: list[ds.Sample] | None,
-               fold: int | str, run_dir: Path, init: tuple, *, epochs: int | None = None
+               fold: int | str, run_dir: Path, init: Start, *, epochs: int | None = None
                ) -> tuple[FoldResult, nn.Module]:
     """Fit one model, or load it when this fold already finished in an earlier attempt."""
     recipe = ctx.recipe
@@ -185,7 +231,7 @@ def train_fold(ctx: Context, collection: ds.Collection, train: list[ds.Sample], 
     return result, model
 
 
-def cross_validate(ctx: Context, collection: ds.Collection, split: ds.Split, run_dir: Path, init: tuple
+def cross_validate(ctx: Context, collection: ds.Collection, split: ds.Split, run_dir: Path, init: Start
                    ) -> tuple[list[FoldResult], list[nn.Module]]:
     results, models = [], []
     for k, (train_index, val_index) in enumerate(split.folds):
@@ -201,7 +247,7 @@ def cross_validate(ctx: Context, collection: ds.Collection, split: ds.Split, run
 
 
 def final_model(ctx: Context, collection: ds.Collection, split: ds.Split, folds: list[FoldResult],
-                models: list[nn.Module], run_dir: Path, init: tuple) -> tuple[nn.Module, int | None]:
+                models: list[nn.Module], run_dir: Path, init: Start) -> tuple[nn.Module, int | None]:
     """The model to register: the best-validating fold's, or one refit on every dev patient for
     the median best epoch count (``final: refit``)."""
     best = int(np.nanargmax([f.best_value if ctx.recipe.monitor_metric != "loss" else -f.best_value
@@ -247,11 +293,15 @@ def compare_active(ctx: Context, collection: ds.Collection, split: ds.Split, can
 
 # --- the run ----------------------------------------------------------------------------------
 
-def run_directory(ctx: Context, manifest_hash: str) -> Path:
-    return Path(ctx.settings.training.runs_dir) / ctx.recipe.task / f"{ctx.recipe.digest()[:10]}-{manifest_hash[:10]}"
+def run_directory(ctx: Context, manifest_hash: str, start: Start | None = None) -> Path:
+    """Named by the recipe, the start's weights (a checkpoint's sha256, the version ``auto`` found) and the data."""
+    digest = ctx.recipe.digest()
+    if start is not None and not start.random:
+        digest = hashlib.sha256(json.dumps([digest, start.source], sort_keys=True).encode()).hexdigest()
+    return Path(ctx.settings.training.runs_dir) / ctx.recipe.task / f"{digest[:10]}-{manifest_hash[:10]}"
 
 
-def prepare_run(ctx: Context) -> tuple[ds.Collection, ds.Split, dict[str, Any], Path]:
+def prepare_run(ctx: Context, start: Start | None = None) -> tuple[ds.Collection, ds.Split, dict[str, Any], Path]:
     recipe = ctx.recipe
     collection = collect(ctx)
     if not collection.samples:
@@ -261,11 +311,17 @@ def prepare_run(ctx: Context) -> tuple[ds.Collection, ds.Split, dict[str, Any], 
                      salt=recipe.split_salt, seed=recipe.seed)
     manifest = ds.manifest(collection, split.assignment(), ctx.spec)
     manifest["split_salt"] = recipe.split_salt
-    run_dir = run_directory(ctx, manifest["hash"])
+    run_dir = run_directory(ctx, manifest["hash"], start)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     atomic_json(manifest, run_dir / "manifest.json")
     return collection, split, manifest, run_dir
+
+
+def honest_folds(ctx: Context, folds: list[FoldResult]) -> list[FoldResult]:
+    """The folds with the metrics that are reported: a kind's threshold metrics at a threshold chosen
+    on data the fold's own metric does not see (:meth:`TrainingKind.fold_metrics`)."""
+    return [dataclasses.replace(f, metrics=m) for f, m in zip(folds, ctx.kind.fold_metrics(ctx, folds))]
 
 
 def cv_summary(folds: list[FoldResult]) -> dict[str, float]:
@@ -288,7 +344,7 @@ def headline_metrics(ctx: Context, cv: dict[str, float], test: dict[str, Any]) -
 
 
 def register(ctx: Context, collection: ds.Collection, model: nn.Module, test: dict[str, Any],
-             metrics: dict[str, Any], manifest: dict[str, Any], run_dir: Path, init: str) -> ModelVersion:
+             metrics: dict[str, Any], manifest: dict[str, Any], run_dir: Path, init: Any) -> ModelVersion:
     recipe = ctx.recipe
     provenance = {"trained_by": "cradle train", "run_dir": str(run_dir), "recipe": recipe.model_dump(mode="json"),
                   "manifest_hash": manifest["hash"], "code_version": promote.code_version(), "seed": recipe.seed,
@@ -317,22 +373,24 @@ def run_training(settings: Settings, recipe: Recipe, *, progress: bool = True,
     """Train, evaluate, register and (if the gate passes) activate; return the run's summary."""
     started = time.monotonic()
     ctx = open_context(settings, recipe, progress=progress, say=say)
-    collection, split, manifest, run_dir = prepare_run(ctx)
+    start = initial_state(ctx)
+    if start.random:
+        refuse_frozen_random(recipe.strategy, f"init={recipe.init}")
+    collection, split, manifest, run_dir = prepare_run(ctx, start)
     if (run_dir / "summary.json").is_file():
         say(f"this run already finished: {run_dir}")
         return json.loads((run_dir / "summary.json").read_text())
     say(f"{recipe.task}: {len(split.dev)} development and {len(split.test)} held-out samples from "
         f"{manifest['patients']} patients, {recipe.folds} folds, {recipe.arch} on {ctx.device}; run {run_dir.name}")
-    init = initial_state(ctx)
-    folds, models = cross_validate(ctx, collection, split, run_dir, init)
-    model, chosen = final_model(ctx, collection, split, folds, models, run_dir, init)
+    folds, models = cross_validate(ctx, collection, split, run_dir, start)
+    model, chosen = final_model(ctx, collection, split, folds, models, run_dir, start)
     test = ctx.kind.assess(ctx, collection, split, model, folds, chosen)
     comparisons = {"active": compare_active(ctx, collection, split, model),
                    **ctx.kind.other_comparisons(split, test)}
     decision = ctx.kind.decide(recipe.gate, test, comparisons)
-    metrics = headline_metrics(ctx, cv_summary(folds), test)
-    init_name = init[1].version if init[1] else "random"
-    version = register(ctx, collection, model, test, plain(metrics), manifest, run_dir, init_name)
+    reported = honest_folds(ctx, folds)
+    metrics = headline_metrics(ctx, cv_summary(reported), test)
+    version = register(ctx, collection, model, test, plain(metrics), manifest, run_dir, start.source)
     promoted = decision.passed and recipe.gate.auto_promote
     reason = decision.reason
     if decision.passed and not recipe.gate.auto_promote:
@@ -340,15 +398,17 @@ def run_training(settings: Settings, recipe: Recipe, *, progress: bool = True,
     body = {"task": recipe.task, "kind": recipe.kind, "version": version.version, "run_id": run_dir.name,
             "recipe": recipe.model_dump(mode="json"), "manifest": {k: manifest[k] for k in
                                                                   ("hash", "counts", "patients", "skipped")},
-            "init": init_name, "device": str(ctx.device), "code_version": promote.code_version(),
-            "seconds": time.monotonic() - started, "folds": [_fold_json(f) for f in folds],
-            "chosen_fold": chosen, "cv": cv_summary(folds), "test": _test_json(test),
+            "init": describe(start.source), "init_source": start.source, "init_transfer": start.transfer,
+            "warnings": start.warnings, "device": str(ctx.device), "code_version": promote.code_version(),
+            "seconds": time.monotonic() - started, "folds": [_fold_json(f) for f in reported],
+            "chosen_fold": chosen, "cv": cv_summary(reported), "test": _test_json(test),
             "comparisons": comparisons, "decision": decision.as_dict(), "promoted": promoted, "metrics": metrics}
     report.write_report(run_dir / "report", plain(body), plain(ctx.kind.curves(folds, test)))
     publish(ctx, run_dir, version.version)
     if promoted:
         ctx.registry.activate(recipe.task, version.version, reason=f"cradle train: {decision.reason}")
-    summary = plain({"version": version.version, "metrics": metrics, "promoted": promoted, "reason": reason,
+    summary = plain({"version": version.version, "init": start.source, "init_transfer": start.transfer,
+                     "warnings": start.warnings, "metrics": metrics, "promoted": promoted, "reason": reason,
                      "report": str(_reports_dir(ctx, version.version) / "report.html"), "run_dir": str(run_dir),
                      "seconds": round(time.monotonic() - started, 1)})
     atomic_json(summary, run_dir / "summary.json")

@@ -5,6 +5,7 @@ task's network to load them into."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ __all__ = [
     "load_stored_weights",
     "read_weights_file",
     "select_state_dict",
+    "sha256_of_file",
+    "state_dict_readings",
 ]
 
 WEIGHTS_SUFFIX = ".safetensors"
@@ -36,7 +39,7 @@ WEIGHTS_SUFFIX = ".safetensors"
 
 
 def read_weights_file(path: Path) -> Any:
-    """The object in a ``.safetensors`` or a torch ``.pt``/``.pth`` file (plain tensors only: no pickled code)."""
+    """The object in a ``.safetensors`` or a torch ``.pt``/``.pth``/``.bin`` file (plain tensors only: no pickled code)."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"weights file not found: {path}")
@@ -53,6 +56,15 @@ def read_weights_file(path: Path) -> Any:
             f"(torch.load weights_only): {str(exc).splitlines()[0][:300]}") from exc
 
 
+def sha256_of_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file, read in chunks (checkpoints may be hundreds of megabytes)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
 STRIPPABLE_PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
 
@@ -62,7 +74,7 @@ def _is_tensor_mapping(value: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
-def _candidates(loaded: Any) -> list[tuple[str, dict[str, torch.Tensor]]]:
+def state_dict_readings(loaded: Any) -> list[tuple[str, dict[str, torch.Tensor]]]:
     """Readings of a loaded file as a state dict: as saved, inside a common wrapper key,
     without a prefix that *every* key carries (DataParallel ``module.``, Lightning ``model.``)."""
     found: list[tuple[str, dict[str, torch.Tensor]]] = []
@@ -135,7 +147,7 @@ def _describe_misfit(fit: _Fit, reading: str, target: str, model_keys: int) -> s
 
 def select_state_dict(loaded: Any, model: nn.Module, target: str) -> tuple[str, dict[str, torch.Tensor]]:
     """The one reading of ``loaded`` that loads strictly into ``model``; ModelLoadError otherwise."""
-    readings = _candidates(loaded)
+    readings = state_dict_readings(loaded)
     if not readings:
         keys = ", ".join(map(str, list(loaded)[:8])) if isinstance(loaded, Mapping) else type(loaded).__name__
         raise ModelLoadError(f"no state dict found in the weights (top level: {keys}); expected a mapping "

@@ -105,6 +105,10 @@ class TrainingKind:
 
     # -- assessment
 
+    def fold_metrics(self, ctx: Context, folds: list[FoldResult]) -> list[dict[str, Any]]:
+        """Each fold's reported metrics (default: as validated; a kind with a threshold re-chooses it)."""
+        return [dict(f.metrics) for f in folds]
+
     def assess(self, ctx: Context, collection: ds.Collection, split: ds.Split, model: nn.Module,
                folds: list[FoldResult], chosen: int | None) -> dict[str, Any]:
         """The held-out test set's metrics (and what the report shows of them)."""

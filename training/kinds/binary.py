@@ -14,13 +14,15 @@ from config.views import load_view_taxonomy
 from inference.registry import ModelVersion
 from training import datasets as ds
 from training import evaluate as ev
-from training.engine import predict
+from training.engine import FoldResult, predict
 from training.kinds.base import ClassifierKind, Context
 from training.strategies import Mixer, cutmix
 
 class BinaryObjective:
-    """One logit, sigmoid; BCE (optionally with a positive-class weight). Threshold metrics are taken
-    at the threshold that reaches ``target_sensitivity`` on the same predictions (AUROC needs none)."""
+    """One logit, sigmoid; BCE (optionally with a positive-class weight). The per-epoch validation's
+    threshold metrics are taken at the threshold that reaches ``target_sensitivity`` on the same
+    predictions (they follow training only; AUROC needs none); the reported fold metrics re-choose it
+    on the other folds (:meth:`BinaryKind.fold_metrics`)."""
 
     kind = "binary"
 
@@ -48,6 +50,20 @@ class BinaryObjective:
 
     def mixer(self, prob: float, alpha: float) -> Mixer:
         return cutmix(prob, alpha, 1, binary=True)
+
+
+def honest_fold_metrics(fold: FoldResult, others: list[FoldResult], target_sensitivity: float) -> dict[str, Any]:
+    """``fold``'s metrics at the threshold chosen on ``others``' validation outputs (as they are when
+    there are none with both classes)."""
+    others = [o for o in others if o.outputs is not None and len(o.targets)]
+    if fold.outputs is None or not others:
+        return dict(fold.metrics)
+    y_other = np.concatenate([o.targets for o in others])
+    if len(np.unique(y_other)) < 2:
+        return dict(fold.metrics)
+    p_other = ev.sigmoid(np.concatenate([o.outputs[:, 0] for o in others]))
+    threshold = ev.threshold_for_sensitivity(y_other, p_other, target_sensitivity)
+    return {**fold.metrics, **ev.binary_metrics(fold.targets, ev.sigmoid(fold.outputs[:, 0]), threshold)}
 
 
 def delong_summary(name: str, y: np.ndarray, candidate: np.ndarray, other: np.ndarray) -> dict[str, Any] | None:
@@ -84,6 +100,13 @@ class BinaryKind(ClassifierKind):
         positives = sum(1 for s in samples if s.label >= 0.5)
         weight = (len(samples) - positives) / max(positives, 1) if ctx.recipe.pos_weight == "balanced" else None
         return BinaryObjective(weight, ctx.recipe.target_sensitivity).to(ctx.device)
+
+    def fold_metrics(self, ctx: Context, folds: list) -> list[dict[str, Any]]:
+        """Each fold's threshold metrics (balanced accuracy, F1, sensitivity ...) at the threshold that
+        reaches ``target_sensitivity`` on the *other* folds' validation outputs: never on the outputs the
+        metric is reported on (the per-epoch validation metrics are, and are only for following training)."""
+        return [honest_fold_metrics(f, [o for o in folds if o is not f], ctx.recipe.target_sensitivity)
+                for f in folds]
 
     def assess(self, ctx: Context, collection: ds.Collection, split: ds.Split, model: nn.Module,
                folds: list, chosen: int | None) -> dict[str, Any]:

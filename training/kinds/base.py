@@ -152,6 +152,14 @@ class ClassifierKind(TrainingKind):
         return ds.RadiographDataset(samples, ctx.archive.root, cache, multiclass=self.name == "multiclass",
                                     augment=augment)
 
+    def paired_outputs(self, ctx: Context, collection: ds.Collection, samples: list[ds.Sample],
+                       candidate: nn.Module, active: ModelVersion,
+                       module: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Labels, the candidate's outputs and the active version's (each with its own input spec)."""
+        theirs = self.outputs(ctx, collection, module, samples, active.input_spec)
+        mine = self.outputs(ctx, collection, candidate, samples)
+        return np.array([s.label for s in samples]), mine, theirs
+
     def outputs(self, ctx: Context, collection: ds.Collection, model: nn.Module, samples: list[ds.Sample],
                 spec: InputSpec | None = None) -> np.ndarray:
         loader = eval_loader(ctx, samples, collection, spec)

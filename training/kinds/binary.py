@@ -118,9 +118,7 @@ class BinaryKind(ClassifierKind):
 
     def compare(self, ctx: Context, collection: ds.Collection, samples: list[ds.Sample], candidate: nn.Module,
                 active: ModelVersion, module: nn.Module) -> dict[str, Any] | None:
-        theirs = self.outputs(ctx, collection, module, samples, active.input_spec)
-        mine = self.outputs(ctx, collection, candidate, samples)
-        y = np.array([s.label for s in samples])
+        y, mine, theirs = self.paired_outputs(ctx, collection, samples, candidate, active, module)
         return delong_summary(active.version, y, mine[:, 0], theirs[:, 0])
 
     def other_comparisons(self, split: ds.Split, test: dict[str, Any]) -> dict[str, Any]:

@@ -80,9 +80,7 @@ class MulticlassKind(ClassifierKind):
 
     def compare(self, ctx: Context, collection: ds.Collection, samples: list[ds.Sample], candidate: nn.Module,
                 active: ModelVersion, module: nn.Module) -> dict[str, Any] | None:
-        theirs = self.outputs(ctx, collection, module, samples, active.input_spec)
-        mine = self.outputs(ctx, collection, candidate, samples)
-        y = np.array([s.label for s in samples])
+        y, mine, theirs = self.paired_outputs(ctx, collection, samples, candidate, active, module)
         a, c = ev.multiclass_metrics(y, ev.softmax(theirs)), ev.multiclass_metrics(y, ev.softmax(mine))
         return {"version": active.version, "n": len(y), "auc_active": a["auroc"], "auc_candidate": c["auroc"],
                 "summary": f"{active.version}: macro AUROC {a['auroc']:.3f}, candidate {c['auroc']:.3f}"}

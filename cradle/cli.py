@@ -133,6 +133,10 @@ def _add_training_commands(sub: Any, tasks: list[str]) -> None:
     synth.add_argument("outdir")
     synth.add_argument("--cxr", type=int, default=20)
     synth.add_argument("--mri", type=int, default=4)
+    synth.add_argument("--pediatric-cxr", type=int, default=0,
+                       help="frontal chests of 1-5 year olds (pneumonia by type)")
+    synth.add_argument("--extremity", type=int, default=0, help="children's limb films, with and without a fracture")
+    synth.add_argument("--hand", type=int, default=0, help="children's hand/wrist films (bone age)")
     synth.add_argument("--seed", type=int, default=0)
 
 

@@ -103,9 +103,11 @@ def synth(args: argparse.Namespace, settings: Settings) -> int:  # noqa: ARG001 
     """Write a synthetic archive (files only; push it with storescu or a modality)."""
     from training.synth import generate
 
-    summary = generate(Path(args.outdir), args.cxr, args.mri, args.seed)
+    summary = generate(Path(args.outdir), args.cxr, args.mri, args.seed, n_pediatric_cxr=args.pediatric_cxr,
+                       n_extremity=args.extremity, n_hand=args.hand)
     print(f"{summary.outdir}: {summary.n_patients} patients, {summary.n_studies} studies, "
-          f"{summary.n_cxr} radiographs, {summary.n_mri_series} MR series ({summary.n_mri_instances} images), "
+          f"{summary.n_cxr} neonatal-feed radiographs, {len(summary.pediatric_paths)} children's films, "
+          f"{summary.n_mri_series} MR series ({summary.n_mri_instances} images), "
           f"{summary.n_seg} reference SEGs\nlabels: {summary.labels_csv}\ntruth: {summary.truth_json}\n"
           "SYNTHETIC - NOT FOR CLINICAL USE")
     return 0

@@ -1,10 +1,12 @@
-"""Synthetic neonatal chest imaging: radiographs, chest MR series, reference lung SEGs.
+"""Synthetic neonatal and pediatric imaging: radiographs, chest MR series, reference lung SEGs.
 
 `generate()` writes a small, fully synthetic archive for tests, demos and `cradle synth`:
 day-1 neonatal chest radiographs (CR and DX, MONOCHROME1 and MONOCHROME2), distractors
 (adult chests, laterals, abdomens, skulls, babygrams), neonatal chest MR series with a
-reference lung segmentation each (DICOM SEG, "made by a reviewer"), `labels.csv` and
-`truth.json`. The same seed gives byte-identical files.
+reference lung segmentation each (DICOM SEG, "made by a reviewer"), children's films when asked
+(frontal chests of 1-5 year olds with pneumonia by type, limb films with and without a fracture,
+hand/wrist films at a bone age), `labels.csv` and `truth.json`. The same seed gives
+byte-identical files, and adding children's films changes none of the others.
 
 The phantoms are crude on purpose. What matters downstream is that the headers are valid
 and consistent, the MR geometry is exact (each SEG frame overlays its slice voxel for
@@ -16,6 +18,7 @@ Modules, by modality and phantom:
 - `patients`: synthetic patients and studies, their labels and UIDs;
 - `raster`, `chest_anatomy`, `findings`, `devices`, `projection`: the radiograph phantom;
 - `radiograph`: CR and DX instances; `mri`: the MR phantom and MR Image Storage series;
+- `bones`, `extremity`, `hand`: children's limb and hand/wrist films (fracture, bone age);
 - `reference_seg`: the reviewer's lung SEG; `attributes`: DICOM attribute groups they share;
 - `plan` and `archive`: planning and writing the whole data set (`generate`).
 

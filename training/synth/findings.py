@@ -1,7 +1,8 @@
 """Lung findings of the radiograph phantom: the learnable signal.
 
 - BPD: coarse interstitial streaks, cystic ("bubbly") lucencies, hyperinflation;
-- pneumonia: patchy consolidation;
+- pneumonia: patchy consolidation (neonates); in children, by type: lobar consolidation
+  (bacterial-like) or a diffuse perihilar interstitial pattern with air trapping (viral-like);
 - iRDS (graded 0-4): ground-glass haze, fine granularity, air bronchograms (a confounder).
 
 Vessels are drawn for everyone; the findings follow the patient's labels and severities.
@@ -73,6 +74,26 @@ def _consolidation(rng: np.random.Generator, cv: Canvas, body: Body, severity: f
     return np.clip(loss * np.clip(patchiness, 0.2, 1.5), 0.0, 0.9)
 
 
+def _lobar_consolidation(rng: np.random.Generator, cv: Canvas, body: Body) -> np.ndarray:
+    """Bacterial-like: one lobe's airspaces filled, bounded by a fissure, as a loss of air fraction."""
+    side = int(rng.choice([-1, 1]))
+    upper = bool(rng.random() < 0.4)
+    fissure = body.lung_cv + float(rng.uniform(-0.1, 0.15))
+    in_lung = smoothstep((side * cv.u - 0.12) / 0.06)
+    in_lobe = smoothstep((fissure - cv.v) / 0.02) if upper else smoothstep((cv.v - fissure) / 0.02)
+    patchiness = np.clip(0.85 + 0.15 * smooth_noise(rng, cv.u.shape, 0.05 / cv.unit_per_px), 0.5, 1.0)
+    return np.clip(float(rng.uniform(0.6, 0.85)) * in_lung * in_lobe * patchiness, 0.0, 0.9)
+
+
+def _interstitial_pattern(rng: np.random.Generator, cv: Canvas, body: Body) -> np.ndarray:
+    """Viral-like: bilateral perihilar peribronchial streaks and fine reticulation (a density layer)."""
+    streaks = np.zeros_like(cv.u)
+    _radial_streaks(rng, cv, body, streaks, int(rng.integers(45, 70)), (0.15, 0.4), 0.09, central=True)
+    reticulation = 0.02 * np.abs(smooth_noise(rng, cv.u.shape, 0.012 / cv.unit_per_px))
+    hila = sum(np.exp(-(((cv.u - s * 0.25) / 0.35) ** 2 + ((cv.v - body.lung_cv - 0.1) / 0.45) ** 2)) for s in (-1, 1))
+    return soften_lines(streaks, 0.015 / cv.unit_per_px) + reticulation * hila
+
+
 @dataclass(frozen=True)
 class LungState:
     aeration: np.ndarray  # change of the lungs' air content (scales with lung thickness)
@@ -115,4 +136,9 @@ def lung_findings(rng: np.random.Generator, cv: Canvas, body: Body, patient: Syn
         _cysts(rng, cv, body, s, lucency, density)
     if patient.pneumonia:
         aeration -= _consolidation(rng, cv, body, patient.pneumonia_severity)
+    if patient.pneumonia_type == "bacterial":
+        aeration -= _lobar_consolidation(rng, cv, body)
+    elif patient.pneumonia_type == "viral":
+        density += _interstitial_pattern(rng, cv, body)
+        aeration += 0.04  # air trapping
     return LungState(aeration, lucency, density)

@@ -1,7 +1,8 @@
 """Synthetic patients and studies: identities, ground-truth labels, reproducible UIDs.
 
 Neonates are NICU admissions (mostly preterm) and carry the label set (BPD, pneumonia, iRDS
-grade) with a severity that drives the radiograph findings; adults are mis-routed studies
+grade) with a severity that drives the radiograph findings; children (1 to 17 years) carry the
+pediatric labels of their film (pneumonia type, fracture, bone age); adults are mis-routed studies
 without labels. Every UID derives from a key, so the same seed gives the same UIDs.
 """
 
@@ -36,10 +37,18 @@ class SynthPatient:
     irds_grade: int | None = None
     bpd_severity: float = 0.0
     pneumonia_severity: float = 0.0
+    child: bool = False
+    pneumonia_type: str | None = None
+    fracture: int | None = None
+    bone_age_months: float | None = None
 
     @property
     def is_neonate(self) -> bool:
         return self.gestational_age_weeks is not None
+
+    @property
+    def is_adult(self) -> bool:
+        return not self.is_neonate and not self.child
 
 
 @dataclass(frozen=True)
@@ -60,9 +69,13 @@ class SynthStudy:
 
     @property
     def patient_age(self) -> str:
-        """Patient's Age (AS): days for infants, years for adults."""
+        """Patient's Age (AS): days for the first 100 days, then months until 2 years, then years."""
         years = _whole_years(self.patient.birth_date, self.study_datetime.date())
-        return f"{years:03d}Y" if years >= 2 else f"{min(self.age_days, 999):03d}D"
+        if years >= 2:
+            return f"{years:03d}Y"
+        if self.age_days < 100:
+            return f"{self.age_days:03d}D"
+        return f"{self.age_days * 12 // 365:03d}M"
 
 
 def _whole_years(born: dt.date, on: dt.date) -> int:
@@ -116,6 +129,31 @@ def make_adult(rng: np.random.Generator, index: int, on: dt.date) -> SynthPatien
         birth_weight_g=None,
         gestational_age_weeks=None,
     )
+
+
+PNEUMONIA_TYPES: tuple[str, ...] = ("normal", "bacterial", "viral")
+"""The classes of the pediatric pneumonia labels (the pneumonia paper's data set)."""
+
+
+def make_child(rng: np.random.Generator, index: int, on: dt.date, years: tuple[float, float],
+               **labels: object) -> SynthPatient:
+    """A child aged within `years` on `on`, carrying the pediatric `labels` of its film."""
+    age_days = int(rng.uniform(*years) * 365.25)
+    return SynthPatient(
+        patient_id=f"SYN{index:04d}",
+        patient_name=f"SYNTH^CHILD{index:04d}",
+        birth_date=on - dt.timedelta(days=age_days),
+        sex=str(rng.choice(["M", "F"])),
+        birth_weight_g=None,
+        gestational_age_weeks=None,
+        child=True,
+        **labels,  # type: ignore[arg-type]
+    )
+
+
+def child_weight_kg(age_days: int) -> float:
+    """Median weight for age, roughly WHO/CDC: ~10 kg at 1 year, ~18 kg at 5, ~60 kg at 17."""
+    return float(np.interp(age_days / 365.25, [1, 2, 5, 8, 12, 15, 17], [9.6, 12.2, 18.3, 25.5, 40, 55, 61]))
 
 
 def make_study(

@@ -35,7 +35,7 @@ def _render_frontal(rng: np.random.Generator, cv: Canvas, body: Body,
     heart = thickness(u, v, hcu, hcv, hau, hav, 2.2)
     thymus = thickness(u, v, 0.0, -0.6, body.thymus_au, 0.42, 2.5)
     trachea = smoothstep((0.035 - np.abs(u - 0.01)) / 0.015) * smoothstep((-0.35 - v) / 0.05) * (v > -2.0)
-    findings = lung_findings(rng, cv, body, patient) if patient.is_neonate else LungState.normal(u.shape)
+    findings = lung_findings(rng, cv, body, patient) if not body.adult else LungState.normal(u.shape)
     lung_mask = smoothstep(lung / 0.15)
     air = findings.air(lung) * (1.0 - 0.85 * smoothstep(heart / 0.2)) * (1.0 - 0.9 * smoothstep(thymus / 0.3))
     air = np.maximum(air, 0.35 * trachea)
@@ -47,6 +47,8 @@ def _render_frontal(rng: np.random.Generator, cv: Canvas, body: Body,
     density = tissue * (1.0 - 0.62 * air) + tissue * liver + findings.density * lung_mask
     density += (rib_cage(cv, body, half_width) + spine(cv, body) + clavicles(cv, body)
                 + pelvis(cv, body) + humeri + skull) * (tissue > 0.02)
+    if not patient.is_neonate:
+        return density, []
     devices, present = support_devices(rng, cv, body)
     return density + devices, present
 
@@ -117,7 +119,9 @@ VIEW_SPECS: MappingProxyType[str, ViewSpec] = MappingProxyType({
 
 
 def _thorax_width_mm(patient: SynthPatient, weight_kg: float) -> float:
-    """~6 cm for a 500 g preterm, ~10 cm at term; adults ~30 cm."""
+    """~6 cm for a 500 g preterm, ~10 cm at term; children ~14 cm (10 kg) to ~18 cm (18 kg); adults ~30 cm."""
+    if patient.child:
+        return 90.0 + 5.0 * weight_kg
     return 300.0 if not patient.is_neonate else 50.0 + 15.0 * weight_kg
 
 
@@ -145,14 +149,14 @@ def render_projection(rng: np.random.Generator, study: SynthStudy, view_class: s
         width_mm = 52.0 + 14.0 * study.weight_kg  # biparietal width ~6 cm (500 g) to ~10 cm (term)
     magnification = round(float(rng.uniform(1.04, 1.09)), 3)  # baby on the incubator tray / adult erect
     fov_mm = spec.fov_units * width_mm / 2.0 * rng.uniform(1.0, 1.12) * magnification
-    lo, hi = (0.1, 0.2) if patient.is_neonate else (0.35, 0.45)
+    lo, hi = (0.1, 0.2) if patient.is_neonate else (0.15, 0.3) if patient.child else (0.35, 0.45)
     imager_spacing_mm = round(float(np.clip(fov_mm / 1024.0, lo, hi)) * 1024.0 / size, 4)
     work = min(size, 512)
     unit_per_px = imager_spacing_mm / magnification * size / work / (width_mm / 2.0)
     cv = Canvas.build(work, float(rng.normal(0, 0.04)), spec.v_centre + float(rng.normal(0, 0.05)),
                       unit_per_px, float(rng.normal(0, np.deg2rad(3))))
     hyperinflation = 0.1 * patient.bpd_severity
-    body = random_body(rng, not patient.is_neonate, hyperinflation)
+    body = random_body(rng, patient.is_adult, hyperinflation)
     if view_class == "head":
         density, devices = _render_skull(rng, cv)
     elif view_class == "chest_lateral":
@@ -160,10 +164,10 @@ def render_projection(rng: np.random.Generator, study: SynthStudy, view_class: s
     else:
         density, devices = _render_frontal(rng, cv, body, patient)
     density = resize_bilinear(density.astype(np.float32), (size, size))
-    return Projection(_expose(rng, density), imager_spacing_mm, magnification, devices)
+    return Projection(expose(rng, density), imager_spacing_mm, magnification, devices)
 
 
-def _expose(rng: np.random.Generator, density: np.ndarray) -> np.ndarray:
+def expose(rng: np.random.Generator, density: np.ndarray) -> np.ndarray:
     """Log-domain detector signal with dose-dependent quantum noise and optional collimation."""
     offset, gain = rng.uniform(150, 400), rng.uniform(2600, 3100)
     noise_k = rng.uniform(8, 20)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
@@ -30,6 +31,20 @@ def _view_position(rng: np.random.Generator, view_class: str, adult: bool) -> st
     return "PA" if adult and view_class == "chest_frontal" else "AP"
 
 
+@dataclass(frozen=True)
+class Positioning:
+    """Where a radiograph points: body part, description, anatomic region, view and orientation."""
+
+    body_part: str
+    description: str
+    region: tuple[str, str]
+    view_position: str
+    orientation: tuple[str, str] = ("L", "F")
+    laterality: str = "U"
+    supine: bool = True
+    tabletop: bool = True  # neonatal/extremity technique (low kVp, 1 m); else an erect chest at 1.8 m
+
+
 def make_cxr(
     rng: np.random.Generator,
     *,
@@ -43,31 +58,47 @@ def make_cxr(
     """One projection radiograph (CR Image Storage or DX For Presentation) of `study`.
 
     Without a study, a random day-1 neonate is made from `rng`. The lung findings come
-    from `study.patient` (bpd, pneumonia, irds_grade). The support devices drawn are
-    listed in Acquisition Device Processing Description, e.g. "ETT UVC" (or "NONE").
+    from `study.patient` (bpd, pneumonia, irds_grade, pneumonia_type). The support devices drawn
+    are listed in Acquisition Device Processing Description, e.g. "ETT UVC" (or "NONE").
     Pixel spacing is physical at size 1024 and scales with 1024/size.
     """
     if view_class not in VIEW_SPECS:
         raise ValueError(f"cannot render view class {view_class!r}; choose from {sorted(VIEW_SPECS)}")
+    study = study or random_neonatal_study(rng)
+    _check_encoding(modality, photometric)
+    proj = render_projection(rng, study, view_class, size)
+    spec = VIEW_SPECS[view_class]
+    grown = not study.patient.is_neonate
+    description = "CHEST PA" if grown and view_class == "chest_frontal" else spec.description
+    positioning = Positioning(
+        spec.body_part, description, spec.region, _view_position(rng, view_class, grown),
+        orientation=("P", "F") if view_class == "chest_lateral" else ("L", "F"),
+        supine=study.patient.is_neonate, tabletop=study.patient.is_neonate)
+    return radiograph_dataset(rng, study, proj, positioning, modality=modality, photometric=photometric,
+                              sop_instance_uid=sop_instance_uid)
+
+
+def _check_encoding(modality: str, photometric: str) -> None:
     if modality not in ("CR", "DX") or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError(f"unsupported modality/photometric: {modality}/{photometric}")
-    study = study or random_neonatal_study(rng)
+
+
+def radiograph_dataset(rng: np.random.Generator, study: SynthStudy, proj: Projection, positioning: Positioning, *,
+                       modality: str, photometric: str, sop_instance_uid: str | None = None) -> Dataset:
+    """The CR or DX instance of a rendered projection: header, technique and pixels."""
+    _check_encoding(modality, photometric)
     sop_instance_uid = sop_instance_uid or synth_uid(study.series_instance_uid, "image", 1)
-    proj = render_projection(rng, study, view_class, size)
     stored = proj.stored if photometric == "MONOCHROME2" else (MAX_STORED - proj.stored).astype(np.uint16)
-    spec = VIEW_SPECS[view_class]
-    adult = not study.patient.is_neonate
-    description = "CHEST PA" if adult and view_class == "chest_frontal" else spec.description
     sop_class = CR_IMAGE_STORAGE if modality == "CR" else DX_IMAGE_STORAGE_FOR_PRESENTATION
     ds = Dataset()
     acquired = study.study_datetime + dt.timedelta(minutes=1)
     common_attributes(ds, study, modality=modality, sop_class_uid=sop_class, sop_instance_uid=sop_instance_uid,
-                      series_number=1, instance_number=1, description=description,
+                      series_number=1, instance_number=1, description=positioning.description,
                       model=f"synth-{modality.lower()}", created=acquired + dt.timedelta(minutes=1))
     ds.AcquisitionDate, ds.AcquisitionTime = dicom_date(acquired), dicom_time(acquired)
     ds.ContentDate, ds.ContentTime = dicom_date(acquired), dicom_time(acquired)
-    _positioning(ds, rng, view_class, adult)
-    _exposure_and_geometry(ds, rng, proj, adult)
+    _positioning(ds, positioning)
+    _exposure_and_geometry(ds, rng, proj, adult=not positioning.tabletop)
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
     image_pixel(ds, stored, photometric)
@@ -79,15 +110,14 @@ def make_cxr(
     return file_meta(ds)
 
 
-def _positioning(ds: Dataset, rng: np.random.Generator, view_class: str, adult: bool) -> None:
+def _positioning(ds: Dataset, positioning: Positioning) -> None:
     """Body part, view position, patient orientation and anatomic region of the view."""
-    spec = VIEW_SPECS[view_class]
-    ds.BodyPartExamined = spec.body_part
-    ds.ViewPosition = _view_position(rng, view_class, adult)
-    ds.PatientOrientation = ["P", "F"] if view_class == "chest_lateral" else ["L", "F"]
-    ds.ImageLaterality = "U"
-    ds.AnatomicRegionSequence = DicomSequence([code_item(*spec.region)])
-    if not adult:
+    ds.BodyPartExamined = positioning.body_part
+    ds.ViewPosition = positioning.view_position
+    ds.PatientOrientation = list(positioning.orientation)
+    ds.ImageLaterality = positioning.laterality
+    ds.AnatomicRegionSequence = DicomSequence([code_item(*positioning.region)])
+    if positioning.supine:
         ds.PatientPosition = "HFS"
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -102,6 +102,21 @@ class TaskDefinition(Strict):
     @property
     def finding(self) -> bool:
         return self.role == "finding"
+
+    def value_of(self, output: Any) -> Any:
+        """A regression model's output (0 to 1 across ``labels.range``) in the label's units."""
+        low, high = self._range()
+        return low + (high - low) * output
+
+    def output_of(self, value: Any) -> Any:
+        """The inverse of :meth:`value_of`: what the model is trained to output for ``value``."""
+        low, high = self._range()
+        return (value - low) / (high - low)
+
+    def _range(self) -> tuple[float, float]:
+        if self.labels.range is None:
+            raise ValueError(f"{self.name} is not a regression task")
+        return self.labels.range
 
 
 class PipelineDefinition(Strict):

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from config.settings import Settings, load_settings
 from conftest import free_port, require
-from site_tasks import TOY
+from site_tasks import TOY, write_site_tasks
 from test_pipelines import CXR_SPEC, VIEWS, _walk, dciodvfy_errors, register_active
 from inference.models import create_model
 from inference.pipelines import PipelineContext, get_pipeline
@@ -255,6 +255,61 @@ def test_a_site_task_trains_from_its_catalogue_entry_and_recipe(node: Node, tmp_
     with pytest.raises(RecipeError, match="unknown task 'toy'"):
         load_recipe("toy", recipe)
     run_site_task_end_to_end(config, tmp_path)
+
+
+def _regression_labels(path: Path, source: Path) -> Path:
+    """A site regression column ``toy_age`` (months) the films show: 120 with BPD, 10 per iRDS grade."""
+    rows = [r for r in csv.DictReader(source.open(newline="")) if r["bpd"] != ""]
+    values = [10 * int(r["irds_grade"]) + 120 * int(r["bpd"]) for r in rows]
+    path.write_text("StudyInstanceUID,toy_age\n" + "".join(f"{r['StudyInstanceUID']},{v}\n"
+                                                          for r, v in zip(rows, values)))
+    return path
+
+
+def _train_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    output = io.StringIO()
+    with capsys.disabled(), contextlib.redirect_stdout(output):
+        assert main([*args, "--json"]) == 0
+    return json.loads(output.getvalue())
+
+
+def test_a_regression_task_trains_reports_and_never_promotes_a_worse_mae(
+        node: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``kind: regression`` (a site task in months): MSE on the scaled label, MAE/RMSE/R² per fold and
+    held out, scatter and Bland-Altman plots, promoted when well below the MAE of predicting the mean
+    (the gate's other checks: ``test_the_mae_gate_refuses_a_learned_nothing_and_a_worse_candidate``)."""
+    config = tmp_path / "cradle.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load(node.config.read_text()),
+                                      "task_catalogue": str(write_site_tasks(tmp_path))}))
+    recipe = tmp_path / "toy-age.yaml"
+    recipe.write_text(yaml.safe_dump({"task": "toy-age", "views": ["chest_frontal"]}))
+    train = ["train", "toy-age", "--config", str(config), "--recipe", str(recipe), *BPD, *TOY_SHORTER]
+    assert main(["labels", "import", str(_regression_labels(tmp_path / "age.csv", node.synth.labels_csv)),
+                 "--config", str(config)]) == 0
+    summary = _train_json(train, capsys)
+    metrics = summary["metrics"]
+    report = json.loads(Path(summary["report"]).with_name("report.json").read_text())
+    print(f"toy-age (regression): MAE {metrics['mae_mean']:.1f} months over folds, {metrics['test_mae']:.1f} "
+          f"held-out (predicting the mean: {report['test']['baseline_mae']:.1f}), R² {metrics['test_r2']:.2f}",
+          file=sys.__stderr__)
+    assert summary["promoted"] and summary["version"] == "toy-age-1", summary["reason"]
+    assert metrics["test_mae"] <= 0.8 * report["test"]["baseline_mae"] and {"rmse_mean", "r2_mean"} <= set(metrics)
+    assert {"scatter.png", "bland_altman.png"} <= {p.name for p in Path(summary["report"]).parent.iterdir()}
+    assert not {"labels", "predictions"} & set(report["test"]) and set(report["test"]["bland_altman"]) == {
+        "bias", "low", "high"}
+    registry = ModelRegistry(node.settings.models_dir, load_settings(config).catalogue())
+    assert registry.active("toy-age").version == "toy-age-1"
+
+
+def test_the_mae_gate_refuses_a_learned_nothing_and_a_worse_candidate() -> None:
+    gate = GateConfig(max_mae_ratio=0.8, max_mae=30.0)
+    assert promote.gate_mae(gate, 20.0, 40.0, None, "months").passed
+    floor = promote.gate_mae(gate, 35.0, 40.0, None, "months")
+    assert not floor.passed and [c.name for c in floor.checks if not c.passed] == ["floor", "ceiling"]
+    same = {"version": "age-1", "n": 50, "mae_active": 18.0, "mae_candidate": 18.0, "p_value": 1.0}
+    assert promote.gate_mae(gate, 18.0, 40.0, same, "months").passed
+    worse = promote.gate_mae(gate, 18.5, 40.0, {**same, "mae_candidate": 18.5, "p_value": 0.4}, "months")
+    assert not worse.passed and "worse" in worse.reason and "age-1" in worse.reason
 
 
 def run_site_task_end_to_end(config: Path, tmp_path: Path) -> None:

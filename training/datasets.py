@@ -243,7 +243,7 @@ def split(samples: Sequence[Sample], kind: str, *, folds: int, test_fraction: fl
         raise ValueError("the held-out test set is empty: the archive has too few patients")
     if kind == "binary" and len({int(s.label) for s in test}) < 2:
         raise ValueError("the held-out test set holds one class only: import more labels")
-    return Split(dev, test, kfold_indices(dev, folds, seed, stratified=kind != "segmentation"))
+    return Split(dev, test, kfold_indices(dev, folds, seed, stratified=kind in ("binary", "multiclass")))
 
 
 # --- manifest ---------------------------------------------------------------------------------

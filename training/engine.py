@@ -192,8 +192,12 @@ def make_schedule(recipe: Recipe, optimizer: torch.optim.Optimizer, stage: Stage
     return LearningRates(optimizer, recipe.lr, stage, config)
 
 
+LOWER_IS_BETTER = frozenset({"loss", "mae", "rmse"})
+"""Validation metrics a run minimises; every other one it maximises."""
+
+
 def monitor_mode(metric: str) -> str:
-    return "min" if metric == "loss" else "max"
+    return "min" if metric in LOWER_IS_BETTER else "max"
 
 
 # --- one fold ---------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Binary tasks: AUROC, balanced accuracy, F1, sensitivity, specificity, PPV, NPV (
 a bootstrap confidence interval, DeLong's test for two correlated ROC curves (the fast algorithm of
 Sun & Xu, IEEE SPL 2014), expected calibration error with a reliability table, temperature scaling,
 and the threshold that reaches a target sensitivity. Segmentation: Dice and IoU per slice and per
-volume. Everything is plain numpy in and plain floats out, so reports serialise as JSON.
+volume. Regression: MAE, RMSE and R² (sklearn.metrics), Bland-Altman agreement and a paired
+Wilcoxon signed-rank test on absolute errors. Everything is plain numpy in and plain floats out, so reports serialise as JSON.
 """
 
 from __future__ import annotations
@@ -362,6 +363,46 @@ def assess_multiclass(y_test: Array, logits_test: Array, y_val: Array, logits_va
         "confusion": metrics.confusion_matrix(y, probabilities.argmax(axis=1),
                                               labels=list(range(probabilities.shape[1]))).tolist(),
     }
+
+
+def regression_metrics(y_true: Array, predicted: Array) -> dict[str, float]:
+    y, p = np.asarray(y_true, float), np.asarray(predicted, float)
+    return {"mae": float(metrics.mean_absolute_error(y, p)), "rmse": float(metrics.root_mean_squared_error(y, p)),
+            "r2": float(metrics.r2_score(y, p)) if len(y) > 1 else float("nan"), "n": int(len(y))}
+
+
+def bland_altman(y_true: Array, predicted: Array) -> dict[str, object]:
+    """Mean difference (bias, predicted - true) and the 95 % limits of agreement."""
+    y, p = np.asarray(y_true, float), np.asarray(predicted, float)
+    difference = p - y
+    bias, spread = float(difference.mean()), float(difference.std(ddof=1)) if len(y) > 1 else 0.0
+    return {"mean": ((p + y) / 2).tolist(), "difference": difference.tolist(), "bias": bias,
+            "low": bias - 1.96 * spread, "high": bias + 1.96 * spread}
+
+
+def assess_regression(y_test: Array, predicted: Array, baseline: float, *, resamples: int, seed: int,
+                      groups: Array | None = None) -> dict[str, object]:
+    """Held-out regression metrics, a bootstrap CI of the MAE, and the MAE of always predicting
+    ``baseline`` (the development set's mean: what a model that learned nothing scores)."""
+    y, p = np.asarray(y_test, float), np.asarray(predicted, float)
+    mae = lambda a, b: float(np.mean(np.abs(a - b)))  # noqa: E731
+    return {
+        "metrics": regression_metrics(y, p),
+        "mae_ci": bootstrap_ci(y, p, mae, resamples=resamples, seed=seed, groups=groups).as_dict()
+        if resamples else None,
+        "baseline_mae": mae(y, np.full_like(y, baseline)),
+        "bland_altman": bland_altman(y, p),
+        "labels": y.tolist(),
+        "predictions": p.tolist(),
+    }
+
+
+def paired_absolute_errors(y_true: Array, candidate: Array, other: Array) -> dict[str, float]:
+    """MAE of both and the two-sided Wilcoxon signed-rank p of their absolute errors on the same cases."""
+    y = np.asarray(y_true, float)
+    a, b = np.abs(np.asarray(candidate, float) - y), np.abs(np.asarray(other, float) - y)
+    p_value = float(stats.wilcoxon(a, b).pvalue) if len(y) > 1 and np.any(a != b) else 1.0
+    return {"mae_candidate": float(a.mean()), "mae_active": float(b.mean()), "p_value": p_value, "n": int(len(y))}
 
 
 def dice_ci(per_volume: Sequence[float], *, resamples: int, seed: int, level: float = 0.95) -> Interval:

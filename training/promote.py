@@ -7,7 +7,9 @@ version's on the same images (one-sided DeLong at ``gate.delong_alpha``), and mu
 than ``gate.max_auroc_drop`` below it; with ``gate.require_significant`` it must be significantly
 higher. Views: the same floor and drop on the macro AUROC. Segmentation: the mean per-volume
 Dice must reach ``gate.min_dice`` and not fall more than ``gate.max_dice_drop`` below the
-active version's on the same volumes.
+active version's on the same volumes. Regression: the held-out MAE must be at most
+``gate.max_mae_ratio`` of the MAE of always predicting the development mean (and at most
+``gate.max_mae`` when set), and never worse than the active version's on the same images.
 """
 
 from __future__ import annotations
@@ -102,3 +104,24 @@ def code_version() -> str:
         return f"cradle {metadata.version('cradle')}"
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def gate_mae(gate: GateConfig, candidate: float, baseline: float, comparison: dict[str, Any] | None,
+             units: str) -> Decision:
+    """``comparison``: ``{"version", "mae_active", "mae_candidate", "p_value", "n"}`` on the same images."""
+    limit = gate.max_mae_ratio * baseline
+    checks = [Check("floor", candidate <= limit,
+                    f"test MAE {candidate:.2f} {units} {'is within' if candidate <= limit else 'is above'} "
+                    f"{gate.max_mae_ratio:.2f} x the {baseline:.2f} {units} of predicting the mean")]
+    if gate.max_mae is not None:
+        checks.append(Check("ceiling", candidate <= gate.max_mae,
+                            f"test MAE {candidate:.2f} {units} (largest accepted {gate.max_mae:.2f})"))
+    if comparison is None:
+        checks.append(Check("active", True, "no active version to compare with"))
+        return _decide(checks)
+    worse = comparison["mae_candidate"] > comparison["mae_active"] + 1e-12
+    checks.append(Check("active", not worse,
+                        f"MAE {comparison['mae_candidate']:.2f} vs {comparison['mae_active']:.2f} {units} of "
+                        f"{comparison['version']} on the same {comparison['n']} images "
+                        f"(Wilcoxon p={comparison['p_value']:.3g}): {'worse' if worse else 'not worse'}"))
+    return _decide(checks)

@@ -24,7 +24,7 @@ from config.tasks import Kind, TaskCatalogue, load_catalogue
 from training.strategies import ScheduleName, StrategyConfig, StrategyName
 
 RECIPES_DIR = Path(str(resources.files("config").joinpath("train")))
-MONITORS = {"binary": "auroc", "multiclass": "balanced_accuracy", "segmentation": "dice"}
+MONITORS = {"binary": "auroc", "multiclass": "balanced_accuracy", "segmentation": "dice", "regression": "mae"}
 """The validation metric a kind follows with ``monitor: auto``."""
 FREEZING_STRATEGIES = ("linear_probe", "lp_ft", "progressive")
 """Strategies that train a frozen backbone's head first: they need a start that is not random."""
@@ -70,6 +70,9 @@ class GateConfig(Strict):
     max_auroc_drop: float = Field(0.0, ge=0, le=1,
                                   description="largest AUROC decrease below the active version accepted")
     max_dice_drop: float = Field(0.0, ge=0, le=1)
+    max_mae_ratio: float = Field(0.8, gt=0, description="regression: held-out MAE at most this share of the "
+                                                         "MAE of predicting the development mean")
+    max_mae: float | None = Field(None, gt=0, description="regression: absolute ceiling on the held-out MAE")
     delong_alpha: float = Field(0.05, gt=0, lt=1,
                                 description="a candidate significantly lower (one-sided DeLong) is refused")
     require_significant: bool = Field(False, description="also require a significant AUROC gain over the active")

@@ -1,5 +1,5 @@
 """The run report: ``report.json``, a readable ``report.md`` and ``report.html``, and PNG plots
-(ROC, reliability diagram, loss curves, Dice box plot), saved in the run directory and with the
+(ROC, reliability diagram, loss curves, Dice box plot, regression scatter and Bland-Altman), saved in the run directory and with the
 model version. Plots use matplotlib's Agg backend (no display needed)."""
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
 CLASSIFICATION_ROWS = ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity", "ppv", "npv")
 SEGMENTATION_ROWS = ("dice", "iou", "dice_slice")
+ROWS = {"binary": CLASSIFICATION_ROWS, "multiclass": ("auroc", "balanced_accuracy", "f1", "accuracy"),
+        "segmentation": SEGMENTATION_ROWS, "regression": ("mae", "rmse", "r2")}
+"""The metrics a report shows for each kind of task."""
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -74,6 +77,28 @@ def plot_dice(groups: dict[str, list[float]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_regression_scatter(curve: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    labels, predictions = curve["labels"], curve["predictions"]
+    ax.scatter(labels, predictions, s=12)
+    low, high = min(labels + predictions), max(labels + predictions)
+    ax.plot([low, high], [low, high], "k--", lw=1, label="identity")
+    ax.set(xlabel=f"label ({curve['units']})", ylabel=f"predicted ({curve['units']})", title="Held-out test")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_bland_altman(agreement: dict[str, Any], units: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(agreement["mean"], agreement["difference"], s=12)
+    for key, style in (("bias", "-"), ("low", "--"), ("high", "--")):
+        ax.axhline(agreement[key], color="k", ls=style, lw=1, label=f"{key} {agreement[key]:.2f}")
+    ax.set(xlabel=f"mean of label and prediction ({units})", ylabel=f"prediction - label ({units})",
+           title="Bland-Altman")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -85,10 +110,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def _metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(metric, cross-validation mean ± std, held-out test) rows."""
-    segmentation = report["kind"] == "segmentation"
-    names = SEGMENTATION_ROWS if segmentation else CLASSIFICATION_ROWS
-    if report["kind"] == "multiclass":
-        names = ("auroc", "balanced_accuracy", "f1", "accuracy")
+    names = ROWS.get(report["kind"], CLASSIFICATION_ROWS)
     cv, test = report["cv"], report["test"]["metrics"]
     rows = []
     for name in names:
@@ -115,11 +137,12 @@ def _facts(report: dict[str, Any]) -> list[tuple[str, str]]:
                       + f", {transfer['missing']} kept new, {transfer['unused']} of the source unused"))
     facts += [("warning", warning) for warning in report.get("warnings", [])]
     for key, label in (("auroc_ci", "test AUROC 95% CI"), ("dice_ci", "test Dice 95% CI"),
-                       ("balanced_accuracy_ci", "test balanced accuracy 95% CI")):
+                       ("balanced_accuracy_ci", "test balanced accuracy 95% CI"), ("mae_ci", "test MAE 95% CI")):
         if test.get(key):
             facts.append((label, f"{_fmt(test[key]['low'])} – {_fmt(test[key]['high'])}"))
     for key, label in (("threshold", "operating threshold"), ("temperature", "temperature"),
-                       ("ece_before", "ECE before scaling"), ("ece_after", "ECE after scaling")):
+                       ("ece_before", "ECE before scaling"), ("ece_after", "ECE after scaling"),
+                       ("baseline_mae", "MAE of predicting the development mean")):
         if key in test:
             facts.append((label, _fmt(test[key])))
     for name, comparison in report.get("comparisons", {}).items():
@@ -143,11 +166,7 @@ def markdown(report: dict[str, Any], images: list[str]) -> str:
 
 
 def _fold_columns(report: dict[str, Any]) -> list[str]:
-    if report["kind"] == "segmentation":
-        return list(SEGMENTATION_ROWS)
-    if report["kind"] == "multiclass":
-        return ["auroc", "balanced_accuracy", "f1", "accuracy"]
-    return list(CLASSIFICATION_ROWS)
+    return list(ROWS.get(report["kind"], CLASSIFICATION_ROWS))
 
 
 def html_page(report: dict[str, Any], images: list[str]) -> str:
@@ -188,6 +207,10 @@ def write_report(directory: Path, report: dict[str, Any], curves: dict[str, Any]
         images.append(plot_losses(report["folds"], directory / "loss.png"))
     if curves.get("dice"):
         images.append(plot_dice(curves["dice"], directory / "dice_box.png"))
+    if curves.get("regression"):
+        curve = curves["regression"]
+        images.append(plot_regression_scatter(curve, directory / "scatter.png"))
+        images.append(plot_bland_altman(curve["bland_altman"], curve["units"], directory / "bland_altman.png"))
     names = [p.name for p in images]
     (directory / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (directory / "report.md").write_text(markdown(report, names))

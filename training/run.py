@@ -34,7 +34,7 @@ from storage.db import open_index
 from training import datasets as ds
 from training import evaluate as ev
 from training import promote, report
-from training.engine import FoldPaths, FoldResult, Trainer, atomic_json, plain, seed_everything
+from training.engine import FoldPaths, FoldResult, Trainer, atomic_json, monitor_mode, plain, seed_everything
 from training.kinds import Context, kind_of
 from training.kinds import make_loader as _make_loader
 from inference.registry.weights import sha256_of_file
@@ -250,8 +250,8 @@ def final_model(ctx: Context, collection: ds.Collection, split: ds.Split, folds:
                 models: list[nn.Module], run_dir: Path, init: Start) -> tuple[nn.Module, int | None]:
     """The model to register: the best-validating fold's, or one refit on every dev patient for
     the median best epoch count (``final: refit``)."""
-    best = int(np.nanargmax([f.best_value if ctx.recipe.monitor_metric != "loss" else -f.best_value
-                             for f in folds]))
+    sign = -1.0 if monitor_mode(ctx.recipe.monitor_metric) == "min" else 1.0
+    best = int(np.nanargmax([sign * f.best_value for f in folds]))
     if ctx.recipe.final == "best_fold":
         return models[best].to(ctx.device), best
     epochs = int(np.median([f.best_epoch + 1 for f in folds]))
@@ -331,10 +331,10 @@ def cv_summary(folds: list[FoldResult]) -> dict[str, float]:
 def headline_metrics(ctx: Context, cv: dict[str, float], test: dict[str, Any]) -> dict[str, Any]:
     keep = {k: v for k, v in cv.items() if not k.startswith(("n_", "positives", "threshold"))}
     for name in ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity", "ppv", "npv", "accuracy",
-                 "dice", "iou", "dice_slice"):
+                 "dice", "iou", "dice_slice", "mae", "rmse", "r2"):
         if name in test["metrics"]:
             keep[f"test_{name}"] = test["metrics"][name]
-    for name in ("auroc_ci", "dice_ci", "balanced_accuracy_ci"):
+    for name in ("auroc_ci", "dice_ci", "balanced_accuracy_ci", "mae_ci"):
         if test.get(name):
             keep[f"test_{name}"] = [test[name]["low"], test[name]["high"]]
     for name in ("threshold", "temperature", "ece_before", "ece_after"):
@@ -423,5 +423,9 @@ def _fold_json(fold: FoldResult) -> dict[str, Any]:
 
 
 def _test_json(test: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in test.items() if k not in ("probabilities",)}
+    """The test results without per-image values (a regression label such as bone age is near an age)."""
+    data = {k: v for k, v in test.items() if k not in ("probabilities", "labels", "predictions")}
+    if "bland_altman" in data:
+        data["bland_altman"] = {k: v for k, v in data["bland_altman"].items() if k in ("bias", "low", "high")}
+    return data
 

@@ -8,12 +8,14 @@ from config.tasks import TaskDefinition
 from training.kinds.base import ClassifierKind, Context, TrainingKind, make_loader
 from training.kinds.binary import BinaryKind, BinaryObjective
 from training.kinds.multiclass import MulticlassKind, MulticlassObjective
+from training.kinds.regression import RegressionKind, RegressionObjective
 from training.kinds.segmentation import SegmentationKind, SegmentationObjective
 
-KINDS: dict[str, type[TrainingKind]] = {kind.name: kind for kind in (BinaryKind, MulticlassKind, SegmentationKind)}
+KINDS: dict[str, type[TrainingKind]] = {
+    kind.name: kind for kind in (BinaryKind, MulticlassKind, RegressionKind, SegmentationKind)}
 
 __all__ = ["KINDS", "BinaryKind", "BinaryObjective", "ClassifierKind", "Context", "MulticlassKind",
-           "MulticlassObjective", "SegmentationKind", "SegmentationObjective", "TrainingKind", "kind_of",
+           "MulticlassObjective", "RegressionKind", "RegressionObjective", "SegmentationKind", "SegmentationObjective", "TrainingKind", "kind_of",
            "make_loader"]
 
 

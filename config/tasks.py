@@ -65,6 +65,25 @@ class Population(Strict):
     min_age_days: int | None = Field(None, ge=0)
     max_age_days: int | None = Field(None, ge=0)
 
+    def mismatch(self, *, modality: str, body_part: str, view: str | None, age_days: int | None) -> str:
+        """Why a series is outside the population ("" when inside). The reason names the bound, never
+        the age: it reaches logs and the SR, and an age beside a date gives the birth date."""
+        if self.modalities and modality.upper() not in {m.upper() for m in self.modalities}:
+            return "another modality"
+        if self.body_parts and body_part.strip().upper() not in {b.upper() for b in self.body_parts}:
+            return "another body part"
+        if self.views and view not in self.views:
+            return f"not a {' or '.join(v.replace('_', ' ') for v in self.views)} film"
+        if self.min_age_days is None and self.max_age_days is None:
+            return ""
+        if age_days is None:
+            return "patient age unknown"
+        if self.max_age_days is not None and age_days > self.max_age_days:
+            return f"older than {_days_in_words(self.max_age_days)}"
+        if self.min_age_days is not None and age_days < self.min_age_days:
+            return f"younger than {_days_in_words(self.min_age_days)}"
+        return ""
+
 
 class SrCoding(Strict):
     concept: CodeSpec
@@ -174,6 +193,14 @@ class TaskCatalogue(Strict):
             if task.pipeline not in self.pipelines:
                 raise ValueError(f"task {task.name}: unknown pipeline {task.pipeline!r}")
         return self
+
+
+def _days_in_words(days: int) -> str:
+    """An age bound as a reader says it: 3 days, 28 days, 1 year, 6 years (whole years from 365 days)."""
+    if days >= 365 and days % 365 in (0, 364):
+        years = round(days / 365)
+        return f"{years} year{'s' if years != 1 else ''}"
+    return f"{days} day{'s' if days != 1 else ''}"
 
 
 def _union(lists: Iterator[list[str]]) -> list[str]:

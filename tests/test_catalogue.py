@@ -61,3 +61,25 @@ def test_a_bad_site_file_is_a_config_error_naming_the_task(tmp_path: Path, text:
     config.write_text(f"task_catalogue: {site}\n")
     with pytest.raises(ConfigError, match="task_catalogue"):
         load_settings(config)
+
+
+@pytest.mark.parametrize(("facts", "reason"), [
+    ({"modality": "DX", "body_part": "CHEST", "view": "chest_frontal", "age_days": 1}, ""),
+    ({"modality": "dx", "body_part": "", "view": "chest_frontal", "age_days": 28}, ""),
+    ({"modality": "MR", "body_part": "CHEST", "view": "chest_frontal", "age_days": 1}, "another modality"),
+    ({"modality": "CR", "body_part": "HAND", "view": "chest_frontal", "age_days": 1}, "another body part"),
+    ({"modality": "CR", "body_part": "CHEST", "view": "chest_lateral", "age_days": 1}, "not a chest frontal film"),
+    ({"modality": "CR", "body_part": "CHEST", "view": "chest_frontal", "age_days": None}, "patient age unknown"),
+    ({"modality": "CR", "body_part": "CHEST", "view": "chest_frontal", "age_days": 29}, "older than 28 days"),
+])
+def test_a_population_says_why_a_series_is_outside_it_without_the_age(facts: dict, reason: str) -> None:
+    assert load_catalogue().get("bpd").population.mismatch(**facts) == reason
+
+
+def test_age_bounds_read_in_years_and_days() -> None:
+    from config.tasks import Population
+    children = Population(min_age_days=365, max_age_days=6 * 365 - 1)
+    facts = {"modality": "DX", "body_part": "CHEST", "view": None}
+    assert children.mismatch(**facts, age_days=364) == "younger than 1 year"
+    assert children.mismatch(**facts, age_days=6 * 365) == "older than 6 years"
+    assert children.mismatch(**facts, age_days=3 * 365) == ""

@@ -128,7 +128,8 @@ def _walk_elements(buf: memoryview, pos: int, end: int, implicit: bool, order: s
         if length == _UNDEFINED:
             # PS3.5 6.2.2: a UN value of undefined length is encoded in Implicit VR Little Endian
             inner_implicit, inner_order = (True, "<") if vr == b"UN" else (implicit, order)
-            pos = _walk_items(buf, pos, end, inner_implicit, inner_order, budget)
+            fragments = group == _PIXEL_DATA_GROUP or vr in (b"OB", b"OW")  # encapsulated pixel data (PS3.5 A.4)
+            pos = _walk_items(buf, pos, end, inner_implicit, inner_order, budget, fragments=fragments)
         elif pos + length > end:
             raise MalformedDataset(f"truncated: ({group:04X},{element:04X}) lacks {pos + length - end} bytes")
         else:
@@ -140,8 +141,9 @@ def _walk_elements(buf: memoryview, pos: int, end: int, implicit: bool, order: s
 
 
 def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, order: str, budget: list[int],
-                delimited: bool = True) -> int:
-    """The items of a sequence: up to its delimiter (undefined length), or up to ``end`` (defined)."""
+                delimited: bool = True, fragments: bool = False) -> int:
+    """The items of a sequence: up to its delimiter (undefined length), or up to ``end`` (defined).
+    Items of encapsulated pixel data (``fragments``) are bytes, not data sets."""
     header_format = order + "HHL"
     while True:
         if not delimited and pos == end:
@@ -162,7 +164,8 @@ def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, order: str,
         elif pos + length > end:
             raise MalformedDataset("item runs past the end of its sequence")
         else:
-            _walk_elements(buf, pos, pos + length, implicit, order, None, budget)
+            if not fragments:
+                _walk_elements(buf, pos, pos + length, implicit, order, None, budget)
             pos += length
 
 

@@ -131,6 +131,9 @@ class StorageSettings(Section):
 class CompletionSettings(Section):
     quiet_seconds: float = Field(30, ge=0)
     poll_seconds: float = Field(1.0, gt=0)
+    queue_capacity: int = Field(10_000, ge=1, description="stored instances waiting for completion and routing "
+                                                          "after their C-STORE was answered; beyond this the "
+                                                          "monitor completes their series")
 
 
 class RoutingRule(Section):

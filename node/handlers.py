@@ -80,7 +80,9 @@ DIAGNOSTIC_CALLED_AE_NOT_RECOGNISED = 0x07
 DIAGNOSTIC_LOCAL_LIMIT_EXCEEDED = 0x02
 
 AfterStore = Callable[[StoreResult, InstanceHeader], object]
-"""Called once an instance is committed (completion and routing); its failures never change the status."""
+"""Called once an instance is committed, before the answer: hands it to completion and routing, which
+run off the response path (the listener's is ``CompletionQueue.submit``, which returns at once); its
+failures never change the status."""
 
 
 # --- association control ---------------------------------------------------------------------

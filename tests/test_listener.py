@@ -7,9 +7,11 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +36,8 @@ from config.settings import CallingAE, Settings, TLSSettings
 from node.server import Listener, storage_sop_classes, supported_contexts
 from storage.db import open_index
 from storage.index import counts
-from storage.models import Instance, Job, Series
+from storage.models import Instance, Job, Series, SeriesState
+from deployment import wait_until
 from test_storage import make_image, make_mr_slice
 
 CALLED = "CRADLE"
@@ -307,6 +310,9 @@ def test_routed_series_get_exactly_their_jobs(any_index: Settings, listener: Lis
     }
     storescu(node_settings.node.port, list(files.values()))
     uid = {name: dcmread(path, stop_before_pixels=True).SeriesInstanceUID for name, path in files.items()}
+    # completion and routing run after the answers (the completion queue): every series completes soon
+    wait_until(lambda: {state for (state,) in rows(node_settings, Series.state)} == {SeriesState.complete}, 10,
+               "every series complete")
     jobs = job_rows(node_settings)
     assert sorted((series, pipeline, state, generation) for series, pipeline, state, generation, _ in jobs) == sorted(
         [(uid["cr"], "cxr", "queued", 1), (uid["dx"], "cxr", "queued", 1), (uid["mr1"], "lung-mri", "queued", 1)])
@@ -331,6 +337,7 @@ def test_synthetic_studies_end_to_end(listener: Listener, node_settings: Setting
                             and ds.PatientAge.endswith("D")}
     expected = sorted([*((uid, "cxr") for uid in neonatal_radiographs),
                        *((d.name, "lung-mri") for d in summary.mri_series_dirs)])
+    wait_until(lambda: len(enqueued) >= len(expected), 10, "the jobs (routed after the answers)")
     assert sorted((series, pipeline) for series, pipeline, *_ in job_rows(node_settings)) == expected
     assert len(enqueued) == len(expected)
     assert index_counts(node_settings)["instances"] == len(files)
@@ -582,3 +589,80 @@ def test_no_allow_list_admits_any_title_from_loopback_only(node_settings: Settin
             assoc.release()
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
     assert not is_loopback("10.0.0.5") and not is_loopback("192.168.1.2") and not is_loopback("not an address")
+
+
+# --- the C-STORE response path -----------------------------------------------------------------
+
+
+class BlockedBroker(Enqueued):
+    """An enqueue that hangs until released, as a publish to a broker that stopped answering does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = threading.Event()
+
+    def __call__(self, job_id: int) -> None:
+        self.released.wait(30)
+        super().__call__(job_id)
+
+
+def test_store_is_answered_while_the_publish_is_blocked(node_settings: Settings) -> None:
+    """Completion, routing and the publish run after the answer: with the broker hung, three
+    radiographs are answered at once. The completion queue holds one (queue_capacity 1) while the
+    first hangs in its publish; the third does not fit and is left to the monitor, which completes
+    a radiograph's series at its next poll. Once the broker answers, each series' job arrives
+    exactly once."""
+    node_settings.completion.queue_capacity = 1
+    broker = BlockedBroker()
+    images = [make_image() for _ in range(3)]
+    with Listener(node_settings, enqueue=broker) as listener, association(
+            node_settings.node.port, (images[0].SOPClassUID, ExplicitVRLittleEndian)) as assoc:
+        for ds in images:
+            started = time.monotonic()
+            assert assoc.send_c_store(ds).Status == 0x0000
+            assert time.monotonic() - started < 1.0
+            if ds is images[0]:
+                wait_until(lambda: listener.completions.waiting == 0, 5, "the first completion to start")
+        assert listener.completions.dropped == 1 and broker == []
+        # routed while the publish hangs: the first by the queue's thread, one more by the monitor (which
+        # then hangs in its publish too); the other waits in the queue or for the monitor
+        wait_until(lambda: len(job_rows(node_settings)) == 2, 5, "two series routed")
+        assert broker == []
+        broker.released.set()
+        wait_until(lambda: len(broker) == 3, 10, "the three jobs published")
+    assert sorted(broker) == sorted(job_id for *_, job_id in job_rows(node_settings))
+    assert {state for (state,) in rows(node_settings, Series.state)} == {SeriesState.complete}
+
+
+def test_sigkill_between_store_and_publish_loses_no_job(node_settings: Settings, tmp_path: Path) -> None:
+    """``cradle listen`` with a broker that accepts connections and never answers: the C-STORE is
+    answered 0x0000, the series is routed and its job row written, the publish hangs; SIGKILL then.
+    The job is still ``queued`` and never enqueued: the reconciler sends it when it runs."""
+    import storage.jobs as jobs_module
+    from storage.jobs import Reconciler
+
+    with socket.create_server(("127.0.0.1", 0)) as silent_broker:  # connections wait in its backlog
+        node_settings.queue.broker_url = f"redis://127.0.0.1:{silent_broker.getsockname()[1]}/0"
+        config = tmp_path / "cradle.yaml"
+        config.write_text(yaml.safe_dump(node_settings.model_dump(mode="json")))
+        ds = make_image()
+        with cradle_listen(config, node_settings.node.port) as process:
+            sent = storescu(node_settings.node.port, [write(ds, tmp_path / "cr.dcm")])
+            assert sent.returncode == 0  # answered success with the publish still hanging
+            wait_until(lambda: job_rows(node_settings), 10, "the job row")
+            enqueued_at = rows(node_settings, Job.enqueued_at)
+            process.kill()
+            process.wait(10)
+    assert enqueued_at == [(None,)]
+    assert rows(node_settings, Job.state, Job.enqueued_at)[0][1] is None
+    sessions = open_index(node_settings.storage.database_url)
+    recovered = Enqueued()
+    try:
+        jobs_module.NEW_JOB_GRACE_SECONDS, grace = 0, jobs_module.NEW_JOB_GRACE_SECONDS
+        try:
+            Reconciler(sessions, recovered, node_settings.queue).run_once()
+        finally:
+            jobs_module.NEW_JOB_GRACE_SECONDS = grace
+    finally:
+        sessions.kw["bind"].dispose()
+    assert recovered == [job_id for *_, job_id in job_rows(node_settings)]

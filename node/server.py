@@ -159,7 +159,7 @@ def event_handlers(node: NodeSettings, ingest: Ingest, completions: CompletionQu
     after_store = completions.submit if completions is not None else None
     allowed = None if node.loopback_only else node.calling_ae_hosts()
     return [
-        (evt.EVT_REQUESTED, handlers.handle_requested, [node.ae_title, allowed, gate]),
+        (evt.EVT_REQUESTED, handlers.handle_requested, [node.ae_title, allowed, gate, node.calling_ae_certificates()]),
         (evt.EVT_ACCEPTED, handlers.handle_accepted, [metrics]),
         (evt.EVT_REJECTED, handlers.handle_rejected, [metrics]),
         (evt.EVT_RELEASED, handlers.handle_released, [gate]),

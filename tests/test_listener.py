@@ -451,11 +451,14 @@ def test_unwritable_archive_answers_out_of_resources(listener: Listener, node_se
     assert index_counts(node_settings)["instances"] == 1
 
 
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """(private key, certificate) for localhost, made with openssl (the test is skipped without it)."""
-    key, certificate = directory / "key.pem", directory / "cert.pem"
-    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                           "-out", str(certificate), "-days", "1", "-subj", "/CN=localhost"], capture_output=True)
+def self_signed_certificate(directory: Path, subject: str = "/CN=localhost",
+                            name: str = "") -> tuple[Path, Path]:
+    """(private key, certificate) for ``subject`` (localhost), made with openssl (the test is skipped
+    without it)."""
+    key, certificate = directory / f"{name}key.pem", directory / f"{name}cert.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                           "-nodes", "-keyout", str(key), "-out", str(certificate), "-days", "1", "-subj", subject],
+                          capture_output=True)
     if made.returncode != 0:
         pytest.skip("openssl cannot make a test certificate here")
     return key, certificate
@@ -476,6 +479,55 @@ def test_tls(node_settings: Settings, enqueued: Enqueued, tmp_path: Path) -> Non
         assert assoc.send_c_store(ds).Status == 0x0000
         assoc.release()
     assert index_counts(node_settings)["instances"] == 1
+
+
+def test_calling_ae_bound_to_its_tls_certificate(node_settings: Settings, enqueued: Enqueued, tmp_path: Path) -> None:
+    """CT1 must present the certificate whose CN is ct1, CT2 the one with the whole subject
+    CN=ct2,O=Cradle Test; another certificate, or none, is rejected and audited (reason
+    "certificate"); TESTSCU is bound to none and associates with any verified certificate."""
+    from storage import audit
+    from test_security import audit_events
+
+    key, certificate = self_signed_certificate(tmp_path)
+    clients = {name: self_signed_certificate(tmp_path, subject, name)
+               for name, subject in (("ct1", "/CN=ct1"), ("ct2", "/O=Cradle Test/CN=ct2"), ("other", "/CN=other"))}
+    trusted = tmp_path / "clients.pem"
+    trusted.write_text("".join(cert.read_text() for _, cert in clients.values()))
+    node_settings.node.tls = TLSSettings(enabled=True, certificate=certificate, private_key=key,
+                                         ca_certificates=trusted)
+    node_settings.node.allowed_calling_aets = [
+        CallingAE(ae_title="CT1", certificate_subject="ct1"),
+        CallingAE(ae_title="CT2", certificate_subject="CN=ct2, O=Cradle Test"), "TESTSCU"]
+
+    def echo(calling: str, client: str | None) -> bool:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certificate))
+        if client is not None:
+            context.load_cert_chain(str(clients[client][1]), str(clients[client][0]))
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node_settings.node.port, ae_title=CALLED, tls_args=(context, "localhost"))
+        if not assoc.is_established:
+            return False
+        ok = assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        return ok
+
+    trail = tmp_path / "audit.jsonl"
+    audit.configure_audit(trail, "test")
+    try:
+        with Listener(node_settings, enqueue=enqueued):
+            outcomes = {(calling, client): echo(calling, client) for calling, client in (
+                ("CT1", "ct1"), ("CT1", "other"), ("CT1", "ct2"), ("CT1", None), ("CT2", "ct2"), ("CT2", "ct1"),
+                ("TESTSCU", "other"), ("TESTSCU", None))}
+    finally:
+        audit.unconfigure_audit()
+    assert outcomes == {("CT1", "ct1"): True, ("CT1", "other"): False, ("CT1", "ct2"): False, ("CT1", None): False,
+                        ("CT2", "ct2"): True, ("CT2", "ct1"): False, ("TESTSCU", "other"): True,
+                        ("TESTSCU", None): True}
+    rejected = [(e["calling_ae"], e["reason"], e["tls"]) for e in audit_events(trail, "association.rejected")]
+    assert sorted(rejected) == sorted([("CT1", "certificate", True)] * 3 + [("CT2", "certificate", True)])
+    with pytest.raises(ValueError, match="certificate_subject needs node.tls"):
+        Settings.model_validate({"node": {"allowed_calling_aets": [{"ae_title": "CT1", "certificate_subject": "ct1"}]}})
 
 
 # --- logs --------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ finishing the same series at once, or the monitor racing a C-STORE, route it onc
 None of this is on the C-STORE response path: the handler answers once the instance is on disk and
 indexed, and hands it to :class:`CompletionQueue` (one thread, bounded). Whatever that part loses (a
 full queue, an exception, a process killed before it ran) leaves the series ``receiving`` in the
-index, and the monitor completes it: a single-image series at its next poll, any other after the
-quiet period. A job row whose publish was lost stays ``queued`` for the reconciler.
+index, and the monitor completes it: a single-image series within ``LOST_COMPLETION_SECONDS``,
+any other after the quiet period. A job row whose publish was lost stays ``queued`` for the reconciler.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ SINGLE_IMAGE_MODALITIES = frozenset({"CR", "DX", "MG", "IO", "PX"})
 
 Enqueue = Callable[[int], None]
 
+LOST_COMPLETION_SECONDS = 2.0
+"""A single-image series still receiving this long after its instance was stored lost its completion
+(a full completion queue, an exception, a crash); before, the completion queue is still on it."""
+
 
 def complete_on_arrival(header: InstanceHeader) -> bool:
     """A projection radiograph is a series of one image: nothing more is coming."""
@@ -96,16 +100,19 @@ class Completion:
 
     def complete_quiet(self, now: dt.datetime | None = None) -> list[Completed]:
         """Complete every receiving series that has had no new instance for the quiet period, and
-        every receiving single-image series (CR, DX, ...: complete on arrival, so one still receiving
-        is one whose completion after its C-STORE was lost)."""
-        cutoff = (now or utcnow()) - self.quiet
+        every single-image series (CR, DX, ...: complete on arrival) still receiving
+        ``LOST_COMPLETION_SECONDS`` after its instance arrived: its completion was lost."""
+        now = now or utcnow()
+        cutoff = now - self.quiet
+        lost = now - dt.timedelta(seconds=LOST_COMPLETION_SECONDS)
         with self.sessions() as session:
             quiet = list(session.scalars(select(Series.id).where(
                 Series.state == SeriesState.receiving, Series.last_received_at <= cutoff)
                 .order_by(Series.last_received_at)))
             single = list(session.scalars(select(Series.id).where(
                 Series.state == SeriesState.receiving, Series.last_received_at > cutoff,
-                Series.modality.in_(sorted(SINGLE_IMAGE_MODALITIES))).order_by(Series.last_received_at)))
+                Series.last_received_at <= lost, Series.modality.in_(sorted(SINGLE_IMAGE_MODALITIES)))
+                .order_by(Series.last_received_at)))
         completed = [self.complete(series_pk, received_before=cutoff) for series_pk in quiet]
         completed += [self.complete(series_pk) for series_pk in single]
         return [done for done in completed if done is not None]

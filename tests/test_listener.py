@@ -662,8 +662,8 @@ def test_store_is_answered_while_the_publish_is_blocked(node_settings: Settings)
     """Completion, routing and the publish run after the answer: with the broker hung, three
     radiographs are answered at once. The completion queue holds one (queue_capacity 1) while the
     first hangs in its publish; the third does not fit and is left to the monitor, which completes
-    a radiograph's series at its next poll. Once the broker answers, each series' job arrives
-    exactly once."""
+    a radiograph's series still receiving 2 s after it arrived. Once the broker answers, each
+    series' job arrives exactly once."""
     node_settings.completion.queue_capacity = 1
     broker = BlockedBroker()
     images = [make_image() for _ in range(3)]
@@ -678,7 +678,7 @@ def test_store_is_answered_while_the_publish_is_blocked(node_settings: Settings)
         assert listener.completions.dropped == 1 and broker == []
         # routed while the publish hangs: the first by the queue's thread, one more by the monitor (which
         # then hangs in its publish too); the other waits in the queue or for the monitor
-        wait_until(lambda: len(job_rows(node_settings)) == 2, 5, "two series routed")
+        wait_until(lambda: len(job_rows(node_settings)) == 2, 10, "two series routed")
         assert broker == []
         broker.released.set()
         wait_until(lambda: len(broker) == 3, 10, "the three jobs published")

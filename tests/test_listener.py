@@ -686,6 +686,29 @@ def test_store_is_answered_while_the_publish_is_blocked(node_settings: Settings)
     assert {state for (state,) in rows(node_settings, Series.state)} == {SeriesState.complete}
 
 
+def test_a_completion_lost_in_a_crash_is_made_at_the_next_start(node_settings: Settings, enqueued: Enqueued) -> None:
+    """What a crash right after a C-STORE's answer leaves: instances committed, their series still
+    ``receiving``, no job. The next listener's monitor completes and routes them: the radiograph 2 s
+    after it arrived, the MR series after the quiet period (2 s here)."""
+    from storage.archive import Archive
+    from storage.ingest import Ingest
+    from test_storage import store
+
+    sessions = open_index(node_settings.storage.database_url)
+    ingest = Ingest(Archive(node_settings.storage.archive_dir, fsync=False), sessions)
+    ingest.archive.ensure_root()
+    radiograph, mr = make_image(), make_mr_slice(images_in_acquisition=3)
+    for ds in (radiograph, mr):
+        assert store(ingest, ds).outcome.value == "stored"
+    sessions.kw["bind"].dispose()
+    assert job_rows(node_settings) == []
+    with Listener(node_settings, enqueue=enqueued):
+        wait_until(lambda: len(enqueued) == 2, 15, "both series routed after the restart")
+    assert sorted((series, pipeline) for series, pipeline, *_ in job_rows(node_settings)) == sorted(
+        [(radiograph.SeriesInstanceUID, "cxr"), (mr.SeriesInstanceUID, "lung-mri")])
+    assert sorted(enqueued) == sorted(job_id for *_, job_id in job_rows(node_settings))
+
+
 def test_sigkill_between_store_and_publish_loses_no_job(node_settings: Settings, tmp_path: Path) -> None:
     """``cradle listen`` with a broker that accepts connections and never answers: the C-STORE is
     answered 0x0000, the series is routed and its job row written, the publish hangs; SIGKILL then.

@@ -24,6 +24,7 @@ import datetime as dt
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -232,11 +233,12 @@ class CompletionQueue:
         thread, self._thread = self._thread, None
         if thread is None:
             return
+        deadline = time.monotonic() + timeout
         try:
             self._queue.put(None, timeout=timeout)
         except queue.Full:
             pass
-        thread.join(timeout)
+        thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive() or self.waiting:
             log.warning("completion queue stopped with work left (%d waiting); the completion monitor "
                         "completes those series at the next start", self.waiting)

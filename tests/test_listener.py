@@ -7,11 +7,9 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -451,14 +449,11 @@ def test_unwritable_archive_answers_out_of_resources(listener: Listener, node_se
     assert index_counts(node_settings)["instances"] == 1
 
 
-def self_signed_certificate(directory: Path, subject: str = "/CN=localhost",
-                            name: str = "") -> tuple[Path, Path]:
-    """(private key, certificate) for ``subject`` (localhost), made with openssl (the test is skipped
-    without it)."""
-    key, certificate = directory / f"{name}key.pem", directory / f"{name}cert.pem"
-    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                           "-nodes", "-keyout", str(key), "-out", str(certificate), "-days", "1", "-subj", subject],
-                          capture_output=True)
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """(private key, certificate) for localhost, made with openssl (the test is skipped without it)."""
+    key, certificate = directory / "key.pem", directory / "cert.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                           "-out", str(certificate), "-days", "1", "-subj", "/CN=localhost"], capture_output=True)
     if made.returncode != 0:
         pytest.skip("openssl cannot make a test certificate here")
     return key, certificate
@@ -479,55 +474,6 @@ def test_tls(node_settings: Settings, enqueued: Enqueued, tmp_path: Path) -> Non
         assert assoc.send_c_store(ds).Status == 0x0000
         assoc.release()
     assert index_counts(node_settings)["instances"] == 1
-
-
-def test_calling_ae_bound_to_its_tls_certificate(node_settings: Settings, enqueued: Enqueued, tmp_path: Path) -> None:
-    """CT1 must present the certificate whose CN is ct1, CT2 the one with the whole subject
-    CN=ct2,O=Cradle Test; another certificate, or none, is rejected and audited (reason
-    "certificate"); TESTSCU is bound to none and associates with any verified certificate."""
-    from storage import audit
-    from test_security import audit_events
-
-    key, certificate = self_signed_certificate(tmp_path)
-    clients = {name: self_signed_certificate(tmp_path, subject, name)
-               for name, subject in (("ct1", "/CN=ct1"), ("ct2", "/O=Cradle Test/CN=ct2"), ("other", "/CN=other"))}
-    trusted = tmp_path / "clients.pem"
-    trusted.write_text("".join(cert.read_text() for _, cert in clients.values()))
-    node_settings.node.tls = TLSSettings(enabled=True, certificate=certificate, private_key=key,
-                                         ca_certificates=trusted)
-    node_settings.node.allowed_calling_aets = [
-        CallingAE(ae_title="CT1", certificate_subject="ct1"),
-        CallingAE(ae_title="CT2", certificate_subject="CN=ct2, O=Cradle Test"), "TESTSCU"]
-
-    def echo(calling: str, client: str | None) -> bool:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certificate))
-        if client is not None:
-            context.load_cert_chain(str(clients[client][1]), str(clients[client][0]))
-        ae = AE(ae_title=calling)
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node_settings.node.port, ae_title=CALLED, tls_args=(context, "localhost"))
-        if not assoc.is_established:
-            return False
-        ok = assoc.send_c_echo().Status == 0x0000
-        assoc.release()
-        return ok
-
-    trail = tmp_path / "audit.jsonl"
-    audit.configure_audit(trail, "test")
-    try:
-        with Listener(node_settings, enqueue=enqueued):
-            outcomes = {(calling, client): echo(calling, client) for calling, client in (
-                ("CT1", "ct1"), ("CT1", "other"), ("CT1", "ct2"), ("CT1", None), ("CT2", "ct2"), ("CT2", "ct1"),
-                ("TESTSCU", "other"), ("TESTSCU", None))}
-    finally:
-        audit.unconfigure_audit()
-    assert outcomes == {("CT1", "ct1"): True, ("CT1", "other"): False, ("CT1", "ct2"): False, ("CT1", None): False,
-                        ("CT2", "ct2"): True, ("CT2", "ct1"): False, ("TESTSCU", "other"): True,
-                        ("TESTSCU", None): True}
-    rejected = [(e["calling_ae"], e["reason"], e["tls"]) for e in audit_events(trail, "association.rejected")]
-    assert sorted(rejected) == sorted([("CT1", "certificate", True)] * 3 + [("CT2", "certificate", True)])
-    with pytest.raises(ValueError, match="certificate_subject needs node.tls"):
-        Settings.model_validate({"node": {"allowed_calling_aets": [{"ae_title": "CT1", "certificate_subject": "ct1"}]}})
 
 
 # --- logs --------------------------------------------------------------------------------------
@@ -641,103 +587,3 @@ def test_no_allow_list_admits_any_title_from_loopback_only(node_settings: Settin
             assoc.release()
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
     assert not is_loopback("10.0.0.5") and not is_loopback("192.168.1.2") and not is_loopback("not an address")
-
-
-# --- the C-STORE response path -----------------------------------------------------------------
-
-
-class BlockedBroker(Enqueued):
-    """An enqueue that hangs until released, as a publish to a broker that stopped answering does."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.released = threading.Event()
-
-    def __call__(self, job_id: int) -> None:
-        self.released.wait(30)
-        super().__call__(job_id)
-
-
-def test_store_is_answered_while_the_publish_is_blocked(node_settings: Settings) -> None:
-    """Completion, routing and the publish run after the answer: with the broker hung, three
-    radiographs are answered at once. The completion queue holds one (queue_capacity 1) while the
-    first hangs in its publish; the third does not fit and is left to the monitor, which completes
-    a radiograph's series still receiving 2 s after it arrived. Once the broker answers, each
-    series' job arrives exactly once."""
-    node_settings.completion.queue_capacity = 1
-    broker = BlockedBroker()
-    images = [make_image() for _ in range(3)]
-    with Listener(node_settings, enqueue=broker) as listener, association(
-            node_settings.node.port, (images[0].SOPClassUID, ExplicitVRLittleEndian)) as assoc:
-        for ds in images:
-            started = time.monotonic()
-            assert assoc.send_c_store(ds).Status == 0x0000
-            assert time.monotonic() - started < 1.0
-            if ds is images[0]:
-                wait_until(lambda: listener.completions.waiting == 0, 5, "the first completion to start")
-        assert listener.completions.dropped == 1 and broker == []
-        # routed while the publish hangs: the first by the queue's thread, one more by the monitor (which
-        # then hangs in its publish too); the other waits in the queue or for the monitor
-        wait_until(lambda: len(job_rows(node_settings)) == 2, 10, "two series routed")
-        assert broker == []
-        broker.released.set()
-        wait_until(lambda: len(broker) == 3, 10, "the three jobs published")
-    assert sorted(broker) == sorted(job_id for *_, job_id in job_rows(node_settings))
-    assert {state for (state,) in rows(node_settings, Series.state)} == {SeriesState.complete}
-
-
-def test_a_completion_lost_in_a_crash_is_made_at_the_next_start(node_settings: Settings, enqueued: Enqueued) -> None:
-    """What a crash right after a C-STORE's answer leaves: instances committed, their series still
-    ``receiving``, no job. The next listener's monitor completes and routes them: the radiograph 2 s
-    after it arrived, the MR series after the quiet period (2 s here)."""
-    from storage.archive import Archive
-    from storage.ingest import Ingest
-    from test_storage import store
-
-    sessions = open_index(node_settings.storage.database_url)
-    ingest = Ingest(Archive(node_settings.storage.archive_dir, fsync=False), sessions)
-    ingest.archive.ensure_root()
-    radiograph, mr = make_image(), make_mr_slice(images_in_acquisition=3)
-    for ds in (radiograph, mr):
-        assert store(ingest, ds).outcome.value == "stored"
-    sessions.kw["bind"].dispose()
-    assert job_rows(node_settings) == []
-    with Listener(node_settings, enqueue=enqueued):
-        wait_until(lambda: len(enqueued) == 2, 15, "both series routed after the restart")
-    assert sorted((series, pipeline) for series, pipeline, *_ in job_rows(node_settings)) == sorted(
-        [(radiograph.SeriesInstanceUID, "cxr"), (mr.SeriesInstanceUID, "lung-mri")])
-    assert sorted(enqueued) == sorted(job_id for *_, job_id in job_rows(node_settings))
-
-
-def test_sigkill_between_store_and_publish_loses_no_job(node_settings: Settings, tmp_path: Path) -> None:
-    """``cradle listen`` with a broker that accepts connections and never answers: the C-STORE is
-    answered 0x0000, the series is routed and its job row written, the publish hangs; SIGKILL then.
-    The job is still ``queued`` and never enqueued: the reconciler sends it when it runs."""
-    import storage.jobs as jobs_module
-    from storage.jobs import Reconciler
-
-    with socket.create_server(("127.0.0.1", 0)) as silent_broker:  # connections wait in its backlog
-        node_settings.queue.broker_url = f"redis://127.0.0.1:{silent_broker.getsockname()[1]}/0"
-        config = tmp_path / "cradle.yaml"
-        config.write_text(yaml.safe_dump(node_settings.model_dump(mode="json")))
-        ds = make_image()
-        with cradle_listen(config, node_settings.node.port) as process:
-            sent = storescu(node_settings.node.port, [write(ds, tmp_path / "cr.dcm")])
-            assert sent.returncode == 0  # answered success with the publish still hanging
-            wait_until(lambda: job_rows(node_settings), 10, "the job row")
-            enqueued_at = rows(node_settings, Job.enqueued_at)
-            process.kill()
-            process.wait(10)
-    assert enqueued_at == [(None,)]
-    assert rows(node_settings, Job.state, Job.enqueued_at)[0][1] is None
-    sessions = open_index(node_settings.storage.database_url)
-    recovered = Enqueued()
-    try:
-        jobs_module.NEW_JOB_GRACE_SECONDS, grace = 0, jobs_module.NEW_JOB_GRACE_SECONDS
-        try:
-            Reconciler(sessions, recovered, node_settings.queue).run_once()
-        finally:
-            jobs_module.NEW_JOB_GRACE_SECONDS = grace
-    finally:
-        sessions.kw["bind"].dispose()
-    assert recovered == [job_id for *_, job_id in job_rows(node_settings)]

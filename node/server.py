@@ -186,6 +186,8 @@ class Listener:
         self.completions = CompletionQueue(self.completion, settings.completion.queue_capacity)
         self.ae = build_ae(settings.node)
         self.metrics = ListenerMetrics()
+        self.metrics.completion_waiting.set_function(lambda: self.completions.waiting)
+        self.metrics.completion_left.set_function(lambda: self.completions.dropped)
         self.metrics.registry.register(IndexCollector(self.sessions))
         self.metrics_server: MetricsServer | None = None
         self._server = None

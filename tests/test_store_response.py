@@ -55,6 +55,9 @@ def test_store_is_answered_while_the_publish_is_blocked(node_settings: Settings)
             if ds is images[0]:
                 wait_until(lambda: listener.completions.waiting == 0, 5, "the first completion to start")
         assert listener.completions.dropped == 1 and broker == []
+        sample = listener.metrics.registry.get_sample_value
+        assert sample("cradle_completion_queue_left_to_monitor") == 1
+        assert sample("cradle_completion_queue_waiting") == 1  # the second, behind the hung first
         # routed while the publish hangs: the first by the queue's thread, one more by the monitor (which
         # then hangs in its publish too); the other waits in the queue or for the monitor
         wait_until(lambda: len(job_rows(node_settings)) == 2, 10, "two series routed")

@@ -54,10 +54,14 @@ class TLSSettings(Section):
 
 
 class CallingAE(Section):
-    """An allowed calling AE title, optionally bound to the host addresses it may come from."""
+    """An allowed calling AE title, optionally bound to the host addresses it may come from and to
+    the TLS client certificate it must present."""
 
     ae_title: str
     hosts: list[str] = Field(default_factory=list)
+    certificate_subject: str | None = Field(
+        None, description="the verified TLS client certificate this AE title must present: its common name, "
+                          "or its whole subject in RFC 4514 form ('CN=ct1.example.org,O=Hospital')")
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -108,6 +112,18 @@ class NodeSettings(Section):
         """No allow-list configured: any calling AE title, from the loopback address only."""
         return self.allowed_calling_aets is None
 
+    @model_validator(mode="after")
+    def _certificates_need_verified_tls(self) -> "NodeSettings":
+        if self.calling_ae_certificates() and not (self.tls.enabled and self.tls.ca_certificates is not None):
+            raise ValueError("a calling AE's certificate_subject needs node.tls.enabled and node.tls.ca_certificates "
+                             "(a client certificate is read only once verified)")
+        return self
+
+    def calling_ae_certificates(self) -> dict[str, str]:
+        """Allowed calling AE title → the subject of the TLS client certificate it must present."""
+        return {entry.ae_title: entry.certificate_subject for entry in self.allowed_calling_aets or ()
+                if isinstance(entry, CallingAE) and entry.certificate_subject}
+
     def calling_ae_hosts(self) -> dict[str, list[str]]:
         """Allowed calling AE title → allowed host addresses (empty: any host). Empty when no
         allow-list is configured (see :attr:`loopback_only`)."""
@@ -131,6 +147,9 @@ class StorageSettings(Section):
 class CompletionSettings(Section):
     quiet_seconds: float = Field(30, ge=0)
     poll_seconds: float = Field(1.0, gt=0)
+    queue_capacity: int = Field(10_000, ge=1, description="stored instances waiting for completion and routing "
+                                                          "after their C-STORE was answered; beyond this the "
+                                                          "monitor completes their series")
 
 
 class RoutingRule(Section):

@@ -10,13 +10,21 @@
 
 Completing is a state change under a row lock (``receiving`` → ``complete``), so two associations
 finishing the same series at once, or the monitor racing a C-STORE, route it once.
+
+None of this is on the C-STORE response path: the handler answers once the instance is on disk and
+indexed, and hands it to :class:`CompletionQueue` (one thread, bounded). Whatever that part loses (a
+full queue, an exception, a process killed before it ran) leaves the series ``receiving`` in the
+index, and the monitor completes it: a single-image series within ``LOST_COMPLETION_SECONDS``,
+any other after the quiet period. A job row whose publish was lost stays ``queued`` for the reconciler.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +57,10 @@ PROJECTION_RADIOGRAPHY_SOP_CLASSES = frozenset({
 SINGLE_IMAGE_MODALITIES = frozenset({"CR", "DX", "MG", "IO", "PX"})
 
 Enqueue = Callable[[int], None]
+
+LOST_COMPLETION_SECONDS = 2.0
+"""A single-image series still receiving this long after its instance was stored lost its completion
+(a full completion queue, an exception, a crash); before, the completion queue is still on it."""
 
 
 def complete_on_arrival(header: InstanceHeader) -> bool:
@@ -88,13 +100,22 @@ class Completion:
         return None
 
     def complete_quiet(self, now: dt.datetime | None = None) -> list[Completed]:
-        """Complete every receiving series that has had no new instance for the quiet period."""
-        cutoff = (now or utcnow()) - self.quiet
+        """Complete every receiving series that has had no new instance for the quiet period, and
+        every single-image series (CR, DX, ...: complete on arrival) still receiving
+        ``LOST_COMPLETION_SECONDS`` after its instance arrived: its completion was lost."""
+        now = now or utcnow()
+        cutoff = now - self.quiet
+        lost = now - dt.timedelta(seconds=LOST_COMPLETION_SECONDS)
         with self.sessions() as session:
-            due = list(session.scalars(select(Series.id).where(
+            quiet = list(session.scalars(select(Series.id).where(
                 Series.state == SeriesState.receiving, Series.last_received_at <= cutoff)
                 .order_by(Series.last_received_at)))
-        completed = (self.complete(series_pk, received_before=cutoff) for series_pk in due)
+            single = list(session.scalars(select(Series.id).where(
+                Series.state == SeriesState.receiving, Series.last_received_at > cutoff,
+                Series.last_received_at <= lost, Series.modality.in_(sorted(SINGLE_IMAGE_MODALITIES)))
+                .order_by(Series.last_received_at)))
+        completed = [self.complete(series_pk, received_before=cutoff) for series_pk in quiet]
+        completed += [self.complete(series_pk) for series_pk in single]
         return [done for done in completed if done is not None]
 
     def complete(self, series_pk: int, *, received_before: dt.datetime | None = None) -> Completed | None:
@@ -168,3 +189,65 @@ class CompletionMonitor:
                 self.completion.complete_quiet()
             except Exception as exc:  # noqa: BLE001 - keep polling; the database may come back
                 log.exception("completion monitor: %s", type(exc).__name__)
+
+
+class CompletionQueue:
+    """Completion, routing and the job publish, off the C-STORE response path.
+
+    The store handler calls :meth:`submit` once an instance is committed and answers the sender at
+    once; one thread runs :meth:`Completion.after_store` in arrival order, so a slow or blocked
+    broker delays jobs, never a response. At most ``capacity`` instances wait: beyond that (or after
+    ``stop``) an instance is not queued and the monitor completes its series (see the module's
+    docstring). ``stop`` drains what is queued, for at most ``timeout`` seconds.
+    """
+
+    def __init__(self, completion: Completion, capacity: int = 10_000) -> None:
+        self.completion = completion
+        self._queue: queue.Queue[tuple[StoreResult, InstanceHeader] | None] = queue.Queue(maxsize=capacity)
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+
+    def start(self) -> "CompletionQueue":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cradle-after-store", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, result: StoreResult, header: InstanceHeader) -> bool:
+        """Queue a committed instance for completion; False (left to the monitor) when full or stopped."""
+        if self._thread is None:
+            return False
+        try:
+            self._queue.put_nowait((result, header))
+            return True
+        except queue.Full:
+            self.dropped += 1
+            log.warning("completion queue full: series %s is left to the completion monitor", result.series_pk)
+            return False
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive() or self.waiting:
+            log.warning("completion queue stopped with work left (%d waiting); the completion monitor "
+                        "completes those series at the next start", self.waiting)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            result, header = item
+            try:
+                self.completion.after_store(result, header)
+            except Exception as exc:  # noqa: BLE001 - the instance is committed; the monitor catches up
+                log.exception("completion after instance %s failed (%s); the completion monitor will "
+                              "complete series %s", result.instance_pk, type(exc).__name__, result.series_pk)

@@ -53,6 +53,7 @@ from pynetdicom.events import Event
 from common.logs import log_context
 from config.settings import NodeSettings
 from node.guard import guard_of, raw_socket
+from node.tls import peer_subject, subject_matches
 from storage.archive import FileRange
 from storage.audit import audit
 from storage.dicomfile import DatasetLimitExceeded, MalformedDataset, check_structure, inflate
@@ -80,7 +81,9 @@ DIAGNOSTIC_CALLED_AE_NOT_RECOGNISED = 0x07
 DIAGNOSTIC_LOCAL_LIMIT_EXCEEDED = 0x02
 
 AfterStore = Callable[[StoreResult, InstanceHeader], object]
-"""Called once an instance is committed (completion and routing); its failures never change the status."""
+"""Called once an instance is committed, before the answer: hands it to completion and routing, which
+run off the response path (the listener's is ``CompletionQueue.submit``, which returns at once); its
+failures never change the status."""
 
 
 # --- association control ---------------------------------------------------------------------
@@ -94,9 +97,10 @@ COUNTS = "_cradle_counts"
 
 
 def handle_requested(event: Event, called_ae_title: str, allowed: dict[str, list[str]] | None,
-                     gate=None) -> None:  # noqa: ANN001 - node.guard.ConnectionGate
-    """EVT_REQUESTED: reject an unknown calling AE (or a known one from a host not its own), before
-    any presentation context is accepted, so nothing from it can be stored. An empty ``allowed``
+                     gate=None, certificates: dict[str, str] | None = None) -> None:  # noqa: ANN001 - ConnectionGate
+    """EVT_REQUESTED: reject an unknown calling AE (or a known one from a host not its own, or without
+    the verified TLS client certificate ``certificates`` binds it to), before any presentation
+    context is accepted, so nothing from it can be stored. An empty ``allowed``
     rejects everybody; ``allowed=None`` (no allow-list configured) admits any calling AE title from
     the loopback address only. Beyond ``node.max_associations`` running, the rejection is transient
     ("local limit exceeded"). pynetdicom ignores a notification handler's exception: any error here
@@ -105,7 +109,7 @@ def handle_requested(event: Event, called_ae_title: str, allowed: dict[str, list
     if gate is not None:
         gate.associating(raw_socket(assoc))  # the request is read: the accept deadline is over
     try:
-        _check_request(assoc, called_ae_title, allowed, gate)
+        _check_request(assoc, called_ae_title, allowed, gate, certificates or {})
     except Exception as exc:  # noqa: BLE001 - never accept because a check failed
         log.error("rejected association from %s: the check failed (%s)", assoc.requestor.address,
                   type(exc).__name__)
@@ -116,7 +120,7 @@ def handle_requested(event: Event, called_ae_title: str, allowed: dict[str, list
 
 
 def _check_request(assoc, called_ae_title: str, allowed: dict[str, list[str]] | None,  # noqa: ANN001
-                   gate) -> None:  # noqa: ANN001
+                   gate, certificates: dict[str, str]) -> None:  # noqa: ANN001
     request = assoc.requestor.primitive  # A-ASSOCIATE-RQ; requestor.ae_title is set only after this event
     calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
     address = assoc.requestor.address
@@ -138,6 +142,11 @@ def _check_request(assoc, called_ae_title: str, allowed: dict[str, list[str]] | 
     elif allowed[calling] and address not in allowed[calling]:
         log.warning("rejected association from %r at %s: host not allowed for this AE title", calling, address)
         _reject(assoc, DIAGNOSTIC_CALLING_AE_NOT_RECOGNISED, "host")
+        return
+    elif calling in certificates and not subject_matches(peer_subject(raw_socket(assoc)), certificates[calling]):
+        log.warning("rejected association from %r at %s: its TLS client certificate is not the one bound to "
+                    "this AE title", calling, address)
+        _reject(assoc, DIAGNOSTIC_CALLING_AE_NOT_RECOGNISED, "certificate")
         return
     if gate is not None and not gate.reserve(assoc, calling):
         _reject(assoc, DIAGNOSTIC_LOCAL_LIMIT_EXCEEDED, "limit", result=REJECTED_TRANSIENT,

@@ -4,7 +4,8 @@ Two kinds of numbers, one endpoint:
 
 * :class:`ListenerMetrics`: counters kept by the listener as it works — instances received (by
   outcome), bytes received, associations (accepted/rejected) and rejections by reason (calling AE,
-  called AE, host, TLS handshake, association limit), C-STORE responses by status.
+  called AE, host, TLS handshake, association limit), C-STORE responses by status; the completion
+  queue's backlog and what it left to the monitor.
 * :class:`IndexCollector`: read from the index at scrape time (cached ``cache_seconds``) — queue depth
   and the oldest queued job's age, jobs by pipeline and state, job durations and outcomes by pipeline
   and model version (a histogram over finished jobs), dispatch states, sends delivered and failed by
@@ -26,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -50,6 +51,10 @@ class ListenerMetrics:
                                   "(calling_ae, called_ae, host, tls, limit)", ["reason"], registry=r)
         self.responses = Counter("cradle_c_store_responses", "C-STORE responses sent, by DIMSE status",
                                  ["status"], registry=r)
+        self.completion_waiting = Gauge("cradle_completion_queue_waiting", "Stored instances waiting for "
+                                        "completion and routing (answered already)", registry=r)
+        self.completion_left = Gauge("cradle_completion_queue_left_to_monitor", "Stored instances the full "
+                                     "completion queue left to the completion monitor, since start", registry=r)
 
     def response(self, status: int) -> None:
         self.responses.labels(status=f"0x{status:04X}").inc()

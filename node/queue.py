@@ -33,6 +33,9 @@ RUN_JOB = "cradle.run_job"
 SQLITE_POLL_SECONDS = 0.1
 """How often a worker polls the embedded SQLite broker: cheap, and most of a CR's latency budget."""
 
+BROKER_SOCKET_TIMEOUT = 10
+"""Seconds a Redis broker may take to answer (connect, publish) before the publish fails."""
+
 EMBEDDED_TRANSPORT = "node.queue:EmbeddedTransport"
 _SQLA_PREFIXES = ("sqla+", "sqlalchemy+")
 _ENGINE_OPTIONS = ("connect_args", "pool_pre_ping", "pool_recycle", "echo")
@@ -120,7 +123,9 @@ def broker_options(settings: Settings) -> tuple[str, str | None, dict[str, Any]]
         _prepare_sqlite_broker(database)
         return database, EMBEDDED_TRANSPORT, {"polling_interval": SQLITE_POLL_SECONDS,
                                               "connect_args": {"timeout": 30}}
-    options: dict[str, Any] = {"visibility_timeout": settings.queue.visibility_timeout}
+    # a broker that accepts connections and never answers would hang a publish for ever
+    options: dict[str, Any] = {"visibility_timeout": settings.queue.visibility_timeout,
+                               "socket_timeout": BROKER_SOCKET_TIMEOUT, "socket_connect_timeout": BROKER_SOCKET_TIMEOUT}
     return url, None, options
 
 

@@ -2,8 +2,10 @@
 
 ``Listener(settings, enqueue=...)`` is what ``cradle listen`` runs in the foreground and what
 ``cradle serve`` composes with the worker and dispatcher: ``start()`` sweeps the archive, opens the
-port and starts the monitor; ``stop()`` closes the port, lets running associations finish, and
-stops the monitor.
+port and starts the monitor; ``stop()`` closes the port, lets running associations finish, drains
+the completion queue and stops the monitor. A C-STORE is answered once its instance is on disk and
+indexed; completion, routing and the job publish run after, on the completion queue
+(:class:`node.completion.CompletionQueue`).
 
 pynetdicom logs identifiers (patient name and ID in its data set dumps) at DEBUG and pydicom logs
 invalid element values (a malformed birth date, say) as warnings: :func:`protect_logs` keeps both
@@ -31,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from common.logs import protect_logs
 from config.settings import NodeSettings, Settings
 from node import handlers
-from node.completion import Completion, CompletionMonitor
+from node.completion import Completion, CompletionMonitor, CompletionQueue
 from node.guard import ConnectionGate, ContextsCopiedCheaply, GuardedRequestHandler, pynetdicom_association_limit
 from node.metrics import IndexCollector, ListenerMetrics, MetricsServer
 from node.tls import tls_context
@@ -152,12 +154,12 @@ def _ssl_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def event_handlers(node: NodeSettings, ingest: Ingest, completion: Completion | None,
+def event_handlers(node: NodeSettings, ingest: Ingest, completions: CompletionQueue | None,
                    metrics: ListenerMetrics | None = None, gate: ConnectionGate | None = None) -> list:
-    after_store = completion.after_store if completion is not None else None
+    after_store = completions.submit if completions is not None else None
     allowed = None if node.loopback_only else node.calling_ae_hosts()
     return [
-        (evt.EVT_REQUESTED, handlers.handle_requested, [node.ae_title, allowed, gate]),
+        (evt.EVT_REQUESTED, handlers.handle_requested, [node.ae_title, allowed, gate, node.calling_ae_certificates()]),
         (evt.EVT_ACCEPTED, handlers.handle_accepted, [metrics]),
         (evt.EVT_REJECTED, handlers.handle_rejected, [metrics]),
         (evt.EVT_RELEASED, handlers.handle_released, [gate]),
@@ -181,8 +183,11 @@ class Listener:
         self.completion = Completion(self.sessions, settings.routing.rules,
                                      quiet_seconds=settings.completion.quiet_seconds, enqueue=enqueue)
         self.monitor = CompletionMonitor(self.completion, settings.completion.poll_seconds)
+        self.completions = CompletionQueue(self.completion, settings.completion.queue_capacity)
         self.ae = build_ae(settings.node)
         self.metrics = ListenerMetrics()
+        self.metrics.completion_waiting.set_function(lambda: self.completions.waiting)
+        self.metrics.completion_left.set_function(lambda: self.completions.dropped)
         self.metrics.registry.register(IndexCollector(self.sessions))
         self.metrics_server: MetricsServer | None = None
         self._server = None
@@ -209,6 +214,7 @@ class Listener:
                         "loopback address only (set the list to accept modalities on the network)")
         elif not node.allowed_calling_aets:
             log.warning("node.allowed_calling_aets is empty: every association will be rejected")
+        self.completions.start()
         self._server = self._start_server(node)
         self.monitor.start()
         if node.metrics_port:
@@ -223,7 +229,7 @@ class Listener:
         server = self.ae.make_server((node.host, node.port), ae_title=node.ae_title,
                                      ssl_context=tls_context(node.tls), server_class=AssociationServer,
                                      request_handler=GuardedRequestHandler,
-                                     evt_handlers=event_handlers(node, self.ingest, self.completion, self.metrics,
+                                     evt_handlers=event_handlers(node, self.ingest, self.completions, self.metrics,
                                                                  gate))
         server.contexts = ContextsCopiedCheaply(server.contexts)
         server.metrics = self.metrics
@@ -240,7 +246,9 @@ class Listener:
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Close the port, give running associations ``grace_seconds`` to finish (an answered
-        C-STORE is durable either way; an unanswered one is re-sent by its sender), stop the monitor."""
+        C-STORE is durable either way; an unanswered one is re-sent by its sender), drain the
+        completion queue (for at most ``grace_seconds`` too: what is left, the monitor completes
+        at the next start), stop the monitor."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -252,6 +260,7 @@ class Listener:
             log.warning("aborting %d association(s) still running", len(self.ae.active_associations))
         self.ae.shutdown()
         handlers.receive_to_files(self._previous_receive_to_files)
+        self.completions.stop(grace_seconds)
         self.monitor.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()

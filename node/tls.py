@@ -1,6 +1,7 @@
 """DICOM TLS contexts, BCP 195 profile (PS3.15 Annex B.9, RFC 9325): TLS 1.2 or newer, forward-secret
 AEAD cipher suites, no compression, no renegotiation. Used by the listener (server side) and the
-sender (client side, see ``node.sender``)."""
+sender (client side, see ``node.sender``). The listener also reads the subject of a peer's verified
+certificate, to which an allowed calling AE title may be bound (``certificate_subject``)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,36 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
     else:
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+_SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+                "localityName": "L", "stateOrProvinceName": "ST", "streetAddress": "STREET",
+                "domainComponent": "DC", "userId": "UID"}
+"""The RFC 4514 names of the attributes Python's ``getpeercert()`` spells out."""
+
+Subject = tuple[tuple[str, str], ...]
+
+
+def peer_subject(sock: object) -> Subject | None:
+    """The subject of the certificate the peer presented and the handshake verified, as (RFC 4514
+    attribute name, value) pairs; None without TLS, without a certificate, or when unverified."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        certificate = sock.getpeercert()  # {} when the certificate was not verified
+    except (OSError, ValueError):
+        return None
+    if not certificate:
+        return None
+    return tuple((_SHORT_NAMES.get(name, name), value) for rdn in certificate.get("subject", ()) for name, value in rdn)
+
+
+def subject_matches(subject: Subject | None, bound: str) -> bool:
+    """Whether a certificate's ``subject`` is ``bound``: a common name (``ct1.example.org``), or a
+    whole subject in RFC 4514 form (``CN=ct1.example.org,O=Hospital``; any order, no escaped commas)."""
+    if subject is None:
+        return False
+    if "=" not in bound:
+        return [value for name, value in subject if name == "CN"] == [bound]
+    wanted = [tuple(part.strip() for part in pair.split("=", 1)) for pair in bound.split(",")]
+    return sorted(subject) == sorted(wanted)

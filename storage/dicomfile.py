@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+from pydicom.datadict import dictionary_VR
 from pydicom.uid import UID
 
 
@@ -32,6 +33,8 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_DELIMITER = 0xFFFEE00D
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
+_ITEM_LE = 0xE000FFFE  # the item tag's bytes read as one little-endian 32-bit number
+_PIXEL_DATA_GROUP = 0x7FE0
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 
 
@@ -67,9 +70,12 @@ def inflate(data: bytes, *, limit: int | None = None) -> bytearray:
 def check_structure(data: bytes, *, implicit: bool, little: bool, max_elements: int | None = None) -> None:
     """Walk every element's tag and length (values are skipped, not read): each value must lie
     within the data, every undefined-length sequence and item must be delimited, and the data
-    must end where its last element ends. pydicom itself reads a truncated value silently. With
-    ``max_elements``, more elements and items than that (nested ones included) raise
-    DatasetLimitExceeded, after that many steps at most."""
+    must end where its last element ends. pydicom itself reads a truncated value silently. Items
+    of defined length are walked too, and so are sequences of defined length: a sequence (VR SQ,
+    or in Implicit VR a tag the dictionary names SQ) strictly; a UN or Implicit VR value that starts
+    with an item tag (how pydicom reads it as a sequence) as such when it parses as one. With
+    ``max_elements``, more elements and items than that (nested ones included, at any depth)
+    raise DatasetLimitExceeded, after that many steps at most."""
     if not len(data):
         raise MalformedDataset("empty data set")
     budget = [max_elements if max_elements is not None else -1]
@@ -79,6 +85,13 @@ def check_structure(data: bytes, *, implicit: bool, little: bool, max_elements: 
         raise MalformedDataset("sequences nested too deeply") from None
     except struct.error as exc:
         raise MalformedDataset(f"truncated: {exc}") from None
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return ""
 
 
 def _spend(budget: list[int]) -> None:
@@ -115,36 +128,61 @@ def _walk_elements(buf: memoryview, pos: int, end: int, implicit: bool, order: s
         if length == _UNDEFINED:
             # PS3.5 6.2.2: a UN value of undefined length is encoded in Implicit VR Little Endian
             inner_implicit, inner_order = (True, "<") if vr == b"UN" else (implicit, order)
-            pos = _walk_items(buf, pos, end, inner_implicit, inner_order, budget)
+            fragments = group == _PIXEL_DATA_GROUP or vr in (b"OB", b"OW")  # encapsulated pixel data (PS3.5 A.4)
+            pos = _walk_items(buf, pos, end, inner_implicit, inner_order, budget, fragments=fragments)
         elif pos + length > end:
             raise MalformedDataset(f"truncated: ({group:04X},{element:04X}) lacks {pos + length - end} bytes")
         else:
+            _walk_defined_value(buf, pos, pos + length, tag, vr, implicit, order, budget)
             pos += length
     if delimiter is not None:
         raise MalformedDataset("item without its delimiter")
     return pos
 
 
-def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, order: str, budget: list[int]) -> int:
+def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, order: str, budget: list[int],
+                delimited: bool = True, fragments: bool = False) -> int:
+    """The items of a sequence: up to its delimiter (undefined length), or up to ``end`` (defined).
+    Items of encapsulated pixel data (``fragments``) are bytes, not data sets."""
     header_format = order + "HHL"
     while True:
+        if not delimited and pos == end:
+            return pos
         if budget[0] >= 0:
             _spend(budget)
         if pos + 8 > end:
-            raise MalformedDataset("sequence without its delimiter")
+            raise MalformedDataset("sequence without its delimiter" if delimited else "truncated item header")
         group, element, length = struct.unpack_from(header_format, buf, pos)
         tag = group << 16 | element
         pos += 8
-        if tag == _SEQUENCE_DELIMITER:
+        if tag == _SEQUENCE_DELIMITER and delimited:
             return pos
         if tag != _ITEM:
             raise MalformedDataset(f"expected an item, found ({group:04X},{element:04X})")
         if length == _UNDEFINED:
             pos = _walk_elements(buf, pos, end, implicit, order, _ITEM_DELIMITER, budget)
         elif pos + length > end:
-            raise MalformedDataset("item runs past the end of the data set")
+            raise MalformedDataset("item runs past the end of its sequence")
         else:
+            if not fragments:
+                _walk_elements(buf, pos, pos + length, implicit, order, None, budget)
             pos += length
+
+
+def _walk_defined_value(buf: memoryview, pos: int, end: int, tag: int, vr: bytes, implicit: bool, order: str,
+                        budget: list[int]) -> None:
+    """A value of defined length that is, or may be read as, a sequence: its items and their
+    elements are walked (and counted). Only a declared sequence must parse as one."""
+    if end == pos or tag >> 16 == _PIXEL_DATA_GROUP:
+        return
+    if vr == b"SQ" or (implicit and _dictionary_vr(tag) == "SQ"):
+        _walk_items(buf, pos, end, implicit, order, budget, delimited=False)
+        return
+    if (vr == b"UN" or implicit) and end - pos >= 8 and struct.unpack_from("<L", buf, pos)[0] == _ITEM_LE:
+        try:
+            _walk_items(buf, pos, end, True, "<", budget, delimited=False)  # PS3.5 6.2.2: implicit VR LE
+        except MalformedDataset:
+            pass  # opaque bytes after all (the steps taken still count: the walk stays bounded)
 
 
 def check_file(data: bytes) -> None:

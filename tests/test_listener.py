@@ -34,7 +34,8 @@ from config.settings import CallingAE, Settings, TLSSettings
 from node.server import Listener, storage_sop_classes, supported_contexts
 from storage.db import open_index
 from storage.index import counts
-from storage.models import Instance, Job, Series
+from storage.models import Instance, Job, Series, SeriesState
+from deployment import wait_until
 from test_storage import make_image, make_mr_slice
 
 CALLED = "CRADLE"
@@ -307,6 +308,9 @@ def test_routed_series_get_exactly_their_jobs(any_index: Settings, listener: Lis
     }
     storescu(node_settings.node.port, list(files.values()))
     uid = {name: dcmread(path, stop_before_pixels=True).SeriesInstanceUID for name, path in files.items()}
+    # completion and routing run after the answers (the completion queue): every series completes soon
+    wait_until(lambda: {state for (state,) in rows(node_settings, Series.state)} == {SeriesState.complete}, 10,
+               "every series complete")
     jobs = job_rows(node_settings)
     assert sorted((series, pipeline, state, generation) for series, pipeline, state, generation, _ in jobs) == sorted(
         [(uid["cr"], "cxr", "queued", 1), (uid["dx"], "cxr", "queued", 1), (uid["mr1"], "lung-mri", "queued", 1)])
@@ -331,6 +335,7 @@ def test_synthetic_studies_end_to_end(listener: Listener, node_settings: Setting
                             and ds.PatientAge.endswith("D")}
     expected = sorted([*((uid, "cxr") for uid in neonatal_radiographs),
                        *((d.name, "lung-mri") for d in summary.mri_series_dirs)])
+    wait_until(lambda: len(enqueued) >= len(expected), 10, "the jobs (routed after the answers)")
     assert sorted((series, pipeline) for series, pipeline, *_ in job_rows(node_settings)) == expected
     assert len(enqueued) == len(expected)
     assert index_counts(node_settings)["instances"] == len(files)

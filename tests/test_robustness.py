@@ -523,6 +523,52 @@ def flooded(ds: Dataset) -> bytes:
     return encode(low) + flood + encode(high)
 
 
+def defined_length_sequence(items: list[bytes], tag: tuple[int, int] = (0x0009, 0x1001)) -> bytes:
+    """An explicit VR SQ element of defined length whose items (encoded element bytes) have defined
+    lengths too: no delimiter anywhere, so only the lengths tell where the nested elements are."""
+    body = b"".join(struct.pack("<HHL", 0xFFFE, 0xE000, len(item)) + item for item in items)
+    return struct.pack("<HH2sHL", *tag, b"SQ", 0, len(body)) + body
+
+
+def with_group_0009(ds: Dataset, payload: bytes) -> bytes:
+    """``ds`` encoded with ``payload`` (group 0009 elements) in tag order."""
+    low, high = Dataset(), Dataset()
+    for element in ds:
+        (low if element.tag.group < 0x0009 else high).add(element)
+    return encode(low) + payload + encode(high)
+
+
+def empty_elements(n: int, group: int = 0x0011) -> bytes:
+    return b"".join(struct.pack("<HH2sH", group, 0x1000 + i, b"LO", 0) for i in range(n))
+
+
+def test_element_flood_inside_defined_length_items(checked: Node) -> None:
+    """node.max_elements counts the elements of defined-length items of defined-length sequences (at
+    any depth): a flood hidden there is refused 0xC000 with nothing stored; a data set with the same
+    structure below the limit (20,000 here) is stored."""
+    node = checked
+    in_item = sentinel_image(modality="OT")
+    in_item_bytes = with_group_0009(in_item, defined_length_sequence([empty_elements(30_000)]))
+    deeper = sentinel_image(modality="OT")
+    inner = defined_length_sequence([empty_elements(12_000), empty_elements(12_000)], tag=(0x0011, 0x0900))
+    deeper_bytes = with_group_0009(deeper, defined_length_sequence([inner]))
+    below = sentinel_image(modality="OT")
+    below_bytes = with_group_0009(below, defined_length_sequence([empty_elements(500), empty_elements(500)]))
+    with association(node.port, (CR, ExplicitVRLittleEndian)) as assoc:
+        for ds, data in ((in_item, in_item_bytes), (deeper, deeper_bytes)):
+            started = time.monotonic()
+            answer = send_raw(assoc, CR, ds.SOPInstanceUID, data)
+            assert answer.Status == 0xC000 and "max_elements" in answer.ErrorComment
+            assert time.monotonic() - started < 5
+        assert send_raw(assoc, CR, below.SOPInstanceUID, below_bytes).Status == 0x0000
+    stored = {sop for (sop,) in rows(node.settings, Instance.sop_uid)}
+    assert below.SOPInstanceUID in stored
+    assert in_item.SOPInstanceUID not in stored and deeper.SOPInstanceUID not in stored
+    names = {path.stem for path in archived(node.settings)}
+    assert in_item.SOPInstanceUID not in names and deeper.SOPInstanceUID not in names
+    count("element floods inside defined-length items", 3)
+
+
 def associate_rq(calling: str) -> bytes:
     """A complete A-ASSOCIATE-RQ proposing Verification, encoded by pynetdicom."""
     from pynetdicom.pdu import A_ASSOCIATE_RQ

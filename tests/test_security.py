@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import stat
 import subprocess
 import time
@@ -233,6 +234,47 @@ def test_allow_list_binds_titles_to_hosts(node_settings: Settings, trail: Path) 
     rejected = {e["calling_ae"]: e["reason"] for e in audit_events(trail, "association.rejected")}
     assert rejected == {"FARSCU": "host", "STRANGER": "calling_ae"}
     assert all(e["address"] == "127.0.0.1" for e in audit_events(trail) if e["event"].startswith("association."))
+
+
+def test_calling_ae_bound_to_its_tls_certificate(node_settings: Settings, pki: PKI, trail: Path) -> None:
+    """A calling AE title bound to a certificate subject associates only with that verified client
+    certificate: MODALITY1 by its CN, FULL by the whole subject (any order), WRONG by a subject the
+    certificate does not have. Another trusted certificate, or none, is rejected and audited with
+    reason "certificate"; TESTSCU is bound to none and associates with any verified certificate."""
+    directory = pki.ca.parent
+    client_ext = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
+    other = _issue(directory, "other", "/CN=OTHER", (pki.ca, directory / "cradle-test-ca.key"), client_ext)
+    certificates = {"modality": (pki.client_cert, pki.client_key), "other": other, None: None}
+    tls_settings(node_settings, pki, require_client_certificate=False)
+    node_settings.node.allowed_calling_aets = [
+        CallingAE(ae_title="MODALITY1", certificate_subject="MODALITY1"),
+        CallingAE(ae_title="FULL", certificate_subject="O=Neonatal Unit, CN=MODALITY1"),
+        CallingAE(ae_title="WRONG", certificate_subject="CN=MODALITY1,O=Another Unit"), "TESTSCU"]
+
+    def echo(calling: str, certificate: str | None) -> bool:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+        if certificates[certificate] is not None:
+            context.load_cert_chain(*map(str, certificates[certificate]))
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node_settings.node.port, ae_title=CALLED, tls_args=(context, "localhost"))
+        if not assoc.is_established:
+            return False
+        answered = assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        return answered
+
+    cases = [("MODALITY1", "modality", True), ("MODALITY1", "other", False), ("MODALITY1", None, False),
+             ("FULL", "modality", True), ("FULL", "other", False), ("WRONG", "modality", False),
+             ("TESTSCU", "other", True), ("TESTSCU", None, True)]
+    with Listener(node_settings, enqueue=Enqueued()):
+        outcomes = [(calling, certificate, echo(calling, certificate)) for calling, certificate, _ in cases]
+    assert outcomes == cases
+    rejected = sorted((e["calling_ae"], e["reason"], e["tls"]) for e in audit_events(trail, "association.rejected"))
+    assert rejected == sorted([("MODALITY1", "certificate", True)] * 2 + [("FULL", "certificate", True),
+                                                                          ("WRONG", "certificate", True)])
+    with pytest.raises(ValueError, match="certificate_subject needs node.tls"):
+        Settings.model_validate({"node": {"allowed_calling_aets": [{"ae_title": "A", "certificate_subject": "a"}]}})
 
 
 # --- DICOM TLS: the sender -----------------------------------------------------------------------------

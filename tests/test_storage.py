@@ -431,3 +431,29 @@ def test_check_file_accepts_whole_files_and_rejects_every_cut(syntax: str, tmp_p
     if not deflated:
         with pytest.raises(MalformedDataset):
             check_file(whole + b"\x00" * 7)  # trailing bytes that are no element
+
+
+def _sequence_of(tag: int, vr: str, items: int, elements: int) -> Dataset:
+    ds = Dataset()
+    ds.add_new(tag, vr, [Dataset() for _ in range(items)])
+    for item in ds[tag].value:
+        for i in range(elements):
+            item.add_new(0x00111000 + i, "LO", "")
+    return ds
+
+
+@pytest.mark.parametrize(("tag", "implicit"), [(0x00081140, False), (0x00081140, True), (0x00091001, True)],
+                         ids=["explicit SQ", "implicit, SQ by the dictionary", "implicit private, items by their tag"])
+def test_element_count_includes_defined_length_items(tag: int, implicit: bool) -> None:
+    """pydicom writes sequences and items of defined length: their elements count, exactly."""
+    from storage.dicomfile import DatasetLimitExceeded, check_structure
+    from test_listener import encode
+
+    ds = _sequence_of(tag, "SQ", items=3, elements=40)
+    data = encode(ds, implicit=implicit)
+    length_at = 4 if implicit else 8
+    assert data[length_at:length_at + 4] != b"\xff\xff\xff\xff"  # the sequence's length is defined
+    total = 1 + 3 + 3 * 40  # the sequence, its items, their elements
+    check_structure(data, implicit=implicit, little=True, max_elements=total)
+    with pytest.raises(DatasetLimitExceeded):
+        check_structure(data, implicit=implicit, little=True, max_elements=total - 1)

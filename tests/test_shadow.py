@@ -29,7 +29,7 @@ from inference.results import SHADOW_RUN
 from storage.db import open_index, transaction
 from storage.models import Instance, Job, JobState, Send, Series, StudyLabel
 from test_pipelines import CXR_SPEC, VIEWS, dciodvfy_errors, register_active
-from training.synth import make_cxr
+from training.synth import make_cxr, make_mr_series
 
 
 def _cradle(config: Path, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
@@ -211,7 +211,7 @@ def _compare_and_promote(tmp_path: Path, config: Path, capsys: pytest.CaptureFix
     assert labels["cases"] == 2
     assert (labels["active"]["sensitivity"], labels["active"]["specificity"]) == (1.0, 0.0)
     assert (labels["shadow"]["sensitivity"], labels["shadow"]["specificity"]) == (0.0, 1.0)
-    assert "p_value" in labels["paired_test"]
+    assert "needs at least 2" in labels["paired_test"]["not_done"]  # DeLong: see test_compare_with_labels
 
     gated = _config(tmp_path, free_port(), free_port(), free_port(), promotion={"min_shadow_cases": 3})
     code, _, err = _cradle(gated, capsys, "models", "promote", "bpd", b)
@@ -224,3 +224,140 @@ def _compare_and_promote(tmp_path: Path, config: Path, capsys: pytest.CaptureFix
     gated = _config(tmp_path, free_port(), free_port(), free_port(), promotion={"min_shadow_cases": 2})
     assert _cradle(gated, capsys, "models", "promote", "bpd", b)[0] == 0
     assert ModelRegistry(tmp_path / "models").active("bpd").version == b
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def _index(tmp_path: Path):  # noqa: ANN202
+    from storage.archive import Archive
+    from storage.ingest import Ingest
+
+    sessions = open_index(f"sqlite:///{tmp_path / 'index.db'}")
+    archive = Archive(tmp_path / "archive", fsync=False)
+    return sessions, archive, Ingest(archive, sessions)
+
+
+def _job(sessions, series_pk: int, shadow: str, summary: dict, instances: list | None = None) -> None:  # noqa: ANN001
+    from storage.models import utcnow
+
+    with transaction(sessions) as session:
+        session.add(Job(series_pk=series_pk, pipeline="cxr", shadow=shadow, state=JobState.done, finished_at=utcnow(),
+                        result={"instances": instances or [], "summary": summary}))
+
+
+def _finding(probability: float, model: str) -> dict:
+    return {"findings": {"bpd": {"probability": probability, "threshold": 0.5, "positive": probability >= 0.5,
+                                 "model": model}}}
+
+
+def test_compare_with_labels(tmp_path: Path) -> None:
+    """Six films: the calls agree on four (kappa 1/3 by hand: p_o 4/6, p_e 1/2); against the labels the
+    active version ranks perfectly (AUROC 1) and the shadow 8 of 9 pairs; DeLong pairs them."""
+    from config.tasks import load_catalogue
+    from training.shadow import compare
+
+    sessions, archive, ingest = _index(tmp_path)
+    active = [0.9, 0.8, 0.7, 0.3, 0.2, 0.1]
+    shadow = [0.9, 0.8, 0.4, 0.3, 0.2, 0.6]
+    truth = [1, 1, 1, 0, 0, 0]
+    for seed, (p_active, p_shadow, label) in enumerate(zip(active, shadow, truth)):
+        stored = ingest.store_dataset(make_cxr(np.random.default_rng(seed), modality="CR", size=64), is_result=False)
+        _job(sessions, stored.series_pk, "", _finding(p_active, "bpd-1"))
+        _job(sessions, stored.series_pk, "bpd-2", _finding(p_shadow, "bpd-2"))
+        with transaction(sessions) as session:
+            session.add(StudyLabel(study_pk=stored.study_pk, task="bpd", value=float(label), source="test"))
+    with transaction(sessions) as session:  # a shadow run that failed counts as a run, not as a case
+        session.add(Job(series_pk=stored.series_pk, pipeline="lung-mri", shadow="bpd-2", state=JobState.failed))
+
+    result = compare(sessions, archive, load_catalogue().get("bpd"), "bpd-2").as_dict()
+    assert (result["cases"], result["disagreements"], result["shadow_runs"]) == (6, 2, {"done": 6, "failed": 1})
+    assert result["agreement"] == pytest.approx(4 / 6) and result["kappa"] == pytest.approx(1 / 3)
+    assert result["probability_difference"]["mean"] == pytest.approx((-0.3 + 0.5) / 6)
+    labels = result["labels"]
+    assert labels["cases"] == 6 and labels["active"]["auroc"] == 1.0
+    assert labels["shadow"]["auroc"] == pytest.approx(8 / 9)
+    assert labels["paired_test"]["auc_a"] == pytest.approx(8 / 9) and 0 < labels["paired_test"]["p_value"] < 1
+
+
+def test_compare_segmentation_reads_both_segs(tmp_path: Path) -> None:
+    """The shadow version's mask misses the left lung on three slices: the Dice of each lung between
+    the archived SEGs is what the masks give, and the volume difference is the summaries'."""
+    from config.tasks import load_catalogue
+    from inference.results import AlgorithmIdentity
+    from inference.seg import lung_segmentation
+    from training.shadow import SEG_STORAGE, compare
+
+    sessions, archive, ingest = _index(tmp_path)
+    series, labels = make_mr_series(np.random.default_rng(4), shape=(10, 48, 48))
+    for ds in series:
+        stored = ingest.store_dataset(ds, is_result=False)
+    trimmed = labels.copy()
+    trimmed[3:6][trimmed[3:6] == 1] = 0
+    assert (labels == 1).sum() > (trimmed == 1).sum() > 0
+    for version, mask, total in (("", labels, 50.0), ("lung-seg-2", trimmed, 46.5)):
+        algorithm = AlgorithmIdentity("cradle lung-seg test", f"shadow-{version}" if version else "lung-seg-1",
+                                      clinical=not version)
+        seg = lung_segmentation(series, mask, algorithm)
+        assert dciodvfy_errors(seg, tmp_path / "check.dcm") == []
+        assert seg.SeriesDescription.startswith(SHADOW_RUN) == bool(version)
+        ingest.store_dataset(seg)
+        with transaction(sessions) as session:
+            session.add(Job(series_pk=stored.series_pk, pipeline="lung-mri", shadow=version, state=JobState.done,
+                            result={"instances": [{"sop_uid": str(seg.SOPInstanceUID), "sop_class_uid": SEG_STORAGE}],
+                                    "summary": {"volumes_ml": {"total": total}}}))
+
+    result = compare(sessions, archive, load_catalogue().get("lung-seg"), "lung-seg-2").as_dict()
+    left = 2 * (trimmed == 1).sum() / ((labels == 1).sum() + (trimmed == 1).sum())
+    assert result["cases"] == 1
+    assert list(result["dice_per_segment"].values()) == [pytest.approx(left), 1.0]
+    assert result["agreement"] == pytest.approx((left + 1.0) / 2)
+    assert result["volume_difference_ml"]["total"]["mean"] == pytest.approx(-3.5)
+
+
+def test_registry_shadows(tmp_path: Path) -> None:
+    """Shadow and stop are recorded with since/by; the active version and damaged weights are refused;
+    a promoted version leaves the shadows."""
+    from inference.registry import RegistryError
+
+    versions = _registry(tmp_path)
+    registry = ModelRegistry(tmp_path / "models")
+    with pytest.raises(RegistryError, match="is the active"):
+        registry.start_shadow("bpd", versions["a"])
+    Path(versions["broken_file"]).write_bytes(b"damaged")
+    with pytest.raises(RegistryError, match="sha256"):
+        registry.start_shadow("bpd", versions["broken"])
+    first = registry.start_shadow("bpd", versions["b"])
+    assert registry.start_shadow("bpd", versions["b"]) == first  # again: the same shadow, the same since
+    assert [s["version"] for s in registry.shadows("bpd")] == [versions["b"]]
+    assert registry.history("bpd")[-1]["action"] == "shadow"
+    registry.stop_shadow("bpd", versions["b"])
+    with pytest.raises(RegistryError, match="not in shadow"):
+        registry.stop_shadow("bpd", versions["b"])
+    registry.start_shadow("bpd", versions["b"])
+    registry.activate("bpd", versions["b"], accept_unvalidated=True, reason="test")
+    assert registry.shadows("bpd") == []
+
+
+@pytest.mark.postgres
+def test_shadow_jobs_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    """The migrated unique constraint (series, pipeline, shadow) is the one job creation relies on: a
+    clinical and two shadow jobs on one series, created twice, are three rows; a second start re-queues."""
+    from node.routing import create_jobs, start_shadow_jobs
+    from storage.archive import Archive
+    from storage.ingest import Ingest
+
+    sessions = open_index(pg_url)
+    stored = Ingest(Archive(tmp_path / "archive", fsync=False), sessions).store_dataset(
+        make_cxr(np.random.default_rng(0), modality="CR", size=64), is_result=False)
+    with transaction(sessions) as session:
+        clinical = create_jobs(session, stored.series_pk, ["cxr"])
+        shadows = start_shadow_jobs(session, stored.series_pk, "cxr", ["bpd-2", "bpd-3"])
+        assert create_jobs(session, stored.series_pk, ["cxr"]) == clinical
+    with transaction(sessions) as session:
+        session.execute(Job.__table__.update().values(state=JobState.done))
+    with transaction(sessions) as session:
+        assert start_shadow_jobs(session, stored.series_pk, "cxr", ["bpd-2", "bpd-3"]) == shadows
+    with sessions() as session:
+        rows = session.execute(select(Job.shadow, Job.state, Job.generation)).all()
+    assert sorted(rows) == [("", JobState.done, 1), ("bpd-2", JobState.queued, 2), ("bpd-3", JobState.queued, 2)]

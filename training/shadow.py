@@ -34,6 +34,8 @@ from storage.models import Instance, Job, JobState, Series, StudyLabel
 from training.evaluate import binary_metrics, delong_test, dice_iou
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+MIN_PER_CLASS = 2
+"""Labelled cases of each class DeLong's variance needs (with one, it is undefined)."""
 
 
 class CompareError(ValueError):
@@ -191,11 +193,11 @@ def binary_against_labels(cases: list[tuple[Pair, tuple, tuple]], labels: dict[i
     result: dict[str, Any] = {"cases": len(labelled),
                               "active": binary_metrics(y, active, labelled[0][1][2]),
                               "shadow": binary_metrics(y, shadow, labelled[0][2][2])}
-    try:
-        test = delong_test(y, shadow, active)
-        result["paired_test"] = {"test": "DeLong (shadow vs active AUROC)", **test.as_dict()}
-    except ValueError as exc:
-        result["paired_test"] = {"test": "DeLong", "not_done": str(exc)}
+    if min(y.sum(), len(y) - y.sum()) < MIN_PER_CLASS:
+        result["paired_test"] = {"test": "DeLong", "not_done": f"needs at least {MIN_PER_CLASS} labelled cases "
+                                                                f"of each class"}
+    else:
+        result["paired_test"] = {"test": "DeLong (shadow vs active AUROC)", **delong_test(y, shadow, active).as_dict()}
     return result
 
 

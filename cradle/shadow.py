@@ -92,7 +92,7 @@ def models_compare(args: argparse.Namespace, settings: Settings) -> int:
         result = comparison(settings, args.task, args.version, args.since)
     except RegistryError as exc:
         return _fail(str(exc))
-    paths = write_compare_report(report_dir(settings.training.runs_dir, result), result)
+    paths = write_compare_report(report_dir(settings.models_dir, result), result)
     data = {**result.as_dict(), "report": str(paths[1])}
     if args.json:
         print_json(data)

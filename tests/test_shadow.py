@@ -65,7 +65,6 @@ def _config(tmp_path: Path, node_port: int, clinical: int, research: int, **extr
             {"name": "research", "ae_title": "RESEARCH", "host": "127.0.0.1", "port": research, "research": True},
         ],
         "models_dir": str(tmp_path / "models"),
-        "training": {"runs_dir": str(tmp_path / "runs")},
         **extra,
     }))
     return config
@@ -199,7 +198,9 @@ def _compare_and_promote(tmp_path: Path, config: Path, capsys: pytest.CaptureFix
     assert (result["cases"], result["agreement"], result["disagreements"]) == (2, 0.0, 2)
     assert result["active_versions"] == [a] and result["shadow_runs"] == {"done": 2}
     assert result["probability_difference"]["mean"] < -0.9  # A says ~0.98, B ~0.02
-    assert Path(result["report"]).is_file() and (Path(result["report"]).parent / "probabilities.png").is_file()
+    report = Path(result["report"])
+    assert report == tmp_path / "models" / "bpd" / "reports" / b / "shadow" / "compare.html" and report.is_file()
+    assert (report.parent / "probabilities.png").is_file() and f"{b} in shadow" in report.read_text()
     assert json.loads(_cradle(config, capsys, "models", "compare", "bpd", b, "--json", "--since",
                               "2999-01-01")[1])["cases"] == 0
 

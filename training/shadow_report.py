@@ -1,6 +1,6 @@
 """The comparison report of a version in shadow (``cradle models compare``): ``compare.json`` and
-``compare.html`` with its plots, in ``training.runs_dir/TASK/shadow-VERSION/`` beside the task's
-training runs. Plots use matplotlib's Agg backend, as the training report does."""
+``compare.html`` with its plots, in ``models_dir/TASK/reports/VERSION/shadow/``, beside the
+version's training report. Plots use matplotlib's Agg backend, as the training report does."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from training.report import _fmt, _save, plt
 from training.shadow import Comparison
 
 
-def report_dir(runs_dir: Path, comparison: Comparison) -> Path:
-    return Path(runs_dir) / comparison.task / f"shadow-{comparison.version}"
+def report_dir(models_dir: Path, comparison: Comparison) -> Path:
+    return Path(models_dir) / comparison.task / "reports" / comparison.version / "shadow"
 
 
 def plot_probabilities(comparison: Comparison, path: Path) -> Path:

@@ -122,11 +122,12 @@ def test_shadow_runs_beside_the_active_version(tmp_path: Path, capsys: pytest.Ca
         wait_until(lambda: subprocess.run([shutil.which("echoscu", path="/usr/bin") or "echoscu", "-aet", "ECHOSCU",
                                            "-aec", "CRADLE", "127.0.0.1", str(node_port)],
                                           capture_output=True).returncode == 0, 90, "the node", interval=0.5)
-        for number, (path, series_uid) in enumerate(films[:2], start=1):
-            push(path)
+        push(films[0][0])
+        push(films[1][0])
+        for number, (_, series_uid) in enumerate(films[:2], start=1):
             wait_until(lambda: _finished(sessions, series_uid, {b, broken}), 180, f"film {number}'s jobs",
                        interval=0.3)
-            wait_until(lambda: len(clinical.received) >= number, 60, "the clinical SR", interval=0.3)
+        wait_until(lambda: len(clinical.received) >= 2, 60, "the clinical SRs", interval=0.3)
         first = _jobs(sessions, films[0][1])
         second = _jobs(sessions, films[1][1])
 
@@ -159,6 +160,7 @@ def test_shadow_runs_beside_the_active_version(tmp_path: Path, capsys: pytest.Ca
     # B's runs: archived, marked, distinct UIDs, sent to the research destination only
     for jobs in (first, second):
         assert jobs[b].state == JobState.done and jobs[b].model_version.startswith("shadow-"), log
+        assert jobs[b].started_at >= jobs[""].finished_at  # after the clinical run, never before it
         assert jobs[broken].state == JobState.failed and "sha256" in jobs[broken].error
         assert jobs[b].result["summary"]["findings"]["bpd"]["positive"] is False
         assert jobs[""].result["summary"]["findings"]["bpd"]["positive"] is True

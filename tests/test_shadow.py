@@ -47,9 +47,9 @@ def _registry(tmp_path: Path) -> dict[str, str]:
 
     b = registry.register("bpd", "resnet18", biased_state("bpd", "resnet18", -4.0, seed=1),
                           input_spec=CXR_SPEC, threshold=0.5).version
-    broken = registry.register("bpd", "resnet18", biased_state("bpd", "resnet18", 4.0, seed=2),
-                               input_spec=CXR_SPEC, threshold=0.5)
-    return {"a": a, "b": b, "broken": broken.version, "broken_file": str(broken.weights)}
+    c = registry.register("bpd", "resnet18", biased_state("bpd", "resnet18", 4.0, seed=2),
+                          input_spec=CXR_SPEC, threshold=0.5)
+    return {"a": a, "b": b, "c": c.version, "c_file": str(c.weights)}
 
 
 def _config(tmp_path: Path, node_port: int, clinical: int, research: int, **extra: object) -> Path:
@@ -96,11 +96,11 @@ def test_shadow_runs_beside_the_active_version(tmp_path: Path, capsys: pytest.Ca
     node_port, clinical_port, research_port = free_port(), free_port(), free_port()
     config = _config(tmp_path, node_port, clinical_port, research_port)
     versions = _registry(tmp_path)
-    a, b, broken = versions["a"], versions["b"], versions["broken"]
+    a, b, broken = versions["a"], versions["b"], versions["c"]
     assert _cradle(config, capsys, "models", "shadow", "bpd", a)[0] == 1  # the active one cannot shadow itself
     assert _cradle(config, capsys, "models", "shadow", "bpd", b)[0] == 0
     assert _cradle(config, capsys, "models", "shadow", "bpd", broken)[0] == 0
-    Path(versions["broken_file"]).write_bytes(b"damaged after it went into shadow")
+    Path(versions["c_file"]).write_bytes(b"damaged after it went into shadow")
     code, out, _ = _cradle(config, capsys, "models", "list", "--json")
     listed = json.loads(out)["bpd"]
     assert listed["active"] == a and [s["version"] for s in listed["shadows"]] == [b, broken]
@@ -327,9 +327,9 @@ def test_registry_shadows(tmp_path: Path) -> None:
     registry = ModelRegistry(tmp_path / "models")
     with pytest.raises(RegistryError, match="is the active"):
         registry.start_shadow("bpd", versions["a"])
-    Path(versions["broken_file"]).write_bytes(b"damaged")
+    Path(versions["c_file"]).write_bytes(b"damaged")
     with pytest.raises(RegistryError, match="sha256"):
-        registry.start_shadow("bpd", versions["broken"])
+        registry.start_shadow("bpd", versions["c"])
     first = registry.start_shadow("bpd", versions["b"])
     assert registry.start_shadow("bpd", versions["b"]) == first  # again: the same shadow, the same since
     assert [s["version"] for s in registry.shadows("bpd")] == [versions["b"]]
@@ -364,3 +364,43 @@ def test_shadow_jobs_on_postgresql(pg_url: str, tmp_path: Path) -> None:
     with sessions() as session:
         rows = session.execute(select(Job.shadow, Job.state, Job.generation)).all()
     assert sorted(rows) == [("", JobState.done, 1), ("bpd-2", JobState.queued, 2), ("bpd-3", JobState.queued, 2)]
+
+
+@pytest.mark.slow
+def test_shadow_results_are_marked_and_deterministic(tmp_path: Path) -> None:
+    """The pipelines' shadow runs: a finding's shadow runs that finding only (with its Grad-CAM region),
+    the lung shadow writes SEG and SR; every object is marked and valid, with other UIDs than the
+    clinical run's, and (cxr) the same UIDs on a re-run."""
+    from config.settings import load_settings
+    from inference.pipelines import PipelineContext, get_pipeline
+    from inference.registry import ModelCache
+    from test_pipelines import SEG_SPEC, biased_state
+
+    versions = _registry(tmp_path)
+    registry = ModelRegistry(tmp_path / "models")
+    register_active(registry, "pneumonia", "resnet18", -4.0, CXR_SPEC)
+    register_active(registry, "lung-seg", "flexible_unet_resnet18", 8.0, SEG_SPEC)
+    seg_b = registry.register("lung-seg", "flexible_unet_resnet18", biased_state("lung-seg", "flexible_unet_resnet18",
+                                                                                 8.0, seed=1), input_spec=SEG_SPEC)
+    settings = load_settings(None, models_dir=str(tmp_path / "models"))
+    context = PipelineContext(registry=registry, device="cpu", settings=settings, models=ModelCache())
+    film = [make_cxr(np.random.default_rng(7), modality="CR", size=192)]
+    series, _ = make_mr_series(np.random.default_rng(8), shape=(8, 48, 48))
+    for pipeline, sources, shadow, repeat in (("cxr", film, versions["c"], 2), ("lung-mri", series, seg_b.version, 1)):
+        clinical = get_pipeline(pipeline).run(sources, context)
+        runs = [get_pipeline(pipeline).run(sources, context.for_shadow(shadow)) for _ in range(repeat)]
+        assert runs[0].model_version.startswith("shadow-") and shadow in runs[0].model_version
+        assert [d.SOPInstanceUID for d in runs[0].datasets] == [d.SOPInstanceUID for d in runs[-1].datasets]
+        assert not {d.SOPInstanceUID for d in runs[0].datasets} & {d.SOPInstanceUID for d in clinical.datasets}
+        assert not {d.SeriesInstanceUID for d in runs[0].datasets} & {d.SeriesInstanceUID for d in clinical.datasets}
+        for ds in runs[0].datasets:
+            assert ds.SeriesDescription.startswith(SHADOW_RUN)
+            assert dciodvfy_errors(ds, tmp_path / "check.dcm") == []
+        assert not any(SHADOW_RUN in d.SeriesDescription for d in clinical.datasets)
+        if pipeline == "cxr":
+            findings = runs[0].summary["findings"]
+            assert set(findings) == {"bpd"} and findings["bpd"]["model"] == versions["c"]
+            assert findings["bpd"]["region"] is True
+            assert set(clinical.summary["findings"]) == {"bpd", "pneumonia"}
+            assert clinical.summary["findings"]["bpd"]["model"] == versions["a"]
+    assert set(runs[0].summary["tasks_run"]) == {"lung-seg"} and len(runs[0].datasets) == 2

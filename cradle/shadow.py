@@ -118,7 +118,8 @@ def shadow_gate(settings: Settings, task: str, version: str) -> str | None:
     found = comparison(settings, task, version)
     if found.cases < wanted.min_shadow_cases:
         return (f"{version} ran in shadow on {found.cases} studies beside the active version; "
-                f"promotion.min_shadow_cases asks for {wanted.min_shadow_cases} (cradle models shadow {task} {version})")
+                f"promotion.min_shadow_cases asks for {wanted.min_shadow_cases} "
+                f"(cradle models shadow {task} {version})")
     if wanted.min_shadow_agreement > 0 and (found.agreement is None or found.agreement < wanted.min_shadow_agreement):
         shown = "n/a" if found.agreement is None else f"{found.agreement:.3f}"
         return (f"{version} agrees with the active version on {shown} of {found.cases} shadow studies; "

@@ -81,9 +81,9 @@ def _print_table(listed: list[dict[str, Any]]) -> None:
     print(header)
     for job in listed:
         error = (job["error"] or "")[:80]
+        model = (job["model_version"] or job["shadow"] or "-")[:20]
         print(f"{job['id']:>6}  {job['series_pk']:>6}  {job['pipeline']:<10} {job['state']:<8} "
-              f"{job['attempts']:>5}  {job['dispatch_state']:<8} {(job['model_version'] or job['shadow'] or '-')[:20]:<20} "
-              f"{error}")
+              f"{job['attempts']:>5}  {job['dispatch_state']:<8} {model:<20} {error}")
 
 
 def jobs_show(args: argparse.Namespace, settings: Settings) -> int:

@@ -39,9 +39,10 @@ def _cradle(config: Path, capsys: pytest.CaptureFixture, *args: str) -> tuple[in
     return code, out, err
 
 
-def _registry(tmp_path: Path) -> dict[str, str]:
+def _registry(tmp_path: Path, view: bool = True) -> dict[str, str]:
     registry = ModelRegistry(tmp_path / "models")
-    register_active(registry, "view", "resnet18", {VIEWS.index("chest_frontal"): 6.0}, CXR_SPEC)
+    if view:
+        register_active(registry, "view", "resnet18", {VIEWS.index("chest_frontal"): 6.0}, CXR_SPEC)
     a = register_active(registry, "bpd", "resnet18", 4.0, CXR_SPEC, threshold=0.5)
     from test_pipelines import biased_state
 
@@ -283,6 +284,30 @@ def test_compare_with_labels(tmp_path: Path) -> None:
     assert labels["paired_test"]["auc_a"] == pytest.approx(8 / 9) and 0 < labels["paired_test"]["p_value"] < 1
 
 
+def test_compare_regression(tmp_path: Path) -> None:
+    """Regression (the site's toy-age, its runs reporting ``value``): mean absolute difference between the
+    versions and each version's MAE against the labels, paired by Wilcoxon."""
+    from config.tasks import load_catalogue
+    from site_tasks import write_site_tasks
+    from training.shadow import compare
+
+    task = load_catalogue(write_site_tasks(tmp_path)).get("toy-age")
+    sessions, archive, ingest = _index(tmp_path)
+    for seed, (active, shadow, truth) in enumerate(((10.0, 12.0, 11.0), (20.0, 17.0, 18.0), (30.0, 30.0, 36.0),
+                                                    (40.0, 44.0, 41.0))):
+        stored = ingest.store_dataset(make_cxr(np.random.default_rng(seed), modality="CR", size=64), is_result=False)
+        for version, value in (("", active), (f"{task.name}-2", shadow)):
+            _job(sessions, stored.series_pk, version, {"findings": {task.name: {"value": value}}})
+        with transaction(sessions) as session:
+            session.add(StudyLabel(study_pk=stored.study_pk, task=task.name, value=truth, source="test"))
+    result = compare(sessions, archive, task, f"{task.name}-2").as_dict()
+    assert result["cases"] == 4 and result["mean_absolute_difference"] == pytest.approx((2 + 3 + 0 + 4) / 4)
+    labels = result["labels"]
+    assert labels["active"]["mae"] == pytest.approx((1 + 2 + 6 + 1) / 4)
+    assert labels["shadow"]["mae"] == pytest.approx((1 + 1 + 6 + 3) / 4)
+    assert 0 < labels["paired_test"]["p_value"] <= 1
+
+
 def test_compare_segmentation_reads_both_segs(tmp_path: Path) -> None:
     """The shadow version's mask misses the left lung on three slices: the Dice of each lung between
     the archived SEGs is what the masks give, and the volume difference is the summaries'."""
@@ -323,7 +348,7 @@ def test_registry_shadows(tmp_path: Path) -> None:
     a promoted version leaves the shadows."""
     from inference.registry import RegistryError
 
-    versions = _registry(tmp_path)
+    versions = _registry(tmp_path, view=False)
     registry = ModelRegistry(tmp_path / "models")
     with pytest.raises(RegistryError, match="is the active"):
         registry.start_shadow("bpd", versions["a"])
@@ -386,7 +411,8 @@ def test_shadow_results_are_marked_and_deterministic(tmp_path: Path) -> None:
     context = PipelineContext(registry=registry, device="cpu", settings=settings, models=ModelCache())
     film = [make_cxr(np.random.default_rng(7), modality="CR", size=192)]
     series, _ = make_mr_series(np.random.default_rng(8), shape=(8, 48, 48))
-    for pipeline, sources, shadow, repeat in (("cxr", film, versions["c"], 2), ("lung-mri", series, seg_b.version, 1)):
+    runs_of = (("cxr", film, versions["c"], 2), ("lung-mri", series, seg_b.version, 1))
+    for pipeline, sources, shadow, repeat in runs_of:
         clinical = get_pipeline(pipeline).run(sources, context)
         runs = [get_pipeline(pipeline).run(sources, context.for_shadow(shadow)) for _ in range(repeat)]
         assert runs[0].model_version.startswith("shadow-") and shadow in runs[0].model_version

@@ -197,7 +197,8 @@ def binary_against_labels(cases: list[tuple[Pair, tuple, tuple]], labels: dict[i
         result["paired_test"] = {"test": "DeLong", "not_done": f"needs at least {MIN_PER_CLASS} labelled cases "
                                                                 f"of each class"}
     else:
-        result["paired_test"] = {"test": "DeLong (shadow vs active AUROC)", **delong_test(y, shadow, active).as_dict()}
+        test = delong_test(y, shadow, active)
+        result["paired_test"] = {"test": "DeLong (shadow vs active AUROC)", **test.as_dict()}
     return result
 
 
@@ -279,7 +280,8 @@ def compare_segmentation(task: TaskDefinition, found: list[Pair], session: Sessi
         "dice": _distribution(per_case),
         "dice_per_segment": {names[n - 1] if 0 < n <= len(names) else str(n):
                              float(np.mean([d[n] for _, d in cases])) for n in (cases[0][1] if cases else {})},
-        "volume_difference_ml": {name: _distribution(np.array(values)) for name, values in volume_differences.items()},
+        "volume_difference_ml": {name: _distribution(np.array(values))
+                                 for name, values in volume_differences.items()},
     }
     out.series = {"series_pk": [p.series_pk for p, _ in cases], "dice": per_case.tolist(),
                   "volume_difference_ml": volume_differences.get("total", [])}

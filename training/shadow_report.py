@@ -73,7 +73,8 @@ def html_page(data: dict[str, Any], images: list[str]) -> str:
     esc = html.escape
     table = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _rows(data))
     pictures = "".join(f'<figure><img src="{esc(i)}" alt="{esc(Path(i).stem)}"></figure>' for i in images)
-    title = f"{data['task']}: {data['version']} in shadow beside {', '.join(data['active_versions']) or 'the active version'}"
+    beside = ", ".join(data["active_versions"]) or "the active version"
+    title = f"{data['task']}: {data['version']} in shadow beside {beside}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}

@@ -98,7 +98,7 @@ def models_compare(args: argparse.Namespace, settings: Settings) -> int:
         print_json(data)
         return 0
     agreement = "n/a" if data["agreement"] is None else f"{data['agreement']:.3f}"
-    print(f"{args.version} beside {', '.join(result.active_versions) or 'no active version'}: "
+    print(f"{args.version} beside {', '.join(result.active_versions) or 'the active version'}: "
           f"{data['cases']} studies seen by both, agreement {agreement}")
     for key in ("kappa", "disagreements", "mean_absolute_difference"):
         if key in data:

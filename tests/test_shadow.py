@@ -255,6 +255,31 @@ def _finding(probability: float, model: str) -> dict:
                                  "model": model}}}
 
 
+def _check_report(tmp_path: Path, found, plot: str) -> None:  # noqa: ANN001
+    from training.shadow_report import report_dir, write_compare_report
+
+    paths = write_compare_report(report_dir(tmp_path / "models", found), found)
+    assert [p.name for p in paths] == ["compare.json", "compare.html", plot] and all(p.stat().st_size for p in paths)
+    assert json.loads(paths[0].read_text())["cases"] == found.cases
+
+
+def test_compare_view_calls(tmp_path: Path) -> None:
+    """A view version in shadow: its labels against the active one's, frontal-chest probabilities."""
+    from config.tasks import load_catalogue
+    from training.shadow import compare
+
+    sessions, archive, ingest = _index(tmp_path)
+    calls = (("chest_frontal", 0.9, "chest_frontal", 0.8), ("chest_lateral", 0.2, "chest_frontal", 0.6))
+    for seed, (active, p_active, shadow, p_shadow) in enumerate(calls):
+        stored = ingest.store_dataset(make_cxr(np.random.default_rng(seed), modality="CR", size=64), is_result=False)
+        for version, label, probability in (("", active, p_active), ("view-2", shadow, p_shadow)):
+            view = {"label": label, "frontal_chest_probability": probability}
+            _job(sessions, stored.series_pk, version, {"view": view})
+    result = compare(sessions, archive, load_catalogue().get("view"), "view-2").as_dict()
+    assert (result["cases"], result["agreement"], result["disagreements"]) == (2, 0.5, 1)
+    assert result["probability_difference"]["mean"] == pytest.approx((-0.1 + 0.4) / 2) and result["labels"] is None
+
+
 def test_compare_with_labels(tmp_path: Path) -> None:
     """Six films: the calls agree on four (kappa 1/3 by hand: p_o 4/6, p_e 1/2); against the labels the
     active version ranks perfectly (AUROC 1) and the shadow 8 of 9 pairs; DeLong pairs them."""
@@ -274,7 +299,9 @@ def test_compare_with_labels(tmp_path: Path) -> None:
     with transaction(sessions) as session:  # a shadow run that failed counts as a run, not as a case
         session.add(Job(series_pk=stored.series_pk, pipeline="lung-mri", shadow="bpd-2", state=JobState.failed))
 
-    result = compare(sessions, archive, load_catalogue().get("bpd"), "bpd-2").as_dict()
+    found = compare(sessions, archive, load_catalogue().get("bpd"), "bpd-2")
+    _check_report(tmp_path, found, "probabilities.png")
+    result = found.as_dict()
     assert (result["cases"], result["disagreements"], result["shadow_runs"]) == (6, 2, {"done": 6, "failed": 1})
     assert result["agreement"] == pytest.approx(4 / 6) and result["kappa"] == pytest.approx(1 / 3)
     assert result["probability_difference"]["mean"] == pytest.approx((-0.3 + 0.5) / 6)
@@ -300,7 +327,9 @@ def test_compare_regression(tmp_path: Path) -> None:
             _job(sessions, stored.series_pk, version, {"findings": {task.name: {"value": value}}})
         with transaction(sessions) as session:
             session.add(StudyLabel(study_pk=stored.study_pk, task=task.name, value=truth, source="test"))
-    result = compare(sessions, archive, task, f"{task.name}-2").as_dict()
+    found = compare(sessions, archive, task, f"{task.name}-2")
+    _check_report(tmp_path, found, "values.png")
+    result = found.as_dict()
     assert result["cases"] == 4 and result["mean_absolute_difference"] == pytest.approx((2 + 3 + 0 + 4) / 4)
     labels = result["labels"]
     assert labels["active"]["mae"] == pytest.approx((1 + 2 + 6 + 1) / 4)
@@ -335,7 +364,9 @@ def test_compare_segmentation_reads_both_segs(tmp_path: Path) -> None:
                             result={"instances": [{"sop_uid": str(seg.SOPInstanceUID), "sop_class_uid": SEG_STORAGE}],
                                     "summary": {"volumes_ml": {"total": total}}}))
 
-    result = compare(sessions, archive, load_catalogue().get("lung-seg"), "lung-seg-2").as_dict()
+    found = compare(sessions, archive, load_catalogue().get("lung-seg"), "lung-seg-2")
+    _check_report(tmp_path, found, "dice.png")
+    result = found.as_dict()
     left = 2 * (trimmed == 1).sum() / ((labels == 1).sum() + (trimmed == 1).sum())
     assert result["cases"] == 1
     assert list(result["dice_per_segment"].values()) == [pytest.approx(left), 1.0]

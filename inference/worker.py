@@ -18,7 +18,7 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.logs import describe_exception, log_context
@@ -29,11 +29,13 @@ from storage import jobs
 from storage.archive import Archive, safe_component
 from storage.db import configured_engine, session_factory, transaction
 from storage.ingest import Ingest
-from storage.models import Instance, Series
+from storage.models import Instance, Job, JobState, Series
 
 log = logging.getLogger(__name__)
 
 RETRY_DELAY_MAX_SECONDS = 60
+SHADOW_YIELD_SECONDS = 2.0
+"""A shadow job that finds clinical jobs waiting goes back on the queue for this long (see ``yields``)."""
 
 
 def register(app: Celery, settings: Settings) -> "JobRunner":
@@ -93,6 +95,8 @@ class JobRunner:
         """Every line logged meanwhile carries the job's, series' and study's row ids."""
         with log_context(job_id=job_id):
             res = self.resources()
+            if self.yields(res, job_id):
+                return jobs.Finish.not_run
             lease = jobs.claim(res.sessions, job_id, jobs.process_identity(),
                                lease_for=jobs.lease_seconds(self.settings.queue),
                                max_attempts=self.settings.queue.max_attempts)
@@ -106,6 +110,20 @@ class JobRunner:
                 if res.pipelines is None:
                     res.pipelines = self.pipeline_host(self.settings)
                 return self._run_leased(res, lease)
+
+    def yields(self, res: _ProcessResources, job_id: int) -> bool:
+        """A shadow job never delays a clinical one: while any clinical job is queued, it is not taken
+        but put back on the queue (``SHADOW_YIELD_SECONDS`` later), behind the clinical ones."""
+        with res.sessions() as session:
+            if not session.scalar(select(Job.shadow).where(Job.id == job_id)):
+                return False
+            waiting = session.scalar(select(func.count()).select_from(Job)
+                                     .where(Job.state == JobState.queued, Job.shadow == ""))
+        if not waiting:
+            return False
+        log.info("job %d: shadow run waits for %d queued clinical job(s)", job_id, waiting)
+        self._requeue(job_id, SHADOW_YIELD_SECONDS)
+        return True
 
     def _run_leased(self, res: _ProcessResources, lease: jobs.Lease) -> jobs.Finish:
         host = res.pipelines

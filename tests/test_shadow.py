@@ -461,3 +461,37 @@ def test_shadow_results_are_marked_and_deterministic(tmp_path: Path) -> None:
             assert set(clinical.summary["findings"]) == {"bpd", "pneumonia"}
             assert clinical.summary["findings"]["bpd"]["model"] == versions["a"]
     assert set(runs[0].summary["tasks_run"]) == {"lung-seg"} and len(runs[0].datasets) == 2
+
+
+def test_shadow_job_yields_to_clinical_jobs_and_fails_once(tmp_path: Path) -> None:
+    """The worker takes a shadow job only when no clinical job is queued (else it goes back on the queue),
+    and a shadow job that raises is failed at once, never retried, its clinical job untouched."""
+    from fake_pipelines import CopyPipeline, FakeHost
+    from inference.worker import SHADOW_YIELD_SECONDS
+    from storage.jobs import Finish
+    from test_queue import make_node, make_settings
+
+    node = make_node(make_settings(tmp_path), tmp_path)
+    series_pk, _ = node.add_series()
+    clinical = node.add_job(series_pk)
+    with node.sessions.begin() as session:
+        shadow = Job(series_pk=series_pk, pipeline="test-copy", shadow="bpd-2", state=JobState.queued)
+        session.add(shadow)
+        session.flush()
+        shadow = shadow.id
+
+    def run(pipeline: str, sources: list) -> object:
+        if node.job(shadow).state == JobState.running:
+            raise RuntimeError("a crash in the shadow model")
+        return CopyPipeline().run(sources, None)
+
+    requeued: list = []
+    runner = node.runner(FakeHost(run), requeued)
+    assert runner.run(shadow) == Finish.not_run
+    assert requeued == [(shadow, SHADOW_YIELD_SECONDS)]
+    assert (node.job(shadow).state, node.job(shadow).attempts) == (JobState.queued, 0)
+    assert runner.run(clinical) == Finish.done
+    assert runner.run(shadow) == Finish.failed
+    failed, done = node.job(shadow), node.job(clinical)
+    assert (failed.attempts, failed.state) == (1, JobState.failed) and "RuntimeError" in failed.error
+    assert (done.state, done.error) == (JobState.done, "") and len(node.result_instances()) == 1

@@ -345,15 +345,17 @@ class PipelineHost:
             raise UnknownPipeline(str(exc).strip("'\"")) from None
         if not shadow:
             return runnable.run(sources, self.context)
+        self.context.models.keep_shadows(self.shadow_versions())  # free the stopped ones
         if shadow not in self.shadow_versions(pipeline):
             raise ShadowStopped(f"{shadow} is no longer in shadow")
         return runnable.run(sources, self.context.for_shadow(shadow))
 
-    def shadow_versions(self, pipeline: str) -> list[str]:
-        """The model versions in shadow for the tasks of ``pipeline`` (read from the registry)."""
-        registry = self.context.registry
-        return [shadow["version"] for task in self.context.catalogue.of_pipeline(pipeline)
-                for shadow in registry.shadows(task.name)]
+    def shadow_versions(self, pipeline: str | None = None) -> list[str]:
+        """The model versions in shadow for the tasks of ``pipeline`` (of every pipeline when None),
+        read from the registry."""
+        catalogue, registry = self.context.catalogue, self.context.registry
+        tasks = catalogue.of_pipeline(pipeline) if pipeline else list(catalogue)
+        return [shadow["version"] for task in tasks for shadow in registry.shadows(task.name)]
 
     def is_no_active_model(self, exc: BaseException) -> bool:
         return isinstance(exc, self._pipelines.NoActiveModel)

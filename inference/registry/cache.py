@@ -64,6 +64,11 @@ class ModelCache:
         log.info("loaded shadow model %s on %s", version, device)
         return loaded
 
+    def keep_shadows(self, versions: list[str]) -> None:
+        """Free the shadow versions not in ``versions`` (stopped or promoted)."""
+        for version in [v for v in self._shadows if v not in versions]:
+            del self._shadows[version]
+
     def loaded(self) -> dict[str, str]:
         """Task → version currently held in memory."""
         return {task: item.version.version for task, (_, item) in self._loaded.items()}

@@ -495,3 +495,15 @@ def test_shadow_job_yields_to_clinical_jobs_and_fails_once(tmp_path: Path) -> No
     failed, done = node.job(shadow), node.job(clinical)
     assert (failed.attempts, failed.state) == (1, JobState.failed) and "RuntimeError" in failed.error
     assert (done.state, done.error) == (JobState.done, "") and len(node.result_instances()) == 1
+
+    # a shadow stopped before its job ran: the job is skipped, saying why (the real host reads the registry)
+    from inference.worker import JobRunner, PipelineHost
+
+    with node.sessions.begin() as session:
+        stopped = Job(series_pk=series_pk, pipeline="cxr", shadow="bpd-9", state=JobState.queued)
+        session.add(stopped)
+        session.flush()
+        stopped = stopped.id
+    runner = JobRunner(node.settings, requeue=lambda *_: None, pipeline_host=PipelineHost)
+    assert runner.run(stopped) == Finish.skipped
+    assert node.job(stopped).error == "bpd-9 is no longer in shadow"

@@ -233,6 +233,8 @@ class Destination(Section):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: DestinationTLS = Field(default_factory=DestinationTLS)
+    research: bool = Field(False, description="also receives shadow runs' results (not for clinical use); "
+                                              "the others never do")
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -311,6 +313,14 @@ class TrainingSettings(Section):
     _aes = field_validator("reviewer_aets")(lambda values: [_check_ae_title(v) for v in values])
 
 
+class PromotionSettings(Section):
+    """What ``cradle models promote`` asks of a version beyond the training gate (0: nothing)."""
+
+    min_shadow_cases: int = Field(0, ge=0, description="studies the version must have run on in shadow")
+    min_shadow_agreement: float = Field(0.0, ge=0, le=1, description="agreement with the active version in "
+                                                                     "shadow (segmentation: mean Dice)")
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = Field("text", description="json: one object per line, with row ids")
@@ -333,6 +343,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    promotion: PromotionSettings = Field(default_factory=PromotionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     models_dir: Path = Path("var/models")
     task_catalogue: Path | None = Field(None, description="a site's own tasks (config/tasks.yaml's layout), "

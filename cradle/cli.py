@@ -103,11 +103,14 @@ def _add_model_commands(sub: Any) -> None:
     models_import.add_argument("--activate", action="store_true")
     models_import.add_argument("--threshold", type=float, default=None, help="operating threshold (binary tasks)")
     models_import.add_argument("--image-size", type=int, default=None)
-    promote = _add(models, "promote", "inference.commands:models_promote", "make VERSION the active one")
+    promote = _add(models, "promote", "cradle.shadow:models_promote", "make VERSION the active one")
     promote.add_argument("task")
     promote.add_argument("version")
     _add(models, "rollback", "inference.commands:models_rollback", "re-activate the previous version"
          ).add_argument("task")
+    from cradle.shadow import add_arguments as add_shadow_commands
+
+    add_shadow_commands(models, _add)
 
 
 def _add_retrieve_command(sub: Any) -> None:

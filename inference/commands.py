@@ -42,6 +42,7 @@ def models_list(args: argparse.Namespace, settings: Settings) -> int:
 
     registry = _registry(settings)
     tasks = {task: {"active": getattr(registry.active(task), "version", None),
+                    "shadows": [_shadow_row(s) for s in registry.shadows(task)],
                     "versions": [_row(v) for v in registry.versions(task)]} for task in registry.tasks()}
     if args.json:
         print_json(tasks)
@@ -52,13 +53,26 @@ def models_list(args: argparse.Namespace, settings: Settings) -> int:
     print(f"{'':1} {'VERSION':<14} {'ARCH':<24} {'STATE':<9} {'VALID':<5} {'SIZE':>4} {'THRESH':>6}  "
           f"{'CREATED':<25} SHA256")
     for task, entry in tasks.items():
+        shadows = {s["version"]: s for s in entry["shadows"]}
         for row in entry["versions"]:
-            mark = "*" if row["version"] == entry["active"] else " "
+            mark = "*" if row["version"] == entry["active"] else "s" if row["version"] in shadows else " "
             threshold = "-" if row["threshold"] is None else f"{row['threshold']:.3f}"
             print(f"{mark} {row['version']:<14} {row['arch']:<24} {row['state']:<9} "
                   f"{'yes' if row['validated'] else 'no':<5} {row['image_size']:>4} {threshold:>6}  "
                   f"{row['created_at']:<25} {row['sha256'][:12]}")
+        for shadow in entry["shadows"]:
+            print(f"s {shadow['version']} in shadow beside {entry['active'] or 'no active version'} since "
+                  f"{shadow['since']} ({shadow['days']:.1f} days)")
     return 0
+
+
+def _shadow_row(shadow: dict[str, Any]) -> dict[str, Any]:
+    """A version in shadow: since when, by whom, for how many days."""
+    import datetime as dt
+
+    since = dt.datetime.fromisoformat(shadow["since"])
+    days = (dt.datetime.now(dt.timezone.utc) - since).total_seconds() / 86400
+    return {**shadow, "days": round(days, 3)}
 
 
 def models_import(args: argparse.Namespace, settings: Settings) -> int:

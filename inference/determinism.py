@@ -17,7 +17,7 @@ from pydicom import Dataset
 from pydicom.uid import PYDICOM_ROOT_UID, UID
 from pydicom.valuerep import DA, DT, TM
 
-from inference.results import MANUFACTURER, AlgorithmIdentity, WriterInputError, long_string
+from inference.results import MANUFACTURER, SHADOW_RUN, AlgorithmIdentity, WriterInputError, long_string
 from inference.uids import result_uid
 
 __all__ = ["ResultUIDs", "pin_generated_values", "resolve_datetime", "slug", "sop_kwargs"]
@@ -54,7 +54,10 @@ def resolve_datetime(source: Dataset, when: dt.datetime | None) -> dt.datetime:
 
 
 def sop_kwargs(algorithm: AlgorithmIdentity, description: str, when: dt.datetime) -> dict:
-    """Equipment, description and date/time arguments shared by every object."""
+    """Equipment, description and date/time arguments shared by every object (a shadow run's
+    description starts with :data:`~inference.results.SHADOW_RUN`)."""
+    if not algorithm.clinical:
+        description = f"{SHADOW_RUN}: {description}"
     return {
         "manufacturer": MANUFACTURER,
         "manufacturer_model_name": algorithm.name,

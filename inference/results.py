@@ -31,6 +31,7 @@ __all__ = [
     "LO_MAX",
     "MANUFACTURER",
     "NOT_FOR_DIAGNOSIS",
+    "SHADOW_RUN",
     "PIPELINE_CXR",
     "PIPELINE_LUNG_MRI",
     "long_string",
@@ -40,6 +41,10 @@ PIPELINE_CXR = "cxr"
 PIPELINE_LUNG_MRI = "lung-mri"
 MANUFACTURER = "cradle"
 NOT_FOR_DIAGNOSIS = "AI OUTPUT - NOT FOR DIAGNOSIS"
+SHADOW_RUN = "SHADOW RUN - NOT FOR CLINICAL USE"
+"""How a shadow run's results say what they are: first in the Series Description (what a viewer's
+series list shows), as the algorithm's parameter (TID 4019, SEG Algorithm Identification) and, in
+an SR, as a comment."""
 LO_MAX = 64  # characters of a DICOM LO (Long String) value
 
 
@@ -81,12 +86,14 @@ def _check_unit_interval(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class AlgorithmIdentity:
-    """The model that produced a result (TID 4019 / Algorithm Identification)."""
+    """The model that produced a result (TID 4019 / Algorithm Identification). ``clinical=False``:
+    a shadow run's model (see :data:`SHADOW_RUN`)."""
 
     name: str
     version: str
     manufacturer: str = MANUFACTURER
     family: Code | hd.sr.CodedConcept = codes.DCM.ArtificialIntelligence
+    clinical: bool = True
 
     def __post_init__(self) -> None:
         _check_text("algorithm name", self.name)
@@ -99,6 +106,7 @@ class AlgorithmIdentity:
             version=self.version,
             family=self.family,
             manufacturer=self.manufacturer,
+            parameters=None if self.clinical else [SHADOW_RUN],
         )
 
     def seg_identification(self) -> hd.AlgorithmIdentificationSequence:
@@ -107,6 +115,7 @@ class AlgorithmIdentity:
             family=self.family,
             version=self.version,
             source=self.manufacturer,
+            parameters=None if self.clinical else {"use": SHADOW_RUN},
         )
 
 

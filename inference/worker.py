@@ -18,21 +18,24 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.logs import describe_exception, log_context
 from config.settings import Settings
 from node.queue import RUN_JOB, publish
+from node.routing import start_shadow_jobs
 from storage import jobs
 from storage.archive import Archive, safe_component
-from storage.db import configured_engine, session_factory
+from storage.db import configured_engine, session_factory, transaction
 from storage.ingest import Ingest
-from storage.models import Instance, Series
+from storage.models import Instance, Job, JobState, Series
 
 log = logging.getLogger(__name__)
 
 RETRY_DELAY_MAX_SECONDS = 60
+SHADOW_YIELD_SECONDS = 2.0
+"""A shadow job that finds clinical jobs waiting goes back on the queue for this long (see ``yields``)."""
 
 
 def register(app: Celery, settings: Settings) -> "JobRunner":
@@ -92,6 +95,8 @@ class JobRunner:
         """Every line logged meanwhile carries the job's, series' and study's row ids."""
         with log_context(job_id=job_id):
             res = self.resources()
+            if self.yields(res, job_id):
+                return jobs.Finish.not_run
             lease = jobs.claim(res.sessions, job_id, jobs.process_identity(),
                                lease_for=jobs.lease_seconds(self.settings.queue),
                                max_attempts=self.settings.queue.max_attempts)
@@ -100,35 +105,69 @@ class JobRunner:
             with res.sessions() as session:
                 study_pk = session.scalar(select(Series.study_pk).where(Series.id == lease.series_pk))
             with log_context(series_pk=lease.series_pk, study_pk=study_pk):
-                log.info("job %d: %s on series %d, attempt %d", job_id, lease.pipeline, lease.series_pk,
-                         lease.attempts)
+                log.info("job %d: %s%s on series %d, attempt %d", job_id, lease.pipeline,
+                         f" (shadow run of {lease.shadow})" if lease.shadow else "", lease.series_pk, lease.attempts)
                 if res.pipelines is None:
                     res.pipelines = self.pipeline_host(self.settings)
                 return self._run_leased(res, lease)
+
+    def yields(self, res: _ProcessResources, job_id: int) -> bool:
+        """A shadow job never delays a clinical one: while any clinical job is queued, it is not taken
+        but put back on the queue (``SHADOW_YIELD_SECONDS`` later), behind the clinical ones."""
+        with res.sessions() as session:
+            if not session.scalar(select(Job.shadow).where(Job.id == job_id)):
+                return False
+            waiting = session.scalar(select(func.count()).select_from(Job)
+                                     .where(Job.state == JobState.queued, Job.shadow == ""))
+        if not waiting:
+            return False
+        log.info("job %d: shadow run waits for %d queued clinical job(s)", job_id, waiting)
+        self._requeue(job_id, SHADOW_YIELD_SECONDS)
+        return True
 
     def _run_leased(self, res: _ProcessResources, lease: jobs.Lease) -> jobs.Finish:
         host = res.pipelines
         try:
             sources = load_sources(res.sessions, res.archive, lease.series_pk,
                                    limits=PixelLimits.of(self.settings))
-            output = host.run(lease.pipeline, sources)
+            output = host.run(lease.pipeline, sources, shadow=lease.shadow)
             if not jobs.still_owned(res.sessions, lease):
                 log.info("job %d: superseded or taken over while running; output discarded", lease.job_id)
                 return self._after_complete(lease, jobs.release_superseded(res.sessions, lease))
             stored = [store_result(res.ingest, dataset) for dataset in output.datasets]
             kept = store_artefacts(res, lease, getattr(output, "artefacts", None) or {})
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job row
-            if host.is_no_active_model(exc):
+            if host.is_no_active_model(exc) or isinstance(exc, ShadowStopped):
                 log.info("job %d: skipped: %s", lease.job_id, exc)
                 return jobs.skip(res.sessions, lease, str(exc))
-            permanent = isinstance(exc, PERMANENT_INPUT_ERRORS) or host.is_permanent(exc)
+            # A shadow run is not retried: it must not take the clinical runs' worker time again.
+            permanent = isinstance(exc, PERMANENT_INPUT_ERRORS) or host.is_permanent(exc) or bool(lease.shadow)
             return self._failed(res, lease, exc, permanent=permanent)
         result = result_summary(lease, output, stored, kept)
         finish = jobs.complete(res.sessions, lease, model_version=str(output.model_version),
                                result=result, has_output=bool(stored))
         log.info("job %d: %s (%d result instances, model %s)", lease.job_id, finish.value, len(stored),
                  output.model_version)
+        if finish == jobs.Finish.done and not lease.shadow:
+            self._start_shadows(res, lease)
         return self._after_complete(lease, finish)
+
+    def _start_shadows(self, res: _ProcessResources, lease: jobs.Lease) -> None:
+        """Queue the shadow runs of this clinical run (after it, so they never delay it). Nothing
+        that goes wrong here touches the clinical job: it is done already."""
+        try:
+            versions = res.pipelines.shadow_versions(lease.pipeline)
+            if not versions:
+                return
+            with transaction(res.sessions) as session:
+                job_ids = start_shadow_jobs(session, lease.series_pk, lease.pipeline, versions)
+        except Exception as exc:  # noqa: BLE001 - a shadow never fails the clinical job
+            log.warning("job %d: shadow runs not started: %s", lease.job_id, describe_exception(exc))
+            return
+        log.info("job %d: shadow run(s) of %s queued as job(s) %s", lease.job_id, ", ".join(versions),
+                 ", ".join(map(str, job_ids)) or "none (running already)")
+        for job_id in job_ids:
+            self._requeue(job_id, None)
 
     def _after_complete(self, lease: jobs.Lease, finish: jobs.Finish) -> jobs.Finish:
         if finish == jobs.Finish.requeued:
@@ -285,6 +324,10 @@ class UnknownPipeline(LookupError):
     """The job names a pipeline this worker does not have."""
 
 
+class ShadowStopped(LookupError):
+    """A shadow job whose version is no longer in shadow (stopped or promoted meanwhile): skipped."""
+
+
 class PipelineHost:
     """The pipelines and the model cache of one worker process (imports torch when built)."""
 
@@ -294,12 +337,25 @@ class PipelineHost:
         self._pipelines = pipelines
         self.context = pipelines.PipelineContext.from_settings(settings)
 
-    def run(self, pipeline: str, sources: list[Dataset]) -> Any:
+    def run(self, pipeline: str, sources: list[Dataset], shadow: str = "") -> Any:
+        """Run ``pipeline``, as a shadow run of model version ``shadow`` when given."""
         try:
             runnable = self._pipelines.get_pipeline(pipeline)
         except KeyError as exc:
             raise UnknownPipeline(str(exc).strip("'\"")) from None
-        return runnable.run(sources, self.context)
+        if not shadow:
+            return runnable.run(sources, self.context)
+        self.context.models.keep_shadows(self.shadow_versions())  # free the stopped ones
+        if shadow not in self.shadow_versions(pipeline):
+            raise ShadowStopped(f"{shadow} is no longer in shadow")
+        return runnable.run(sources, self.context.for_shadow(shadow))
+
+    def shadow_versions(self, pipeline: str | None = None) -> list[str]:
+        """The model versions in shadow for the tasks of ``pipeline`` (of every pipeline when None),
+        read from the registry."""
+        catalogue, registry = self.context.catalogue, self.context.registry
+        tasks = catalogue.of_pipeline(pipeline) if pipeline else list(catalogue)
+        return [shadow["version"] for task in tasks for shadow in registry.shadows(task.name)]
 
     def is_no_active_model(self, exc: BaseException) -> bool:
         return isinstance(exc, self._pipelines.NoActiveModel)

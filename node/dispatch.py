@@ -54,6 +54,7 @@ class Round:
     round: int
     attempt: int
     instances: list[dict[str, str]]
+    shadow: str = ""
 
 
 class Dispatcher:
@@ -108,16 +109,18 @@ class Dispatcher:
                 return None
             job = session.get(Job, job_id)
             instances = list((job.result or {}).get("instances") or [])
-            return Round(job_id, job.dispatch_round, job.dispatch_attempts + 1, instances)
+            return Round(job_id, job.dispatch_round, job.dispatch_attempts + 1, instances, job.shadow or "")
 
     def dispatch(self, claimed: Round) -> DispatchState:
-        """Send one claimed round's undelivered instances, record the sends, decide what next."""
-        if not self.settings.destinations or not claimed.instances:
+        """Send one claimed round's undelivered instances, record the sends, decide what next. A
+        shadow run's results go to the destinations marked ``research`` only."""
+        destinations = [d for d in self.settings.destinations if d.research or not claimed.shadow]
+        if not destinations or not claimed.instances:
             return self._finish(claimed, DispatchState.none, "")
         outgoing, missing = self._outgoing(claimed.instances)
         delivered = self._delivered(claimed)
         problems: list[str] = []
-        for destination in self.settings.destinations:
+        for destination in destinations:
             todo = [o for o in outgoing if (destination.name, o.sop_uid) not in delivered]
             lacking = [uid for uid in missing if (destination.name, uid) not in delivered]
             outcomes = self.send(destination, todo, self.settings.node) if todo else []

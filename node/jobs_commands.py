@@ -32,7 +32,7 @@ EXIT_USAGE = 2
 def job_summary(job: Job, series: Series | None) -> dict[str, Any]:
     return {
         "id": job.id, "series_pk": job.series_pk, "series_uid": series.series_uid if series else None,
-        "modality": series.modality if series else None, "pipeline": job.pipeline,
+        "modality": series.modality if series else None, "pipeline": job.pipeline, "shadow": job.shadow or None,
         "state": job.state.value, "attempts": job.attempts, "generation": job.generation,
         "model_version": job.model_version, "error": job.error,
         "dispatch_state": job.dispatch_state.value, "dispatch_attempts": job.dispatch_attempts,
@@ -81,8 +81,9 @@ def _print_table(listed: list[dict[str, Any]]) -> None:
     print(header)
     for job in listed:
         error = (job["error"] or "")[:80]
+        model = (job["model_version"] or job["shadow"] or "-")[:20]
         print(f"{job['id']:>6}  {job['series_pk']:>6}  {job['pipeline']:<10} {job['state']:<8} "
-              f"{job['attempts']:>5}  {job['dispatch_state']:<8} {(job['model_version'] or '-')[:20]:<20} {error}")
+              f"{job['attempts']:>5}  {job['dispatch_state']:<8} {model:<20} {error}")
 
 
 def jobs_show(args: argparse.Namespace, settings: Settings) -> int:

@@ -210,28 +210,30 @@ def _first_acquisition_date(session: Session, series_pk: int) -> dt.date | None:
     return first.date() if first else None
 
 
-def create_jobs(session: Session, series_pk: int, pipelines: Iterable[str]) -> list[int]:
-    """One queued ``Job`` per pipeline for the series; an existing row is kept as it is. Safe when
-    two processes do it at once (INSERT ... ON CONFLICT DO NOTHING on the unique series + pipeline)."""
+def create_jobs(session: Session, series_pk: int, pipelines: Iterable[str], *, shadow: str = "") -> list[int]:
+    """One queued ``Job`` per pipeline for the series (shadow runs of model version ``shadow`` when
+    given); an existing row is kept as it is. Safe when two processes do it at once (INSERT ... ON
+    CONFLICT DO NOTHING on the unique series + pipeline + shadow)."""
     pipelines = list(dict.fromkeys(pipelines))
     if not pipelines:
         return []
     connection = session.connection()
     for pipeline in pipelines:
         connection.execute(_insert_ignoring_conflict(connection).values(
-            series_pk=series_pk, pipeline=pipeline, state=JobState.queued, created_at=utcnow()))
-    return job_ids(session, series_pk, pipelines)
+            series_pk=series_pk, pipeline=pipeline, shadow=shadow, state=JobState.queued, created_at=utcnow()))
+    return job_ids(session, series_pk, pipelines, shadow=shadow)
 
 
-def requeue_jobs(session: Session, series_pk: int, pipelines: Iterable[str]) -> list[int]:
+def requeue_jobs(session: Session, series_pk: int, pipelines: Iterable[str], *, shadow: str = "") -> list[int]:
     """The jobs of a re-completed series are superseded: ``generation + 1``. One that is not running
     goes back to ``queued`` (attempts and error reset); a running one keeps its lease, and its worker
     re-queues it when it finishes, seeing the generation moved (``storage.jobs.complete``). Returns
-    the ids of the re-queued jobs (to enqueue)."""
+    the ids of the re-queued jobs (to enqueue). Only the clinical runs, unless ``shadow`` names one:
+    shadow runs follow their clinical run (the worker starts them when it is done)."""
     pipelines = list(pipelines)
     if not pipelines:
         return []
-    mine = (Job.series_pk == series_pk, Job.pipeline.in_(pipelines))
+    mine = (Job.series_pk == series_pk, Job.pipeline.in_(pipelines), Job.shadow == shadow)
     session.execute(update(Job).where(*mine, Job.state == JobState.running)
                     .values(generation=Job.generation + 1).execution_options(synchronize_session=False))
     requeued = list(session.scalars(select(Job.id).where(*mine, Job.state != JobState.running)))
@@ -244,18 +246,30 @@ def requeue_jobs(session: Session, series_pk: int, pipelines: Iterable[str]) -> 
     return requeued
 
 
-def job_ids(session: Session, series_pk: int, pipelines: Sequence[str]) -> list[int]:
+def start_shadow_jobs(session: Session, series_pk: int, pipeline: str, versions: Iterable[str]) -> list[int]:
+    """After the clinical run of ``pipeline`` on the series: one queued shadow job per model version in
+    shadow (created, or re-queued when an earlier run of it exists). Returns the ids to enqueue."""
+    ids = []
+    for version in dict.fromkeys(versions):
+        existing = job_ids(session, series_pk, [pipeline], shadow=version)
+        ids += requeue_jobs(session, series_pk, [pipeline], shadow=version) if existing else \
+            create_jobs(session, series_pk, [pipeline], shadow=version)
+    return ids
+
+
+def job_ids(session: Session, series_pk: int, pipelines: Sequence[str], *, shadow: str = "") -> list[int]:
     rows = dict(session.execute(select(Job.pipeline, Job.id).where(
-        Job.series_pk == series_pk, Job.pipeline.in_(pipelines))).all())
+        Job.series_pk == series_pk, Job.pipeline.in_(pipelines), Job.shadow == shadow)).all())
     return [rows[p] for p in pipelines if p in rows]
 
 
 def _insert_ignoring_conflict(connection: Connection):  # noqa: ANN202 - dialect-specific Insert
     dialect = connection.dialect.name
+    unique = ["series_pk", "pipeline", "shadow"]
     if dialect == "postgresql":
-        return postgresql.insert(Job).on_conflict_do_nothing(index_elements=["series_pk", "pipeline"])
+        return postgresql.insert(Job).on_conflict_do_nothing(index_elements=unique)
     if dialect == "sqlite":
-        return sqlite.insert(Job).on_conflict_do_nothing(index_elements=["series_pk", "pipeline"])
+        return sqlite.insert(Job).on_conflict_do_nothing(index_elements=unique)
     raise NotImplementedError(f"job creation on {dialect}")
 
 

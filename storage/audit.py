@@ -46,7 +46,7 @@ FIELDS = frozenset({
     # jobs and results
     "job_id", "job_ids", "pipeline", "pipelines", "rules", "state", "attempt", "generation", "owner",
     "model_version", "result_uids", "error_type", "action", "destination", "destination_ae", "round",
-    "delivered", "dispatch_state",
+    "delivered", "dispatch_state", "shadow",
     # models and configuration
     "task", "version", "previous", "by", "config_file", "config_sha256", "changed_keys", "first",
     "component",

@@ -55,6 +55,8 @@ class Lease:
     pipeline: str
     generation: int
     attempts: int
+    shadow: str = ""
+    """The model version of a shadow run; empty for the clinical run."""
 
 
 class Finish(str, enum.Enum):
@@ -156,7 +158,8 @@ def claim(sessions: sessionmaker[Session], job_id: int, owner: str, *, lease_for
     audit("job.running", job_id=job_id, series_pk=seen["series_pk"], pipeline=seen["pipeline"],
           attempt=seen["attempts"] + 1, generation=seen["generation"], owner=owner,
           reason="stale lease taken over" if seen["state"] == JobState.running else None)
-    return Lease(job_id, owner, seen["series_pk"], seen["pipeline"], seen["generation"], seen["attempts"] + 1)
+    return Lease(job_id, owner, seen["series_pk"], seen["pipeline"], seen["generation"], seen["attempts"] + 1,
+                 seen["shadow"] or "")
 
 
 def lease_is_stale(seen: dict[str, Any], now: dt.datetime) -> bool:
@@ -166,7 +169,7 @@ def lease_is_stale(seen: dict[str, Any], now: dt.datetime) -> bool:
 
 def _snapshot(job: Job) -> dict[str, Any]:
     return {key: getattr(job, key) for key in (
-        "state", "lease_owner", "lease_expires_at", "attempts", "generation", "series_pk", "pipeline")}
+        "state", "lease_owner", "lease_expires_at", "attempts", "generation", "series_pk", "pipeline", "shadow")}
 
 
 def _compare_and_set(sessions: sessionmaker[Session], job_id: int, seen: dict[str, Any],
@@ -284,7 +287,7 @@ def fail_attempt(sessions: sessionmaker[Session], lease: Lease, error: str, *, m
 
 def _about(lease: Lease) -> dict[str, Any]:
     return {"job_id": lease.job_id, "series_pk": lease.series_pk, "pipeline": lease.pipeline,
-            "attempt": lease.attempts, "generation": lease.generation}
+            "attempt": lease.attempts, "generation": lease.generation, "shadow": lease.shadow or None}
 
 
 def mark_enqueued(sessions: sessionmaker[Session], job_id: int) -> None:

@@ -131,14 +131,20 @@ class Instance(Base):
 
 
 class Job(Base):
-    """One pipeline on one series. The row is the truth; the broker only carries its id."""
+    """One pipeline on one series. The row is the truth; the broker only carries its id.
+
+    ``shadow`` is empty for the clinical run; a shadow run (``cradle models shadow``) names the model
+    version it runs instead of its task's active one: its results are archived and sent only to
+    destinations marked ``research``."""
 
     __tablename__ = "job"
-    __table_args__ = (UniqueConstraint("series_pk", "pipeline"),)
+    __table_args__ = (UniqueConstraint("series_pk", "pipeline", "shadow", name="uq_job_series_pipeline_shadow"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     pipeline: Mapped[str] = mapped_column(String(32))
+    shadow: Mapped[str] = mapped_column(String(64), default="", server_default="",
+                                        doc="model version of a shadow run; empty for the clinical run")
     state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16),
                                             default=JobState.queued, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -166,8 +166,11 @@ class FakeHost:
     def __init__(self, run: Any = None) -> None:
         self._run = run or (lambda pipeline, sources: CopyPipeline().run(sources, None))
 
-    def run(self, pipeline: str, sources: list[Dataset]) -> Any:
+    def run(self, pipeline: str, sources: list[Dataset], shadow: str = "") -> Any:
         return self._run(pipeline, sources)
+
+    def shadow_versions(self, pipeline: str) -> list[str]:
+        return []
 
     def is_no_active_model(self, exc: BaseException) -> bool:
         from inference.pipelines import NoActiveModel

@@ -11,6 +11,7 @@ pipelines themselves are imported when first asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -56,12 +57,15 @@ class PipelineOutput:
 class PipelineContext:
     """What a worker process hands every run: the registry (and its task catalogue), the device, the
     settings and its own :class:`~inference.registry.ModelCache`. ``device`` may be given as the
-    ``inference.device`` setting (``"auto"``, ``"cpu"``, ``"cuda:0"``); it is resolved on construction."""
+    ``inference.device`` setting (``"auto"``, ``"cpu"``, ``"cuda:0"``); it is resolved on construction.
+    ``shadow`` (task → version, see :meth:`for_shadow`) makes a shadow run: that version replaces
+    the task's active one, and the results say they are not for clinical use."""
 
     registry: ModelRegistry
     device: torch.device | str
     settings: Settings
     models: ModelCache
+    shadow: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         import torch
@@ -90,12 +94,25 @@ class PipelineContext:
         """The task catalogue the registry holds versions for (``from_settings``: the settings')."""
         return self.registry.catalogue
 
+    def for_shadow(self, version: str) -> "PipelineContext":
+        """The same context for a shadow run of ``version`` (``<task>-<n>``, as the registry names them)."""
+        task = version.rsplit("-", 1)[0]
+        if task not in self.catalogue:
+            raise LookupError(f"{version!r} names no task of the catalogue")
+        return dataclasses.replace(self, shadow={task: version})
+
     def model(self, task: str) -> LoadedModel:
-        """The task's active, validated model, loaded once per process (NoActiveModel otherwise)."""
+        """The task's active, validated model (its shadow version in a shadow run), loaded once per
+        process (NoActiveModel otherwise)."""
+        if task in self.shadow:
+            return self.models.shadow(task, self.shadow[task], self.registry, self.device)
         return self.models.get(task, self.registry, self.device)
 
     def active(self, task: str) -> ModelVersion | None:
-        """The task's active, validated version without loading it (None if there is none)."""
+        """The task's active, validated version (its shadow version in a shadow run) without loading
+        it (None if there is none)."""
+        if task in self.shadow:
+            return self.registry.get(task, self.shadow[task])
         return self.models.active(task, self.registry)
 
 

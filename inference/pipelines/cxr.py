@@ -107,13 +107,15 @@ class _ViewCall:
     probabilities: dict[str, float]
 
 
-def algorithm_identity(version: ModelVersion) -> AlgorithmIdentity:
-    return AlgorithmIdentity(name=f"cradle {version.task} {version.arch}"[:_LO], version=version.version)
+def algorithm_identity(version: ModelVersion, clinical: bool = True) -> AlgorithmIdentity:
+    return AlgorithmIdentity(name=f"cradle {version.task} {version.arch}"[:_LO], version=version.version,
+                             clinical=clinical)
 
 
-def version_tag(versions: list[ModelVersion]) -> str:
-    """The one string naming every model behind a result, e.g. ``view-2+bpd-3+pneumonia-1``."""
-    return "+".join(v.version for v in versions)
+def version_tag(versions: list[ModelVersion], shadow: bool = False) -> str:
+    """The one string naming every model behind a result, e.g. ``view-2+bpd-3+pneumonia-1``; a shadow
+    run's starts with ``shadow-`` (its UIDs differ from any clinical run's)."""
+    return ("shadow-" if shadow else "") + "+".join(v.version for v in versions)
 
 
 class _Timer:
@@ -165,6 +167,8 @@ class CxrPipeline:
     def _load(self, context: PipelineContext) -> tuple[LoadedModel, dict[str, _FindingModel], dict[str, str]]:
         view = context.model(view_task(context.catalogue).name)
         tasks = finding_tasks(context.catalogue)
+        if any(task.name in context.shadow for task in tasks):  # a finding's shadow run: that finding only
+            tasks = [task for task in tasks if task.name in context.shadow]
         findings: dict[str, _FindingModel] = {}
         not_run: dict[str, str] = {}
         for task in tasks:
@@ -193,11 +197,13 @@ class CxrPipeline:
         else:
             not_run.update({name: "not a frontal chest film" for name in finding_models})
         used = [view_model.version, *(m.loaded.version for m in finding_models.values())]
-        tag = version_tag(used)
-        algorithm = AlgorithmIdentity(name="cradle cxr", version=tag)
+        clinical = not context.shadow
+        tag = version_tag(used, shadow=not clinical)
+        algorithm = AlgorithmIdentity(name="cradle cxr", version=tag, clinical=clinical)
         report = cxr_report(
             image.dataset,
-            ViewResult(view.label, view.probability, view.is_frontal_chest, algorithm_identity(view_model.version)),
+            ViewResult(view.label, view.probability, view.is_frontal_chest,
+                       algorithm_identity(view_model.version, clinical)),
             list(findings.values()),
             algorithm,
             model_version_tag=tag,
@@ -251,7 +257,7 @@ class CxrPipeline:
             region = hot_spot_polygon(heat)
             artefacts[f"gradcam-{task.name}.png"] = heat_map_png(model_input, heat)
         return Finding(code_of(task.sr.concept), probability, threshold, positive, region=region,
-                       label=task.description, algorithm=algorithm_identity(version))
+                       label=task.description, algorithm=algorithm_identity(version, not context.shadow))
 
     @staticmethod
     def _summary_image(source: Dataset, view: _ViewCall, findings: dict[str, Finding],

@@ -277,7 +277,9 @@ class LungMriPipeline:
         labels = postprocess(probabilities >= threshold, geometry)
         volumes = lung_volumes_ml(labels, geometry)
         clock.lap("postprocess")
-        algorithm = AlgorithmIdentity(name=f"cradle {task.name} {version.arch}"[:64], version=version.version)
+        shadow = "shadow-" if context.shadow else ""  # a shadow run: its own UIDs, marked not for clinical use
+        algorithm = AlgorithmIdentity(name=f"cradle {task.name} {version.arch}"[:64],
+                                      version=shadow + version.version, clinical=not shadow)
         segmentation = lung_segmentation(ordered, labels, algorithm)
         clock.lap("seg")
         report = lung_report(ordered, segmentation, volumes, algorithm)
@@ -288,7 +290,7 @@ class LungMriPipeline:
             clock.lap("summary_image")
         summary = self._summary(loaded, ordered, geometry, volumes, seconds, context)
         summary["stage_seconds"] = clock.laps
-        return PipelineOutput(model_version=version.version, datasets=datasets, summary=summary)
+        return PipelineOutput(model_version=algorithm.version, datasets=datasets, summary=summary)
 
     @staticmethod
     def _sorted(sources: list[Dataset]) -> list[Dataset]:

@@ -26,6 +26,7 @@ class ModelCache:
 
     def __init__(self) -> None:
         self._loaded: dict[str, tuple[torch.device, LoadedModel]] = {}
+        self._shadows: dict[str, tuple[torch.device, LoadedModel]] = {}
 
     @staticmethod
     def active(task: str, registry: ModelRegistry) -> ModelVersion | None:
@@ -49,12 +50,32 @@ class ModelCache:
         log.info("loaded model %s on %s", version.version, device)
         return loaded
 
+    def shadow(self, task: str, version: str, registry: ModelRegistry, device: torch.device) -> LoadedModel:
+        """``version`` of ``task`` (a version in shadow) on ``device``, loaded once while it stays the
+        same; its weights are checked like the active one's (WeightsIntegrityError when damaged)."""
+        wanted = registry.get(task, version)
+        device = torch.device(device)
+        cached = self._shadows.get(version)
+        if cached is not None and cached[0] == device and _same(cached[1].version, wanted):
+            return cached[1]
+        self._shadows.pop(version, None)
+        loaded = LoadedModel(wanted, registry.load(wanted, device))
+        self._shadows[version] = (device, loaded)
+        log.info("loaded shadow model %s on %s", version, device)
+        return loaded
+
+    def keep_shadows(self, versions: list[str]) -> None:
+        """Free the shadow versions not in ``versions`` (stopped or promoted)."""
+        for version in [v for v in self._shadows if v not in versions]:
+            del self._shadows[version]
+
     def loaded(self) -> dict[str, str]:
         """Task → version currently held in memory."""
         return {task: item.version.version for task, (_, item) in self._loaded.items()}
 
     def clear(self) -> None:
         self._loaded.clear()
+        self._shadows.clear()
 
 
 def _same(a: ModelVersion, b: ModelVersion) -> bool:

@@ -106,6 +106,10 @@ class ModelRegistry:
     def history(self, task: str) -> list[dict[str, Any]]:
         return list(self._read(task)["history"])
 
+    def shadows(self, task: str) -> list[dict[str, Any]]:
+        """The versions in shadow (``{"version", "since", "by"}``), oldest first."""
+        return list(self._read(task).get("shadows", []))
+
     # ---- writing
 
     def register(self, task: str, arch: str, state_dict: Mapping[str, torch.Tensor] | Path, *,
@@ -184,6 +188,45 @@ class ModelRegistry:
             if index["active"] is not None:
                 self._switch(task, index, index["active"], None, "deactivate", actor, reason)
 
+    def start_shadow(self, task: str, version: str, *, actor: str | None = None) -> dict[str, Any]:
+        """Run ``version`` beside the active one on every series routed to ``task`` (its results go
+        to research destinations only). Its weights are checked now; the active version is refused."""
+        actor = actor or _actor()
+        with self._locked(task) as index:
+            entry = self._entry(index, task, version)
+            if index["active"] == version:
+                raise RegistryError(f"{version} is the active {task} model; a shadow runs beside it")
+            shadows = index.setdefault("shadows", [])
+            for shadow in shadows:
+                if shadow["version"] == version:
+                    return dict(shadow)
+            self.verify(ModelVersion.from_json(entry, self._task_dir(task)))
+            shadow = {"version": version, "since": _now(), "by": actor}
+            shadows.append(shadow)
+            index["history"].append({"at": shadow["since"], "by": actor, "action": "shadow", "from": index["active"],
+                                     "to": version, "reason": "cradle models shadow"})
+            self._write(task, index)
+        log.info("model %s in shadow beside %s", version, index["active"] or "no active version")
+        audit("model.shadow", task=task, version=version, previous=index["active"], by=actor)
+        return dict(shadow)
+
+    def stop_shadow(self, task: str, version: str, *, actor: str | None = None) -> dict[str, Any]:
+        """End ``version``'s shadow (RegistryError when it is not in shadow); returns what it was."""
+        actor = actor or _actor()
+        with self._locked(task) as index:
+            self._entry(index, task, version)
+            shadows = index.get("shadows", [])
+            stopped = next((s for s in shadows if s["version"] == version), None)
+            if stopped is None:
+                raise RegistryError(f"{version} is not in shadow")
+            index["shadows"] = [s for s in shadows if s["version"] != version]
+            index["history"].append({"at": _now(), "by": actor, "action": "shadow-stop", "from": version,
+                                     "to": index["active"], "reason": f"in shadow since {stopped['since']}"})
+            self._write(task, index)
+        log.info("model %s no longer in shadow", version)
+        audit("model.shadow-stop", task=task, version=version, by=actor)
+        return dict(stopped)
+
     # ---- loading
 
     def load(self, version: ModelVersion, device: torch.device | str = "cpu") -> nn.Module:
@@ -240,7 +283,7 @@ class ModelRegistry:
     @staticmethod
     def _empty(task: str) -> dict[str, Any]:
         return {"format": INDEX_FORMAT, "task": task, "active": None, "activation_stack": [],
-                "versions": [], "history": []}
+                "versions": [], "history": [], "shadows": []}
 
     def _read(self, task: str) -> dict[str, Any]:
         path = self._task_dir(task) / INDEX_NAME
@@ -286,6 +329,7 @@ class ModelRegistry:
             elif entry["version"] == previous:
                 entry["state"] = "retired"
         index["active"] = new
+        index["shadows"] = [s for s in index.get("shadows", []) if s["version"] != new]  # promoted: no shadow
         index["history"].append({"at": _now(), "by": actor, "action": action, "from": previous, "to": new,
                                  "reason": reason})
         self._write(task, index)

@@ -34,7 +34,7 @@ from inference.codes import (
 )
 from inference.determinism import ResultUIDs, resolve_datetime, slug
 from inference.geometry import check_source_image, closed_polygon
-from inference.results import PIPELINE_CXR, AlgorithmIdentity, Finding, ViewResult, WriterInputError
+from inference.results import PIPELINE_CXR, SHADOW_RUN, AlgorithmIdentity, Finding, ViewResult, WriterInputError
 from inference.sr.tid1500 import comprehensive_3d_sr, measurement, tracking, with_children
 
 __all__ = [
@@ -192,6 +192,9 @@ def cxr_report(
     uids = ResultUIDs(str(source.SeriesInstanceUID), pipeline, version, uid_prefix)
     groups: list[Dataset] = []
     evaluations: list[Dataset] = _view_evaluations(view, algorithm)
+    if not algorithm.clinical:
+        evaluations.append(hd.sr.TextContentItem(name=COMMENT, value=f"{SHADOW_RUN} ({version})",
+                                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     if view.is_frontal_chest:
         for finding in findings:
             if finding.region is None:

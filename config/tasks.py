@@ -73,7 +73,7 @@ class Population(Strict):
         if self.body_parts and body_part.strip().upper() not in {b.upper() for b in self.body_parts}:
             return "another body part"
         if self.views and view not in self.views:
-            return f"not a {' or '.join(v.replace('_', ' ') for v in self.views)} film"
+            return f"not a {' or '.join(_view_in_words(v) for v in self.views)} film"
         if self.min_age_days is None and self.max_age_days is None:
             return ""
         if age_days is None:
@@ -193,6 +193,11 @@ class TaskCatalogue(Strict):
             if task.pipeline not in self.pipelines:
                 raise ValueError(f"task {task.name}: unknown pipeline {task.pipeline!r}")
         return self
+
+
+def _view_in_words(view: str) -> str:
+    """``chest_frontal`` → "frontal chest", ``extremity`` → "extremity"."""
+    return " ".join(reversed(view.split("_")))
 
 
 def _days_in_words(days: int) -> str:

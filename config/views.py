@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 __all__ = [
+    "FRONTAL_CHEST",
     "VIEWS_FILE",
     "VIEW_RULES_FILE",
     "ViewHeader",

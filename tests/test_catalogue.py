@@ -68,7 +68,7 @@ def test_a_bad_site_file_is_a_config_error_naming_the_task(tmp_path: Path, text:
     ({"modality": "dx", "body_part": "", "view": "chest_frontal", "age_days": 28}, ""),
     ({"modality": "MR", "body_part": "CHEST", "view": "chest_frontal", "age_days": 1}, "another modality"),
     ({"modality": "CR", "body_part": "HAND", "view": "chest_frontal", "age_days": 1}, "another body part"),
-    ({"modality": "CR", "body_part": "CHEST", "view": "chest_lateral", "age_days": 1}, "not a chest frontal film"),
+    ({"modality": "CR", "body_part": "CHEST", "view": "chest_lateral", "age_days": 1}, "not a frontal chest film"),
     ({"modality": "CR", "body_part": "CHEST", "view": "chest_frontal", "age_days": None}, "patient age unknown"),
     ({"modality": "CR", "body_part": "CHEST", "view": "chest_frontal", "age_days": 29}, "older than 28 days"),
 ])

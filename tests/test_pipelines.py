@@ -265,8 +265,8 @@ def test_not_a_frontal_chest_film_still_gets_an_sr(registry: ModelRegistry, cont
         assert after.model_version == f"{abdomen}+bpd-1+pneumonia-1" != before.model_version
         assert after.summary["view"]["label"] == "abdomen" and not after.summary["view"]["is_frontal_chest"]
         assert after.summary["findings"] == {} and after.artefacts == {}
-        assert after.summary["tasks_not_run"] == {"bpd": "not a frontal chest film",
-                                                  "pneumonia": "not a frontal chest film"}
+        assert after.summary["tasks_not_run"] == {"bpd": "not applicable: not a frontal chest film",
+                                                  "pneumonia": "not applicable: not a frontal chest film"}
         (sr,) = after.datasets
         assert sr.SOPInstanceUID != before.datasets[0].SOPInstanceUID  # a new version, a new result
         assert dciodvfy_errors(sr, tmp_path / "sr.dcm") == []

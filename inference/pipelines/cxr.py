@@ -29,6 +29,7 @@ statement is implied for a model that did not run):
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +41,7 @@ from pydicom import Dataset
 from pydicom.sr.coding import Code
 
 from config.tasks import CodeSpec, TaskCatalogue, TaskDefinition
-from config.views import frontal_chest_classes
+from config.views import FRONTAL_CHEST, frontal_chest_classes, load_view_taxonomy
 from inference.errors import NoActiveModel, PipelineInputError
 from inference.gradcam import grad_cam, heat_map_png, hot_spot_polygon, upsample
 from inference.pipelines import PipelineContext, PipelineOutput
@@ -49,6 +50,7 @@ from inference.registry import InputSpec, LoadedModel, ModelVersion
 from inference.results import AlgorithmIdentity, Finding, ViewResult
 from inference.secondary_capture import summary_image
 from inference.sr.radiograph import cxr_report
+from node.routing import age_in_days
 
 __all__ = ["CxrPipeline", "RADIOGRAPH_MODALITIES", "code_of", "finding_tasks", "view_task"]
 
@@ -105,6 +107,25 @@ class _ViewCall:
     frontal_probability: float
     is_frontal_chest: bool
     probabilities: dict[str, float]
+
+
+def outside_population(task: TaskDefinition, dataset: Dataset, view: "_ViewCall") -> str:
+    """Why ``task`` does not apply to this film ("" when it does): its catalogue population against the
+    header (modality, body part, age at the study) and the view model's call (7-class view)."""
+    age = age_in_days(_date(dataset.get("PatientBirthDate")), _date(dataset.get("StudyDate")),
+                      str(dataset.get("PatientAge", "") or ""))
+    view_class = FRONTAL_CHEST if view.is_frontal_chest else load_view_taxonomy(None).parents.get(view.label,
+                                                                                                  view.label)
+    return task.population.mismatch(modality=str(dataset.get("Modality", "")),
+                                    body_part=str(dataset.get("BodyPartExamined", "") or ""), view=view_class,
+                                    age_days=age)
+
+
+def _date(value: object) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(str(value or "").strip(), "%Y%m%d").date()
+    except ValueError:
+        return None
 
 
 def algorithm_identity(version: ModelVersion, clinical: bool = True) -> AlgorithmIdentity:
@@ -191,11 +212,12 @@ class CxrPipeline:
         image, view = images[chosen], views[chosen]
         findings: dict[str, Finding] = {}
         artefacts: dict[str, bytes] = {}
-        if view.is_frontal_chest:
-            for name, model in finding_models.items():
+        outside = {name: reason for name, model in finding_models.items()
+                   if (reason := outside_population(model.task, image.dataset, view))}
+        for name, model in finding_models.items():
+            if name not in outside:
                 findings[name] = self._finding(model, image, context, timer, artefacts)
-        else:
-            not_run.update({name: "not a frontal chest film" for name in finding_models})
+        not_run.update({name: f"not applicable: {reason}" for name, reason in outside.items()})
         used = [view_model.version, *(m.loaded.version for m in finding_models.values())]
         clinical = not context.shadow
         tag = version_tag(used, shadow=not clinical)
@@ -207,6 +229,7 @@ class CxrPipeline:
             list(findings.values()),
             algorithm,
             model_version_tag=tag,
+            not_applicable=[(finding_models[name].task.description, reason) for name, reason in outside.items()],
         )
         datasets = [report]
         if context.settings.inference.summary_image:

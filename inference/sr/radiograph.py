@@ -45,6 +45,8 @@ __all__ = [
 ]
 
 CXR_SR_SERIES_NUMBER = 9001
+_UT_LIMIT = 1024
+"""A TEXT content item's value is UT; kept short as any comment."""
 FRONTAL_CHEST_TEXT = "Frontal chest radiograph: findings evaluated"
 NOT_FRONTAL_CHEST_TEXT = "Not a frontal chest radiograph: findings not evaluated"
 
@@ -173,6 +175,7 @@ def cxr_report(
     content_datetime: dt.datetime | None = None,
     series_number: int = CXR_SR_SERIES_NUMBER,
     uid_prefix: str = PYDICOM_ROOT_UID,
+    not_applicable: Sequence[tuple[str, str]] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """TID 1500 report on one chest radiograph.
 
@@ -184,7 +187,8 @@ def cxr_report(
     probability and threshold). ``model_version_tag`` is what the UIDs are
     derived from (default ``algorithm.version``); pass a tag that covers every
     model behind the report (view, BPD, pneumonia) so that a new version of any
-    of them gives a new result series.
+    of them gives a new result series. ``not_applicable`` lists (task description, reason) for the
+    tasks the image is outside the population of: each is stated as a comment, in words.
     """
     findings = list(findings)
     _check_cxr_inputs(source, view, findings)
@@ -195,6 +199,9 @@ def cxr_report(
     if not algorithm.clinical:
         evaluations.append(hd.sr.TextContentItem(name=COMMENT, value=f"{SHADOW_RUN} ({version})",
                                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    evaluations += [hd.sr.TextContentItem(name=COMMENT, value=f"{task}: not applicable ({reason})"[:_UT_LIMIT],
+                                          relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+                    for task, reason in not_applicable]
     if view.is_frontal_chest:
         for finding in findings:
             if finding.region is None:

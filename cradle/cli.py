@@ -65,6 +65,7 @@ def build_parser(tasks: Sequence[str] | None = None) -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_training_commands(sub, tasks)
     _add_retrieve_command(sub)
+    _add_archive_commands(sub)
     demo = _add(sub, "demo", "cradle.demo:run", "the guided synthetic demo, end to end")
     demo.add_argument("--workdir", default="var/demo", help="where the demo keeps everything (recreated)")
     return parser
@@ -115,6 +116,12 @@ def _add_retrieve_command(sub: Any) -> None:
 
     add_arguments(_add(sub, "retrieve", "cradle.retrieve:retrieve",
                        "bring studies from a PACS (C-FIND, then C-MOVE or C-GET) into the archive"))
+
+
+def _add_archive_commands(sub: Any) -> None:
+    from cradle.archive import add_arguments
+
+    add_arguments(sub, _add)
 
 
 def _add_training_commands(sub: Any, tasks: list[str]) -> None:

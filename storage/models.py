@@ -72,7 +72,7 @@ class Study(Base):
     study_description: Mapped[str] = mapped_column(String(64), default="")
     patient_age: Mapped[str] = mapped_column(String(16), default="")
     patient_weight_kg: Mapped[float | None] = mapped_column(Float, nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -121,11 +121,11 @@ class Instance(Base):
     columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
     number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
-    file_path: Mapped[str] = mapped_column(String(400), doc="relative to the archive root")
+    file_path: Mapped[str] = mapped_column(String(400), index=True, doc="relative to the archive root")
     file_size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
-    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -221,9 +221,31 @@ class StudyLabel(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
-    task: Mapped[str] = mapped_column(String(32))
+    task: Mapped[str] = mapped_column(String(32), index=True)
     value: Mapped[float] = mapped_column(Float)
     source: Mapped[str] = mapped_column(String(200), default="")
     imported_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="labels")
+
+
+class PruneState(str, enum.Enum):
+    pruning = "pruning"  # files being removed; rows still there (``cradle archive prune`` finishes it)
+    pruned = "pruned"    # files and rows gone
+
+
+class PrunedStudy(Base):
+    """A study ``cradle archive prune`` deleted (or is deleting): the marker that makes a prune
+    resumable after a crash, and what a training manifest that names the study is checked against."""
+
+    __tablename__ = "pruned_study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[PruneState] = mapped_column(Enum(PruneState, native_enum=False, length=16),
+                                              default=PruneState.pruning, index=True)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    rule: Mapped[str] = mapped_column(String(32), default="", doc="max_age_days or target_free_bytes")
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

@@ -12,12 +12,12 @@ One study at a time (:meth:`Pruner.prune`):
 
 1. a ``pruned_study`` row in state ``pruning`` is committed: the marker;
 2. the study's directory is removed from the archive (and the removal fsynced);
-3. in one transaction its sends, jobs, instances, series, labels and study rows are deleted (and its
-   patient's, when no other study is left) and the marker becomes ``pruned``;
-4. the deletion is written to the audit trail.
+3. the deletion is written to the audit trail;
+4. in one transaction its sends, jobs, instances, series, labels and study rows are deleted (and its
+   patient's, when no other study is left) and the marker becomes ``pruned``.
 
-A crash after 1 leaves a marker in ``pruning``: the next prune (:meth:`Pruner.resume`) repeats 2 and
-3, which are idempotent. Files never outlive their rows' marker, so no check or start ever indexes
+A crash after 1 leaves a marker in ``pruning``: the next prune (:meth:`Pruner.resume`) repeats 2 to
+4, which are idempotent (the audit trail may then name that study twice, never not at all). Files never outlive their rows' marker, so no check or start ever indexes
 a pruned study back; rows never lose their files without the marker saying why.
 """
 
@@ -146,15 +146,17 @@ class Pruner:
             marker.rule, marker.started_at, marker.finished_at = candidate.rule, utcnow(), None
 
     def _finish(self, candidate: Candidate) -> None:
+        """Steps 2-4; the audit event is written once the files are gone and before the rows go, so a
+        crash can repeat it (the resumed study) but never lose it."""
         self._remove_files(candidate.study_uid)
+        audit("study.pruned", study_uid=candidate.study_uid, study_pk=candidate.study_pk,
+              instances=candidate.instances, bytes=candidate.bytes, rule=candidate.rule)
         with transaction(self.sessions) as session:
             _delete_rows(session, candidate.study_uid)
             session.execute(PrunedStudy.__table__.update().where(PrunedStudy.study_uid == candidate.study_uid)
                             .values(state=PruneState.pruned, finished_at=utcnow()))
         log.info("study %s pruned (%s): %d instances, %d bytes", candidate.study_uid, candidate.rule,
                  candidate.instances, candidate.bytes)
-        audit("study.pruned", study_uid=candidate.study_uid, study_pk=candidate.study_pk,
-              instances=candidate.instances, bytes=candidate.bytes, rule=candidate.rule)
 
     def _remove_files(self, study_uid: str) -> None:
         directory = self.archive.absolute(safe_component(study_uid))

@@ -88,6 +88,7 @@ def _add_node_commands(sub: Any) -> None:
     jobs_list = _add(jobs, "list", "node.jobs_commands:jobs_list", "list jobs")
     jobs_list.add_argument("--state", help="only jobs in this state")
     jobs_list.add_argument("--json", action="store_true")
+    jobs_list.add_argument("--limit", type=int, default=100, metavar="N", help="the newest N jobs (0: all)")
     _add(jobs, "show", "node.jobs_commands:jobs_show", "one job with its sends").add_argument("job_id", type=int)
     _add(jobs, "retry", "node.jobs_commands:jobs_retry", "run a failed job again / send its results again"
          ).add_argument("job_id", type=int)

@@ -262,3 +262,28 @@ def test_the_watermark_refuses_with_0xa700_before_the_disk_fills_and_pruning_mak
         assert c_store(node_settings.node.port, refused) == 0x0000     # the sender's retry now succeeds
     assert study_rows(sessions) == study_dirs(node_settings) == {refused.StudyInstanceUID}
     sessions.kw["bind"].dispose()
+
+
+# --- the bulk helper of the scale benchmark, at a small size ---------------------------------
+
+
+def test_the_bulk_fill_writes_consistent_rows_the_node_carries_on_after(any_index: Settings) -> None:
+    from benchmarks.index_fill import Shape, fill_url
+    from storage.index import counts
+    from training.datasets import _radiograph_rows
+
+    shape = Shape(instances=60, mr_every=3, mr_slices=10, label_every=4)
+    filled, _ = fill_url(any_index.storage.database_url, shape)
+    assert (filled["instances"], filled["studies"], filled["labelled_studies"]) == (60, 15, 3)
+    sessions = open_configured_index(any_index.storage)
+    ingest = Ingest(Archive(any_index.storage.archive_dir, fsync=False), sessions)
+    ds = make_image()
+    ingest.store(file_bytes(ds), header_of(ds), transfer_syntax_uid=ExplicitVRLittleEndian)  # ids continue
+    with sessions() as session:
+        assert counts(session) == {"patients": 9, "studies": 16, "series": 16, "instances": 61, "jobs": {"done": 15}}
+        labelled_cr = session.scalar(
+            select(func.count()).select_from(Instance).join(Series).join(StudyLabel, StudyLabel.study_pk == Series.study_pk)
+            .where(Series.modality == "CR"))
+        assert labelled_cr > 0
+        assert len(list(_radiograph_rows(session, labelled_for="bpd"))) == labelled_cr
+    sessions.kw["bind"].dispose()

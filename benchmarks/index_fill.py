@@ -87,7 +87,7 @@ def fill(connection: Connection, shape: Shape, archive: Path | None = None) -> d
     _insert(connection, Send.__table__, ({"job_pk": job_first + i, "destination": "pacs", "sop_uid": _uid("sop", i),
                                           "round": 1, "attempt": 1, "status": 0, "error": "",
                                           "sent_at": START + step * i} for i in range(studies)))
-    labels = [s for s in study_ids if s % shape.label_every == 0]
+    labels = [s for i, s in enumerate(study_ids) if i % shape.label_every == 0]
     _insert(connection, StudyLabel.__table__, ({"study_pk": s, "task": "bpd", "value": float(s % 2), "source": "bulk",
                                                 "imported_at": START} for s in labels))
     _after_explicit_ids(connection)

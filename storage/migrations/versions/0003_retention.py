@@ -14,8 +14,8 @@ branch_labels = None
 depends_on = None
 
 INDEXES = (
-    ('instance', 'received_at'),  # "received in the last 24 h" (status, scrape)
     ('instance', 'file_path'),    # a start's interrupted writes; archive check
+    ('job', 'finished_at'),       # status: job durations of the last 24 h
     ('study', 'created_at'),      # retention: oldest first
     ('study_label', 'task'),      # training reads only the labelled subset
 )
@@ -39,9 +39,14 @@ def upgrade() -> None:
     for table, column in INDEXES:
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.create_index(batch_op.f(f'ix_{table}_{column}'), [column], unique=False)
+    with op.batch_alter_table('instance', schema=None) as batch_op:
+        # "received" (status): the last 24 h as a range, all time from the index alone
+        batch_op.create_index('ix_instance_received', ['received_at', 'series_pk', 'file_size'], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('instance', schema=None) as batch_op:
+        batch_op.drop_index('ix_instance_received')
     for table, column in reversed(INDEXES):
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.drop_index(batch_op.f(f'ix_{table}_{column}'))

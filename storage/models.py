@@ -183,9 +183,13 @@ class Send(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     status: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="DIMSE status, None when no answer")
     error: Mapped[str] = mapped_column(Text, default="")
-    sent_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
     job: Mapped[Job] = relationship(back_populates="sends")
+
+    __table_args__ = (
+        Index("ix_send_destination_status", "destination", "status"),  # sends by destination, from the index alone
+    )
 
 
 class RetrievalState(str, enum.Enum):

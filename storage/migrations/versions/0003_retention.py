@@ -16,6 +16,7 @@ depends_on = None
 INDEXES = (
     ('instance', 'file_path'),    # a start's interrupted writes; archive check
     ('job', 'finished_at'),       # status: job durations of the last 24 h
+    ('send', 'sent_at'),          # status: sends of the last 24 h
     ('study', 'created_at'),      # retention: oldest first
     ('study_label', 'task'),      # training reads only the labelled subset
 )
@@ -42,9 +43,13 @@ def upgrade() -> None:
     with op.batch_alter_table('instance', schema=None) as batch_op:
         # "received" (status): the last 24 h as a range, all time from the index alone
         batch_op.create_index('ix_instance_received', ['received_at', 'series_pk', 'file_size'], unique=False)
+    with op.batch_alter_table('send', schema=None) as batch_op:  # sends by destination, from the index alone
+        batch_op.create_index('ix_send_destination_status', ['destination', 'status'], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('send', schema=None) as batch_op:
+        batch_op.drop_index('ix_send_destination_status')
     with op.batch_alter_table('instance', schema=None) as batch_op:
         batch_op.drop_index('ix_instance_received')
     for table, column in reversed(INDEXES):

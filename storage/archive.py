@@ -28,8 +28,8 @@ because each fsync ends with a flush of the device's write-back cache. After a r
 the directory fsync still flushes that cache and cost about the same (p10 0.14–0.58 against
 0.41–0.60 ms, median 2.8–3.6 against 3.5–3.8 ms; 150 instances, three runs each way). So the
 reorder would gain a few tenths of a millisecond at most, and it would open a window
-in which a torn file stands under its final name, which every reader of the archive (the startup
-sweep, a worker, a rebuild of a lost index) would then have to tell from a complete one. In this
+in which a torn file stands under its final name, which every reader of the archive (a start's
+recovery, a worker, ``cradle archive check`` rebuilding a lost index) would then have to tell from a complete one. In this
 order a file under its final name is always complete.
 """
 

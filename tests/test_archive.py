@@ -8,6 +8,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,4 +287,26 @@ def test_the_bulk_fill_writes_consistent_rows_the_node_carries_on_after(any_inde
             .where(Series.modality == "CR"))
         assert labelled_cr == 3  # the 1st, 5th, 9th and 13th studies are labelled; the 9th is MR
         assert len(list(_radiograph_rows(session, labelled_for="bpd"))) == labelled_cr
+    sessions.kw["bind"].dispose()
+
+
+def test_archive_check_command_reads_only_unless_told_to_repair(node_settings: Settings,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    from cradle.archive import check, check_state_file
+
+    _, lost = archive_studies(node_settings, 2)
+    shutil.rmtree(Path(node_settings.storage.archive_dir) / lost)
+    args = argparse.Namespace(repair=False, restart=True, json=True)
+    capsys.readouterr()
+    assert check(args, node_settings) == 1                         # a problem found, nothing changed
+    report = json.loads(capsys.readouterr().out)
+    assert (report["rows_checked"], report["rows_without_file"], report["repaired"]) == (2, 1, 0)
+    sessions = open_configured_index(node_settings.storage)
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 2
+    assert check(argparse.Namespace(repair=True, restart=False, json=True), node_settings) == 0
+    assert json.loads(capsys.readouterr().out)["repaired"] == 1
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 1
+    assert not check_state_file(node_settings).exists()
     sessions.kw["bind"].dispose()

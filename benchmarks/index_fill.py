@@ -163,7 +163,9 @@ def _sqlite_value(value: object) -> object:
 
 
 def _after_explicit_ids(connection: Connection) -> None:
-    """Statistics for the planner; PostgreSQL's sequences past the explicit ids."""
+    """Statistics for the planner; PostgreSQL's sequences past the explicit ids (and, after the
+    commit, ``VACUUM``: the visibility map that lets counts read the indexes alone, as autovacuum
+    keeps it on a table that grew over years)."""
     if connection.dialect.name == "postgresql":
         for table in ("patient", "study", "series", "instance", "job", "send", "study_label"):
             connection.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
@@ -181,7 +183,11 @@ def fill_url(url: str, shape: Shape, archive: Path | None = None) -> tuple[dict[
             if connection.dialect.name == "sqlite":  # the indexes' pages stay in memory until the commit
                 connection.exec_driver_sql("PRAGMA cache_size=-524288")
             counts = fill(connection, shape, archive)
-        return counts, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        if engine.dialect.name == "postgresql":  # what autovacuum does to an index that grew over years
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                connection.execute(text("VACUUM ANALYZE"))
+        return counts, seconds
     finally:
         engine.dispose()
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from common.files import atomic_file
 from storage.archive import TEMP_SUFFIX, FileRange, abandoned, content_hash
 from storage.db import transaction
-from storage.ingest import Ingest
+from storage.ingest import Ingest, sop_uid_of
 from storage.models import Instance
 
 log = logging.getLogger(__name__)
@@ -159,11 +159,12 @@ class ArchiveCheck:
                 self._reindex(path, report)
 
     def _without_rows(self, files: list[str]) -> list[str]:
+        """Of ``files``, those no row names (rows found by the SOP Instance UIDs the names carry)."""
         indexed: set[str] = set()
         with self.sessions() as session:
             for start in range(0, len(files), BATCH):
-                chunk = files[start:start + BATCH]
-                indexed.update(session.scalars(select(Instance.file_path).where(Instance.file_path.in_(chunk))))
+                uids = [sop_uid_of(path) for path in files[start:start + BATCH]]
+                indexed.update(session.scalars(select(Instance.file_path).where(Instance.sop_uid.in_(uids))))
         return [path for path in files if path not in indexed]
 
     def _reindex(self, path: str, report: CheckReport) -> None:

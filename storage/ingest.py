@@ -199,8 +199,10 @@ class Ingest:
         return report
 
     def _indexed(self, path: str) -> bool:
+        """Whether a row names ``path`` (looked up by the SOP Instance UID its name carries: the unique
+        index the ingest keeps anyway, so no index on paths slows every insert)."""
         with self.sessions() as session:
-            return session.scalar(select(Instance.id).where(Instance.file_path == path)) is not None
+            return session.scalar(select(Instance.file_path).where(Instance.sop_uid == sop_uid_of(path))) == path
 
     def reindex(self, path: str) -> bool:
         """Index the complete file ``path`` from its header; False when it is the leftover of an
@@ -233,6 +235,11 @@ class RecoveryReport:
     temporaries_removed: int = 0
     files_reindexed: int = 0
     unreadable_files: int = 0
+
+
+def sop_uid_of(path: str) -> str:
+    """The SOP Instance UID an archive path is named by (``storage.archive.relative_path``)."""
+    return path.rsplit("/", 1)[-1].removesuffix(".dcm")
 
 
 def series_pk_of(session: Session, series_uid: str) -> int | None:

@@ -121,7 +121,7 @@ class Instance(Base):
     columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
     number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
-    file_path: Mapped[str] = mapped_column(String(400), index=True, doc="relative to the archive root")
+    file_path: Mapped[str] = mapped_column(String(400), doc="relative to the archive root")
     file_size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")

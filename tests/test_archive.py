@@ -234,10 +234,13 @@ def c_store(port: int, ds) -> int:  # noqa: ANN001 - a pydicom Dataset
 
 def test_the_watermark_refuses_with_0xa700_before_the_disk_fills_and_pruning_makes_room(
         node_settings: Settings, small_filesystem: Path, capsys: pytest.CaptureFixture) -> None:
+    """On a 1 MiB file system: stores until the next one would cross ``storage.min_free_bytes``, then
+    0xA700 with nothing written; ``prune`` with ``retention.target_free_bytes`` deletes the oldest
+    eligible studies, only as many as needed; the sender's retry is then stored."""
     node_settings.storage.archive_dir = small_filesystem
     node_settings.storage.min_free_bytes = 512 * 1024
-    node_settings.routing.rules = []                      # no rule matches: studies are eligible once old
-    node_settings.retention.max_age_days = 30
+    node_settings.retention.target_free_bytes = 640 * 1024
+    node_settings.routing.rules = []                      # no rule matches: every complete study is eligible
     disk = DiskSpace(small_filesystem)
     stored: list[str] = []
     with Listener(node_settings):
@@ -257,11 +260,18 @@ def test_the_watermark_refuses_with_0xa700_before_the_disk_fills_and_pruning_mak
         with transaction(sessions) as session:
             assert session.scalar(select(func.count()).select_from(Instance)) == len(stored)
             session.execute(update(Series).values(state=SeriesState.complete))
-            session.execute(update(Study).values(created_at=OLD))
+            for day, uid in enumerate(stored):            # arrival order, a day apart
+                session.execute(update(Study).where(Study.study_uid == uid)
+                                .values(created_at=OLD + dt.timedelta(days=day)))
+        missing = node_settings.retention.target_free_bytes - disk.free_bytes()
         summary = run_prune(node_settings, capsys)
-        assert summary["studies"] == len(stored)
+        deleted = summary["studies"]
+        assert summary["by_rule"] == {"target_free_bytes": deleted} and 0 < deleted < len(stored)
+        assert summary["study_uids"] == stored[:deleted]                   # the oldest first
+        assert summary["bytes"] >= missing > summary["bytes"] - summary["bytes"] // deleted  # no more than needed
+        assert disk.free_bytes() >= node_settings.retention.target_free_bytes
         assert c_store(node_settings.node.port, refused) == 0x0000     # the sender's retry now succeeds
-    assert study_rows(sessions) == study_dirs(node_settings) == {refused.StudyInstanceUID}
+    assert study_rows(sessions) == study_dirs(node_settings) == set(stored[deleted:]) | {refused.StudyInstanceUID}
     sessions.kw["bind"].dispose()
 
 

@@ -14,7 +14,6 @@ branch_labels = None
 depends_on = None
 
 INDEXES = (
-    ('instance', 'file_path'),    # a start's interrupted writes; archive check
     ('job', 'finished_at'),       # status: job durations of the last 24 h
     ('send', 'sent_at'),          # status: sends of the last 24 h
     ('study', 'created_at'),      # retention: oldest first

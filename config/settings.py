@@ -142,6 +142,23 @@ class StorageSettings(Section):
     fsync: bool = Field(True, description="fsync file and directory before answering success")
     connect_timeout: float = Field(10, gt=0, description="seconds to wait for a connection to the index "
                                                          "(PostgreSQL) before the attempt fails")
+    min_free_bytes: int = Field(1024 ** 3, ge=0, description="below this much free space on the archive's "
+                                                             "file system the listener answers 0xA700")
+    min_free_percent: float = Field(0, ge=0, lt=100, description="the same watermark as a share of the "
+                                                                 "file system (the higher of the two applies)")
+
+
+class RetentionSettings(Section):
+    """What ``cradle archive prune`` may delete (storage/retention.py): studies whose results were
+    delivered or that matched no rule, oldest first; never labelled studies or studies a registered
+    model version was trained on, unless told."""
+
+    max_age_days: int | None = Field(None, ge=1, description="prune eligible studies archived longer ago "
+                                                             "(unset: no age rule)")
+    target_free_bytes: int = Field(0, ge=0, description="while the archive's file system has less free, "
+                                                        "prune the oldest eligible studies (0: off)")
+    keep_labelled: bool = True
+    keep_model_studies: bool = True
 
 
 class CompletionSettings(Section):
@@ -335,6 +352,7 @@ class Settings(BaseSettings):
 
     node: NodeSettings = Field(default_factory=NodeSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)

@@ -65,6 +65,7 @@ def build_parser(tasks: Sequence[str] | None = None) -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_training_commands(sub, tasks)
     _add_retrieve_command(sub)
+    _add_archive_commands(sub)
     demo = _add(sub, "demo", "cradle.demo:run", "the guided synthetic demo, end to end")
     demo.add_argument("--workdir", default="var/demo", help="where the demo keeps everything (recreated)")
     return parser
@@ -87,6 +88,7 @@ def _add_node_commands(sub: Any) -> None:
     jobs_list = _add(jobs, "list", "node.jobs_commands:jobs_list", "list jobs")
     jobs_list.add_argument("--state", help="only jobs in this state")
     jobs_list.add_argument("--json", action="store_true")
+    jobs_list.add_argument("--limit", type=int, default=100, metavar="N", help="the newest N jobs (0: all)")
     _add(jobs, "show", "node.jobs_commands:jobs_show", "one job with its sends").add_argument("job_id", type=int)
     _add(jobs, "retry", "node.jobs_commands:jobs_retry", "run a failed job again / send its results again"
          ).add_argument("job_id", type=int)
@@ -118,6 +120,12 @@ def _add_retrieve_command(sub: Any) -> None:
 
     add_arguments(_add(sub, "retrieve", "cradle.retrieve:retrieve",
                        "bring studies from a PACS (C-FIND, then C-MOVE or C-GET) into the archive"))
+
+
+def _add_archive_commands(sub: Any) -> None:
+    from cradle.archive import add_arguments
+
+    add_arguments(sub, _add)
 
 
 def _add_training_commands(sub: Any, tasks: list[str]) -> None:

@@ -81,7 +81,8 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
     """The node at a glance, from the index: what it holds, jobs by state, the queue, job durations
     and outcomes by pipeline and model version, dispatch, sends by destination, recent failures.
     ``--json`` keeps ``patients``, ``studies``, ``series``, ``instances``, ``jobs`` (state → count) and
-    adds the rest under their own keys. The same numbers as the Prometheus endpoint (storage.stats)."""
+    adds the rest under their own keys; ``durations`` are of the jobs finished in the last 24 h (an
+    index range, not the whole job table). The same numbers as the Prometheus endpoint (storage.stats)."""
     from storage.db import open_configured_index
 
     sessions = open_configured_index(settings.storage)
@@ -113,7 +114,7 @@ def status_summary(session) -> dict:  # noqa: ANN001 - SQLAlchemy Session
     summary["durations"] = [
         {"pipeline": d.pipeline, "model_version": d.model_version, "outcome": d.outcome, "count": d.count,
          "mean_seconds": round(d.mean_seconds, 3), "max_seconds": round(d.max_seconds, 3)}
-        for d in sorted(stats.durations(session), key=lambda d: (d.pipeline, d.model_version, d.outcome))]
+        for d in sorted(stats.durations(session, since=day_ago), key=lambda d: (d.pipeline, d.model_version, d.outcome))]
     summary["recent_failures"] = stats.recent_failures(session)
     return summary
 

@@ -53,11 +53,19 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value else None
 
 
-def _rows(session: Session, state: str | None) -> list[tuple[Job, Series | None]]:
-    query = select(Job, Series).join(Series, Series.id == Job.series_pk, isouter=True).order_by(Job.id)
+JOBS_LIST_LIMIT = 100
+
+
+def _rows(session: Session, state: str | None, limit: int | None = JOBS_LIST_LIMIT
+          ) -> list[tuple[Job, Series | None]]:
+    """The newest ``limit`` jobs (all with None), in id order: read through the primary key (and the
+    state index), so the answer does not grow with the job table."""
+    query = select(Job, Series).join(Series, Series.id == Job.series_pk, isouter=True).order_by(Job.id.desc())
     if state:
         query = query.where(Job.state == JobState(state))
-    return [(job, series) for job, series in session.execute(query).all()]
+    if limit:
+        query = query.limit(limit)
+    return [(job, series) for job, series in reversed(session.execute(query).all())]
 
 
 def jobs_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -65,9 +73,10 @@ def jobs_list(args: argparse.Namespace, settings: Settings) -> int:
     if state and state not in JobState.__members__:
         print(f"cradle: unknown state {state!r}; one of {', '.join(JobState.__members__)}", file=sys.stderr)
         return EXIT_USAGE
+    limit = getattr(args, "limit", JOBS_LIST_LIMIT)
     sessions = open_configured_index(settings.storage)
     with sessions() as session:
-        listed = [job_summary(job, series) for job, series in _rows(session, state)]
+        listed = [job_summary(job, series) for job, series in _rows(session, state, limit)]
     if getattr(args, "json", False):
         print_json(listed)
     else:

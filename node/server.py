@@ -1,8 +1,8 @@
 """The listener: a pynetdicom AE answering C-ECHO and C-STORE, plus the completion monitor.
 
 ``Listener(settings, enqueue=...)`` is what ``cradle listen`` runs in the foreground and what
-``cradle serve`` composes with the worker and dispatcher: ``start()`` sweeps the archive, opens the
-port and starts the monitor; ``stop()`` closes the port, lets running associations finish, drains
+``cradle serve`` composes with the worker and dispatcher: ``start()`` finishes interrupted writes, opens
+the port and starts the monitor; ``stop()`` closes the port, lets running associations finish, drains
 the completion queue and stops the monitor. A C-STORE is answered once its instance is on disk and
 indexed; completion, routing and the job publish run after, on the completion queue
 (:class:`node.completion.CompletionQueue`).
@@ -39,7 +39,8 @@ from node.metrics import IndexCollector, ListenerMetrics, MetricsServer
 from node.tls import tls_context
 from storage.archive import Archive
 from storage.db import open_configured_index
-from storage.ingest import Ingest, SweepReport
+from storage.disk import watermark_of
+from storage.ingest import Ingest, RecoveryReport
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,10 @@ class Listener:
         self._owns_index = sessions is None
         self.sessions = sessions if sessions is not None else open_configured_index(settings.storage)
         self.archive = Archive(settings.storage.archive_dir, fsync=settings.storage.fsync)
-        self.ingest = Ingest(self.archive, self.sessions, duplicate_policy=settings.node.duplicate_policy)
+        storage = settings.storage
+        self.ingest = Ingest(self.archive, self.sessions, duplicate_policy=settings.node.duplicate_policy,
+                             watermark=watermark_of(storage.archive_dir, storage.min_free_bytes,
+                                                    storage.min_free_percent))
         self.completion = Completion(self.sessions, settings.routing.rules,
                                      quiet_seconds=settings.completion.quiet_seconds, enqueue=enqueue)
         self.monitor = CompletionMonitor(self.completion, settings.completion.poll_seconds)
@@ -200,14 +204,15 @@ class Listener:
             return self.settings.node.host, self.settings.node.port
         return self._server.server_address[:2]
 
-    def start(self) -> SweepReport:
-        """Sweep the archive, then accept associations and start the completion monitor."""
+    def start(self) -> RecoveryReport:
+        """Finish the writes a crash interrupted (the archive's journal, not a walk of the archive),
+        then accept associations and start the completion monitor."""
         protect_logs()
         self.archive.ensure_root()
-        report = self.ingest.sweep()
-        log.info("startup sweep: %d temporary files removed, %d files re-indexed, %d rows without file "
-                 "removed, %d unreadable files", report.temporaries_removed, report.files_reindexed,
-                 report.rows_without_file_removed, report.unreadable_files)
+        report = self.ingest.recover()
+        log.info("start: %d interrupted writes, %d temporary files removed, %d files re-indexed, %d unreadable "
+                 "files", report.interrupted_writes, report.temporaries_removed, report.files_reindexed,
+                 report.unreadable_files)
         node = self.settings.node
         if node.loopback_only:
             log.warning("node.allowed_calling_aets is not set: any calling AE title may associate, from the "

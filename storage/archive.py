@@ -10,6 +10,15 @@ A file appears under its final name only complete and on disk. :meth:`Archive.wr
 
 Only then may the index row be committed and the sender be told success (``storage/ingest.py``).
 
+Each write is also recorded, before step 1, in a journal of writes in flight: one small file in
+``<root>/.journal/`` naming the target and the temporary file, locked (``flock``) by its writer and
+removed once the index row is committed (:meth:`PendingFile.retire`). A start therefore reads only
+the journal, never the whole archive: an entry nobody holds is a write a crash interrupted, and only
+its target can be a complete file without a row (:meth:`Archive.interrupted_writes`). The entry is
+created before the rename, so the directory fsync of step 4, which on a journalling file system
+(ext4, XFS) commits every earlier change of names, makes it durable too. A walk over every file is
+the explicit ``cradle archive check`` (``storage/check.py``).
+
 Why not rename first and let the file's fsync carry the rename too (on ext4 and XFS it commits
 the journal transaction holding an earlier rename), making the directory fsync cheap? Measured on
 this machine (ext4, data=ordered, a virtio disk with a write-back cache, other processes writing):
@@ -19,8 +28,8 @@ because each fsync ends with a flush of the device's write-back cache. After a r
 the directory fsync still flushes that cache and cost about the same (p10 0.14–0.58 against
 0.41–0.60 ms, median 2.8–3.6 against 3.5–3.8 ms; 150 instances, three runs each way). So the
 reorder would gain a few tenths of a millisecond at most, and it would open a window
-in which a torn file stands under its final name, which every reader of the archive (the startup
-sweep, a worker, a rebuild of a lost index) would then have to tell from a complete one. In this
+in which a torn file stands under its final name, which every reader of the archive (a start's
+recovery, a worker, ``cradle archive check`` rebuilding a lost index) would then have to tell from a complete one. In this
 order a file under its final name is always complete.
 """
 
@@ -41,6 +50,7 @@ from pathlib import Path
 from common.files import fsync_directory
 
 TEMP_SUFFIX = ".part"
+JOURNAL_DIR = ".journal"
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
 
 
@@ -119,13 +129,14 @@ class PendingFile:
     ``commit()`` waits for the fsync, renames the file into place and fsyncs the directory;
     ``discard()`` removes it. Meanwhile the caller can do other work, e.g. prepare the index row
     (which must be committed only after ``commit()``). Until then the file stays open and locked
-    (``flock``), which tells the startup sweep of another process that it is not abandoned.
+    (``flock``), which tells a start (or an archive check) in another process that it is not abandoned.
     """
 
     def __init__(self, archive: "Archive", relative: str, target: Path, temp: Path, fd: int, size: int,
-                 digest: Future[str], synced: Future[None] | None) -> None:
+                 digest: Future[str], synced: Future[None] | None, entry: "JournalEntry") -> None:
         self.archive, self.relative, self.target, self.temp, self._fd = archive, relative, target, temp, fd
-        self.size, self._digest, self._synced = size, digest, synced
+        self.size, self._digest, self._synced, self.entry = size, digest, synced, entry
+        self.renamed = False
 
     @property
     def stored(self) -> StoredFile:
@@ -137,6 +148,7 @@ class PendingFile:
             if self._synced is not None:
                 self._synced.result()
             os.replace(self.temp, self.target)
+            self.renamed = True
             self._close()
             if self.archive.fsync:
                 fsync_directory(self.target.parent)
@@ -145,14 +157,24 @@ class PendingFile:
             raise ArchiveError(exc.errno, f"cannot store {self.relative}: {exc.strerror or exc}") from exc
         return self.stored
 
+    def retire(self) -> None:
+        """The index row is committed (or none is wanted): the write is no longer in flight."""
+        self.entry.retire()
+
     def discard(self) -> None:
-        """Remove the temporary file (a no-op after ``commit()``)."""
+        """Remove the temporary file. Before ``commit()`` nothing of the write remains; after it the
+        journal entry stays (unlocked), so that the next start indexes the renamed file if its row
+        never committed."""
         with contextlib.suppress(OSError):  # e.g. ENOTDIR: then there is no temporary file either
             self.temp.unlink(missing_ok=True)
         if self._synced is not None:
             with contextlib.suppress(OSError):
                 self._synced.result()  # the fsync still running on the unlinked file, before its fd closes
         self._close()
+        if self.renamed:
+            self.entry.release()
+        else:
+            self.entry.retire()
 
     def _close(self) -> None:
         fd, self._fd = self._fd, -1
@@ -198,7 +220,10 @@ class Archive:
     def put(self, relative: str, data: Data) -> StoredFile:
         """Write ``data`` (bytes, or parts written one after the other) durably under ``relative``,
         replacing any file there."""
-        return self.write(relative, data).commit()
+        pending = self.write(relative, data)
+        stored = pending.commit()
+        pending.retire()
+        return stored
 
     def write(self, relative: str, data: Data) -> PendingFile:
         """Write ``data`` under a temporary name next to ``relative``, hashing it meanwhile, and start
@@ -206,10 +231,12 @@ class Archive:
         target = self.absolute(relative)
         temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
         parts = _parts(data)
+        entry = self._journal(relative, temp)
         try:
             self._make_dirs(target.parent)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
+            entry.retire()
             raise ArchiveError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
         pool = self._background()
         streamed = any(isinstance(part, FileRange) for part in parts)
@@ -233,9 +260,39 @@ class Archive:
             os.close(fd)
             with contextlib.suppress(OSError):
                 temp.unlink()
+            entry.retire()
             raise ArchiveError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
         synced = pool.submit(os.fsync, fd) if self.fsync else None
-        return PendingFile(self, relative, target, temp, fd, sum(len(p) for p in parts), digest, synced)
+        return PendingFile(self, relative, target, temp, fd, sum(len(p) for p in parts), digest, synced, entry)
+
+    def _journal(self, relative: str, temp: Path) -> "JournalEntry":
+        """Record a write in flight: a locked entry naming its target and temporary file."""
+        directory = self.root / JOURNAL_DIR
+        path = directory / uuid.uuid4().hex
+        try:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                self._make_dirs(directory)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, f"{relative}\n{temp.name}\n".encode())
+        except OSError as exc:
+            raise ArchiveError(exc.errno, f"cannot store {relative}: {exc.strerror or exc}") from exc
+        return JournalEntry(path, relative, temp, fd)
+
+    def interrupted_writes(self) -> list["JournalEntry"]:
+        """The journal's entries no writer holds (its process died), each locked by this process
+        until it is retired or released; a start reads these and nothing else."""
+        directory = self.root / JOURNAL_DIR
+        if not directory.is_dir():
+            return []
+        entries = []
+        for path in sorted(directory.iterdir()):
+            entry = _take_entry(self, path)
+            if entry is not None:
+                entries.append(entry)
+        return entries
 
     def read(self, relative: str) -> bytes:
         return self.absolute(relative).read_bytes()
@@ -247,11 +304,12 @@ class Archive:
         self.absolute(relative).unlink(missing_ok=True)
 
     def files(self) -> list[str]:
-        """Relative paths of every complete ``.dcm`` file under the root."""
+        """Relative paths of every complete ``.dcm`` file under the root (a walk of the whole archive:
+        for checks and tests, never on a start)."""
         if not self.root.exists():
             return []
         return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*.dcm")
-                      if not p.name.startswith("."))
+                      if not p.name.startswith(".") and JOURNAL_DIR not in p.parts)
 
     def remove_temporaries(self) -> int:
         """Delete the temporary files an interrupted write left behind; return how many.
@@ -262,7 +320,7 @@ class Archive:
             return 0
         removed = 0
         for temp in self.root.rglob(f"*{TEMP_SUFFIX}"):
-            if _abandoned(temp):
+            if abandoned(temp):
                 temp.unlink(missing_ok=True)
                 removed += 1
         return removed
@@ -281,7 +339,7 @@ class Archive:
                 fsync_directory(created.parent)
 
 
-def _abandoned(temp: Path) -> bool:
+def abandoned(temp: Path) -> bool:
     """Whether no writer holds ``temp`` (its lock can be taken)."""
     try:
         fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
@@ -294,3 +352,43 @@ def _abandoned(temp: Path) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+class JournalEntry:
+    """One write in flight (``<root>/.journal/<id>``), locked by whoever holds ``fd``."""
+
+    def __init__(self, path: Path, relative: str, temp: Path | None, fd: int) -> None:
+        self.path, self.relative, self.temp, self._fd = path, relative, temp, fd
+
+    def retire(self) -> None:
+        """Remove the entry: the write finished (its row is committed) or left nothing behind."""
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
+        self.release()
+
+    def release(self) -> None:
+        """Let go of the entry, keeping it for the next start."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _take_entry(archive: Archive, path: Path) -> JournalEntry | None:
+    """``path``'s entry locked by this process, or None when its writer still holds it (or it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        relative, temp_name = (os.read(fd, 4096).decode("utf-8", "replace").split("\n") + ["", ""])[:2]
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    try:  # an entry cut short (its writer died while writing it) names nothing: nothing else exists
+        target = archive.absolute(relative) if relative else None
+    except ArchiveError:
+        target = None
+    ours = temp_name.startswith(".") and temp_name.endswith(TEMP_SUFFIX) and "/" not in temp_name
+    temp = target.with_name(temp_name) if target is not None and ours else None
+    return JournalEntry(path, relative if target is not None else "", temp, fd)

@@ -50,6 +50,8 @@ FIELDS = frozenset({
     # models and configuration
     "task", "version", "previous", "by", "config_file", "config_sha256", "changed_keys", "first",
     "component",
+    # retention
+    "instances", "rule", "dry_run",
 })
 
 _log = logging.getLogger(AUDIT_LOGGER)

@@ -26,8 +26,8 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DBAPI 
     # WAL + NORMAL: a commit is not flushed to the device by itself, so a power loss (not a process
     # crash) can roll back the newest commits, never corrupt the database. FULL would add one device
     # flush per commit (+3.8 ms per stored instance, measured under load on this disk). Nothing a
-    # sender was told is stored is lost: its file was durable before its row was committed, and the
-    # startup sweep indexes a complete file without a row (storage/ingest.py).
+    # sender was told is stored is lost: its file was durable before its row was committed, and
+    # ``cradle archive check --repair`` indexes a complete file without a row (storage/ingest.py).
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")

@@ -3,8 +3,8 @@
 pydicom reads a truncated value silently (it returns the bytes that are there), so "pydicom could
 read it" does not mean "it is complete". :func:`check_structure` walks every element's tag and
 length instead. The C-STORE handler checks each received data set with it before anything is
-written (a malformed one answers 0xC000), and the startup sweep checks every archived file that has
-no index row with :func:`check_file` before indexing it: a file that does not end where its last
+written (a malformed one answers 0xC000), and the start (and ``cradle archive check``) checks every archived file
+that has no index row with :func:`check_file` before indexing it: a file that does not end where its last
 element ends is never indexed, so never served.
 """
 

@@ -10,7 +10,7 @@ import datetime as dt
 import enum
 
 from sqlalchemy import (
-    JSON, BigInteger, Date, DateTime, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
+    JSON, BigInteger, Date, DateTime, Enum, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -72,7 +72,7 @@ class Study(Base):
     study_description: Mapped[str] = mapped_column(String(64), default="")
     patient_age: Mapped[str] = mapped_column(String(16), default="")
     patient_weight_kg: Mapped[float | None] = mapped_column(Float, nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -129,6 +129,12 @@ class Instance(Base):
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
+    __table_args__ = (
+        # "received" (status, scrape) read from the index alone: the last 24 h as a range, all time as
+        # a scan of an index much narrower than the rows
+        Index("ix_instance_received", "received_at", "series_pk", "file_size"),
+    )
+
 
 class Job(Base):
     """One pipeline on one series. The row is the truth; the broker only carries its id.
@@ -157,7 +163,7 @@ class Job(Base):
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True, index=True)
     dispatch_state: Mapped[DispatchState] = mapped_column(
         Enum(DispatchState, native_enum=False, length=16), default=DispatchState.none, index=True)
     dispatch_round: Mapped[int] = mapped_column(Integer, default=0,
@@ -183,9 +189,13 @@ class Send(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     status: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="DIMSE status, None when no answer")
     error: Mapped[str] = mapped_column(Text, default="")
-    sent_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
     job: Mapped[Job] = relationship(back_populates="sends")
+
+    __table_args__ = (
+        Index("ix_send_destination_status", "destination", "status"),  # sends by destination, from the index alone
+    )
 
 
 class RetrievalState(str, enum.Enum):
@@ -227,9 +237,31 @@ class StudyLabel(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
-    task: Mapped[str] = mapped_column(String(32))
+    task: Mapped[str] = mapped_column(String(32), index=True)
     value: Mapped[float] = mapped_column(Float)
     source: Mapped[str] = mapped_column(String(200), default="")
     imported_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="labels")
+
+
+class PruneState(str, enum.Enum):
+    pruning = "pruning"  # files being removed; rows still there (``cradle archive prune`` finishes it)
+    pruned = "pruned"    # files and rows gone
+
+
+class PrunedStudy(Base):
+    """A study ``cradle archive prune`` deleted (or is deleting): the marker that makes a prune
+    resumable after a crash, and what a training manifest that names the study is checked against."""
+
+    __tablename__ = "pruned_study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[PruneState] = mapped_column(Enum(PruneState, native_enum=False, length=16),
+                                              default=PruneState.pruning, index=True)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    rule: Mapped[str] = mapped_column(String(32), default="", doc="max_age_days or target_free_bytes")
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

@@ -64,16 +64,19 @@ def queue(session: Session, now: dt.datetime | None = None) -> dict[str, Any]:
             "oldest_queued_seconds": round((now - oldest).total_seconds(), 1) if oldest else 0.0}
 
 
-def durations(session: Session) -> list[Durations]:
-    """Duration of the last attempt of every finished job (started → finished), by pipeline, model
-    version and outcome, with cumulative histogram buckets."""
+def durations(session: Session, since: dt.datetime | None = None) -> list[Durations]:
+    """Duration of the last attempt of every finished job (started → finished), or of those finished
+    ``since`` (through the index on ``finished_at``), by pipeline, model version and outcome, with
+    cumulative histogram buckets."""
     seconds = _seconds_between(session, Job.started_at, Job.finished_at)
     bucket_columns = [func.sum(case((seconds <= bound, 1), else_=0)) for bound in DURATION_BUCKETS]
-    rows = session.execute(
-        select(Job.pipeline, Job.model_version, Job.state, func.count(), func.sum(seconds), func.max(seconds),
-               *bucket_columns)
-        .where(Job.state.in_(FINISHED), Job.started_at.is_not(None), Job.finished_at.is_not(None))
-        .group_by(Job.pipeline, Job.model_version, Job.state)).all()
+    query = (select(Job.pipeline, Job.model_version, Job.state, func.count(), func.sum(seconds), func.max(seconds),
+                    *bucket_columns)
+             .where(Job.state.in_(FINISHED), Job.started_at.is_not(None), Job.finished_at.is_not(None))
+             .group_by(Job.pipeline, Job.model_version, Job.state))
+    if since is not None:
+        query = query.where(Job.finished_at >= since)
+    rows = session.execute(query).all()
     return [Durations(pipeline, model_version or "", _value(state), count, float(total or 0), float(longest or 0),
                       [int(b or 0) for b in buckets])
             for pipeline, model_version, state, count, total, longest, *buckets in rows]
@@ -96,9 +99,11 @@ def sends(session: Session, since: dt.datetime | None = None) -> dict[str, dict[
 
 
 def received(session: Session, since: dt.datetime | None = None) -> dict[str, int]:
-    """Instances (and their bytes) received from other AEs, i.e. not this node's own results."""
+    """Instances (and their bytes) received from other AEs, i.e. not this node's own results. Read from
+    the index on (received_at, series_pk, file_size) alone, never from the instance rows."""
+    results = select(Series.id).where(Series.is_result.is_(True))
     query = (select(func.count(), func.coalesce(func.sum(Instance.file_size), 0))
-             .join(Series, Series.id == Instance.series_pk).where(Series.is_result.is_(False)))
+             .where(Instance.series_pk.not_in(results)))
     if since is not None:
         query = query.where(Instance.received_at >= since)
     count, size = session.execute(query).one()

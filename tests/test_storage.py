@@ -1,5 +1,5 @@
-"""The archive and the index through ``Ingest``: durable puts, duplicates, failures, the sweep,
-concurrency. Every test runs on SQLite and on the local PostgreSQL.
+"""The archive and the index through ``Ingest``: durable puts, duplicates, failures, a start's
+recovery of interrupted writes (the journal), the full check (``cradle archive check``), concurrency. Every test runs on SQLite and on the local PostgreSQL.
 
 Also home of the small DICOM factory the listener and routing tests import (``make_image``).
 """
@@ -31,7 +31,8 @@ from storage.archive import Archive, content_hash
 from storage.db import open_index, transaction
 from storage.index import InstanceHeader, _get_or_create, counts
 from storage.dicomfile import MalformedDataset, check_file
-from storage.ingest import Ingest, Outcome, SweepReport, TransientStoreError
+from storage.check import ArchiveCheck, CheckReport
+from storage.ingest import Ingest, Outcome, RecoveryReport, TransientStoreError
 from storage.models import Instance, Patient, Series
 
 # --- a small DICOM factory (imported by test_listener and test_routing) ------------------------
@@ -124,6 +125,17 @@ def temporaries(root: Path) -> list[Path]:
     return list(root.rglob("*.part"))
 
 
+def check(ingest: Ingest, *, repair: bool = True) -> CheckReport:
+    """``cradle archive check [--repair]`` from the beginning."""
+    state = ingest.archive.root.parent / "archive-check.json"
+    state.unlink(missing_ok=True)
+    return ArchiveCheck(ingest, state, repair=repair, progress=False).run()
+
+
+def journal(root: Path) -> list[Path]:
+    return list((root / ".journal").glob("*"))
+
+
 # --- tests -------------------------------------------------------------------------------------
 
 
@@ -177,11 +189,20 @@ pending = Archive(Path(sys.argv[1])).write("a/b/worker.dcm", b"a result being wr
 print("written", flush=True)
 sys.stdin.readline()
 pending.commit()
+pending.retire()
+"""
+
+_DYING_WRITER = """
+import os, sys
+from pathlib import Path
+from storage.archive import Archive
+Archive(Path(sys.argv[1])).write("a/c/dead.dcm", b"cut short by a crash")
+os._exit(0)
 """
 
 
-def test_the_sweep_removes_abandoned_temporaries_and_leaves_a_write_in_progress(archive: Archive) -> None:
-    """The listener's startup sweep runs while a worker may be storing a result: only temporary files
+def test_the_check_removes_abandoned_temporaries_and_leaves_a_write_in_progress(archive: Archive) -> None:
+    """``archive check --repair`` runs while a worker may be storing a result: only temporary files
     nobody holds (their writer died) are removed."""
     abandoned = archive.root / "a" / "b" / ".dead.dcm.0123.part"
     abandoned.parent.mkdir(parents=True)
@@ -198,6 +219,28 @@ def test_the_sweep_removes_abandoned_temporaries_and_leaves_a_write_in_progress(
     assert writer.returncode == 0
     assert archive.read("a/b/worker.dcm") == b"a result being written"
     assert temporaries(archive.root) == []
+
+
+def test_a_start_recovers_interrupted_writes_only_and_leaves_a_write_in_progress(ingest: Ingest,
+                                                                                  archive: Archive) -> None:
+    """A start reads the journal of writes in flight, not the archive: the entry of a writer that died
+    is recovered (its temporary file removed), the entry of a writer still at work is left alone."""
+    root, cwd = str(archive.root), Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", _DYING_WRITER, root], check=True, cwd=cwd, timeout=60)
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, root], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=cwd)
+    try:
+        assert writer.stdout.readline().strip() == "written"
+        assert (len(journal(archive.root)), len(temporaries(archive.root))) == (2, 2)
+        assert ingest.recover() == RecoveryReport(interrupted_writes=1, temporaries_removed=1)
+        assert [p.parent.name for p in temporaries(archive.root)] == ["b"] and len(journal(archive.root)) == 1
+        writer.communicate("commit\n", timeout=30)
+    finally:
+        writer.kill()
+    assert writer.returncode == 0
+    assert archive.read("a/b/worker.dcm") == b"a result being written"
+    assert temporaries(archive.root) == [] and journal(archive.root) == []
+    assert ingest.recover() == RecoveryReport()
 
 
 def test_identical_resend_is_stored_once(ingest: Ingest, archive: Archive) -> None:
@@ -229,11 +272,11 @@ def test_conflicting_resend_follows_the_policy(archive: Archive, sessions: sessi
         assert counts(session)["instances"] == 1
 
 
-def test_a_replacement_under_other_uids_leaves_one_file_and_the_sweep_keeps_it(
+def test_a_replacement_under_other_uids_leaves_one_file_and_the_check_keeps_it(
         archive: Archive, sessions: sessionmaker[Session]) -> None:
     """``replace``: the same SOP Instance UID re-sent under new Study/Series UIDs moves the instance;
-    the old file goes at once, and one left by a crash before that is removed by the sweep, never
-    indexed back over the replacement."""
+    the old file goes at once, and one left by a crash before that is removed by ``archive check
+    --repair``, never indexed back over the replacement."""
     ingest = Ingest(archive, sessions, duplicate_policy="replace")
     first = make_image(fill=1)
     moved = make_image(sop_uid=first.SOPInstanceUID, fill=2)
@@ -242,8 +285,8 @@ def test_a_replacement_under_other_uids_leaves_one_file_and_the_sweep_keeps_it(
     old, new = header_of(first).relative_path, header_of(moved).relative_path
     assert archive.files() == [new]
     archive.put(old, file_bytes(first))  # as a crash between the row's commit and the removal leaves it
-    report = ingest.sweep()
-    assert (report.files_reindexed, report.rows_without_file_removed) == (0, 0)
+    report = check(ingest)
+    assert (report.files_without_row, report.rows_without_file) == (1, 0)
     assert archive.files() == [new]
     with sessions() as session:
         assert list(session.scalars(select(Instance.file_path))) == [new]
@@ -264,17 +307,23 @@ def test_a_failing_write_is_transient_and_leaves_nothing(ingest: Ingest, archive
     assert archive.exists(header_of(ds).relative_path)
 
 
-def test_sweep_reconciles_files_and_rows(ingest: Ingest, archive: Archive) -> None:
+def test_check_reconciles_files_and_rows_only_when_asked_to_repair(ingest: Ingest, archive: Archive) -> None:
     kept, lost, unindexed = make_image(), make_image(), make_image()
     store(ingest, kept)
     store(ingest, lost)
     archive.remove(header_of(lost).relative_path)                      # a row without its file
     archive.put(header_of(unindexed).relative_path, file_bytes(unindexed))  # a file without its row
     orphan = archive.root / kept.StudyInstanceUID / kept.SeriesInstanceUID / ".x.dcm.0123.part"
-    orphan.write_bytes(b"half a file")                                  # an interrupted write
-    report = ingest.sweep()
-    assert (report.temporaries_removed, report.files_reindexed, report.rows_without_file_removed,
-            report.unreadable_files) == (1, 1, 1, 0)
+    orphan.write_bytes(b"half a file")                     # an interrupted write from before the journal
+    unchanged = check(ingest, repair=False)
+    assert (unchanged.temporaries, unchanged.files_without_row, unchanged.rows_without_file,
+            unchanged.repaired, unchanged.complete) == (1, 1, 1, 0, True)
+    assert orphan.exists() and not archive.exists(header_of(lost).relative_path)
+    with ingest.sessions() as session:
+        assert counts(session)["instances"] == 2                        # read-only without --repair
+    report = check(ingest)
+    assert (report.temporaries, report.files_without_row, report.rows_without_file, report.unreadable_files,
+            report.repaired) == (1, 1, 1, 0, 3)
     with ingest.sessions() as session:
         paths = set(session.scalars(select(Instance.file_path)))
     assert paths == set(archive.files()) == {header_of(kept).relative_path, header_of(unindexed).relative_path}
@@ -367,7 +416,7 @@ def test_file_is_durable_under_its_name_before_its_row_commits(ingest: Ingest, a
     assert events == ["fsync file", "rename", "fsync dir", "commit"]
 
 
-def test_a_failed_commit_leaves_a_complete_file_that_the_sweep_indexes(ingest: Ingest, archive: Archive,
+def test_a_failed_commit_leaves_a_complete_file_that_the_next_start_indexes(ingest: Ingest, archive: Archive,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The crash window between rename and commit: a complete file without a row, never a torn one."""
     ds = make_image()
@@ -384,15 +433,15 @@ def test_a_failed_commit_leaves_a_complete_file_that_the_sweep_indexes(ingest: I
     assert archive.read(path) == file_bytes(ds) and temporaries(archive.root) == []
     with ingest.sessions() as session:
         assert counts(session)["instances"] == 0
-    report = ingest.sweep()
-    assert (report.temporaries_removed, report.files_reindexed, report.rows_without_file_removed,
-            report.unreadable_files) == (0, 1, 0, 0)
+    assert len(journal(archive.root)) == 1  # the write's entry outlives the failed commit
+    assert ingest.recover() == RecoveryReport(interrupted_writes=1, files_reindexed=1)
+    assert journal(archive.root) == []
     assert store(ingest, ds).outcome is Outcome.duplicate  # the sender's re-send succeeds, stored once
     with ingest.sessions() as session:
         assert counts(session)["instances"] == 1
 
 
-def test_sweep_never_indexes_a_torn_file_and_a_resend_replaces_it(ingest: Ingest, archive: Archive) -> None:
+def test_check_never_indexes_a_torn_file_and_a_resend_replaces_it(ingest: Ingest, archive: Archive) -> None:
     """Files without rows under their final names: the complete one is indexed; one cut inside its
     pixel data and an empty one (damage from outside, e.g. a disk error) are never indexed, stay on
     disk for an administrator, and a re-send of the instance replaces them."""
@@ -401,19 +450,48 @@ def test_sweep_never_indexes_a_torn_file_and_a_resend_replaces_it(ingest: Ingest
         path = archive.absolute(header_of(ds).relative_path)
         path.parent.mkdir(parents=True)
         path.write_bytes(content)
-    report = ingest.sweep()
-    assert (report.temporaries_removed, report.files_reindexed, report.rows_without_file_removed,
-            report.unreadable_files) == (0, 1, 0, 2)
+    report = check(ingest)
+    assert (report.files_without_row, report.repaired, report.unreadable_files) == (3, 1, 2)
     with ingest.sessions() as session:
         assert set(session.scalars(select(Instance.sop_uid))) == {complete.SOPInstanceUID}
     assert len(archive.files()) == 3
-    assert ingest.sweep().unreadable_files == 2  # still not indexed on the next start
+    assert check(ingest).unreadable_files == 2  # still not indexed by the next check
     for ds in (cut, empty):
         assert store(ingest, ds).outcome is Outcome.stored
         assert archive.read(header_of(ds).relative_path) == file_bytes(ds)
     with ingest.sessions() as session:
         assert counts(session)["instances"] == 3
-    assert ingest.sweep() == SweepReport(0, 0, 0, 0)
+    assert check(ingest) == CheckReport(rows_checked=3, files_checked=3, complete=True)
+
+
+def test_an_interrupted_check_resumes_where_it_stopped(ingest: Ingest, archive: Archive,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check records its position after each batch: stopped (Ctrl-C) and started again, it checks
+    the rest, not everything again, and counts each row and file once."""
+    datasets = [make_image() for _ in range(5)]
+    for ds in datasets:
+        store(ingest, ds)
+    archive.remove(header_of(datasets[3]).relative_path)
+    monkeypatch.setattr("storage.check.BATCH", 2)
+    state = archive.root.parent / "archive-check.json"
+    saves = 0
+    real_save = ArchiveCheck._save
+
+    def interrupted(self, position) -> None:  # noqa: ANN001 - the check's position
+        nonlocal saves
+        real_save(self, position)
+        saves += 1
+        if saves == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ArchiveCheck, "_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ArchiveCheck(ingest, state, progress=False).run()
+    assert state.is_file()
+    monkeypatch.setattr(ArchiveCheck, "_save", real_save)
+    report = ArchiveCheck(ingest, state, progress=False).run()
+    assert (report.rows_checked, report.files_checked, report.rows_without_file, report.complete) == (5, 4, 1, True)
+    assert not state.exists()
 
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])

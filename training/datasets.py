@@ -81,14 +81,22 @@ def pseudonym(patient_key: str, salt: str) -> str:
     return hashlib.sha256(f"{salt}|{patient_key}".encode()).hexdigest()[:16]
 
 
-def _radiograph_rows(session: Session) -> Iterable:
+def _radiograph_rows(session: Session, labelled_for: str | None = None) -> Iterable:
+    """Every archived radiograph, or with ``labelled_for`` only those of studies labelled for that task:
+    the query starts from the labels (index on ``study_label.task``), so a small labelled subset of a
+    large archive is read without reading the rest."""
+    query = select(Instance.sop_uid, Instance.file_path, Instance.sha256, Instance.view_position,
+                   Instance.number_of_frames, Series.series_uid, Series.modality, Series.body_part,
+                   Series.series_description, Series.protocol_name, Study.id.label("study_pk"), Study.study_uid,
+                   Study.study_description, Patient.patient_key)
+    if labelled_for is not None:
+        query = (query.select_from(StudyLabel).join(Study, StudyLabel.study_pk == Study.id)
+                 .join(Series, Series.study_pk == Study.id).join(Instance, Instance.series_pk == Series.id)
+                 .where(StudyLabel.task == labelled_for))
+    else:
+        query = query.join(Series, Instance.series_pk == Series.id).join(Study, Series.study_pk == Study.id)
     return session.execute(
-        select(Instance.sop_uid, Instance.file_path, Instance.sha256, Instance.view_position,
-               Instance.number_of_frames, Series.series_uid, Series.modality, Series.body_part,
-               Series.series_description, Series.protocol_name, Study.id.label("study_pk"), Study.study_uid,
-               Study.study_description, Patient.patient_key)
-        .join(Series, Instance.series_pk == Series.id).join(Study, Series.study_pk == Study.id)
-        .join(Patient, Study.patient_pk == Patient.id)
+        query.join(Patient, Study.patient_pk == Patient.id)
         .where(Series.modality.in_(RADIOGRAPH_MODALITIES), Series.is_result.is_(False))
         .order_by(Instance.id)).yield_per(500)
 
@@ -110,9 +118,7 @@ def collect_labelled(session: Session, task: str, taxonomy: ViewTaxonomy, views:
     labels, irds = _labels(session, task), _labels(session, "irds_grade")
     wanted = set(views)
     collection = Collection(task, [], classes=classes)
-    for row in _radiograph_rows(session):
-        if row.study_pk not in labels:
-            continue
+    for row in _radiograph_rows(session, labelled_for=task):
         if (row.number_of_frames or 1) > 1:
             collection.skipped["multi-frame"] += 1
             continue

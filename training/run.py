@@ -33,7 +33,7 @@ from storage.archive import Archive
 from storage.db import open_index
 from training import datasets as ds
 from training import evaluate as ev
-from training import promote, report
+from training import manifests, promote, report
 from training.engine import FoldPaths, FoldResult, Trainer, atomic_json, monitor_mode, plain, seed_everything
 from training.kinds import Context, kind_of
 from training.kinds import make_loader as _make_loader
@@ -270,7 +270,12 @@ def unseen_by(ctx: Context, active: ModelVersion, samples: list[ds.Sample]) -> l
     path = _reports_dir(ctx, active.version) / "manifest.json"
     if not path.is_file():
         return samples
-    saved = json.loads(path.read_text())
+    sessions = open_index(ctx.settings.storage.database_url)
+    try:
+        with sessions() as session:
+            saved = manifests.read_manifest(path, session)  # says so when studies of it were pruned
+    finally:
+        sessions.kw["bind"].dispose()
     trained = {e["patient"] if saved.get("split_salt") == ctx.recipe.split_salt else e["uid"]
                for e in saved["entries"] if e["split"] != "test"}
     key = (lambda s: s.group) if saved.get("split_salt") == ctx.recipe.split_salt else (lambda s: s.uid)

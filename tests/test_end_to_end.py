@@ -17,16 +17,13 @@ import yaml
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
 
+from benchmarks.latency import cradle, import_test_weights
 from conftest import free_port, require
 from cradle.demo import Pacs
 from training.synth import generate
 
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # ``benchmarks`` lives at the repository root, not installed
-
-from benchmarks.latency import cradle, import_test_weights  # noqa: E402
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

@@ -8,12 +8,14 @@ with the catalogue's SR concept and description.
    resize keeping aspect (pad) to each model's input size, CLAHE when the model was trained with it.
 2. The view classifier (PedXnet-style, softmax over the taxonomy's classes) answers "is this a
    frontal chest film?" for every image of the series; the image most likely to be one is reported.
-3. On a frontal chest film, each finding model (e.g. BPD risk: ResNet-50; pneumonia: RegNetY-064
-   by default) gives a probability (sigmoid of the logit over the version's temperature) and the
+3. Each finding task whose catalogue population holds the film (modality, body part, the view
+   model's 7-class view, age at the study: :func:`outside_population`; the shipped findings want a
+   frontal chest film) runs its model (e.g. BPD risk: ResNet-50; pneumonia: RegNetY-064
+   by default): a probability (sigmoid of the logit over the version's temperature) and the
    call at the version's operating threshold; each positive call gets a Grad-CAM heat map (PNG
    artefact) and the outline of its hot spot as the SR region.
-4. The SR always goes out; on anything else than a frontal chest film it states the view and its
-   probability and reports no finding.
+4. The SR always goes out; it states the view and its probability, and for each finding outside its
+   population that it was not applicable and why.
 
 Missing models (decided so that no clinical statement comes from untrained weights and no
 statement is implied for a model that did not run):

@@ -26,11 +26,14 @@ from test_pipelines import CXR_SPEC, VIEWS, register_active
 from training.engine import FoldPaths, Trainer, seed_everything
 from training.kinds import BinaryObjective
 from training.recipe import RecipeError, load_recipe
-from training.run import initial_state, open_context
+from training import datasets as ds
+from training.run import collect, initial_state, open_context
 from training.strategies import layer_groups, stage_at
 from training_archive import Node, _settings
 
 TRAINING_TIMEOUT = 2400
+BARE_EPOCHS = 6
+"""Epochs of the bare loop that makes a test's "pretrained" checkpoint."""
 
 
 def _imagenet_checkpoint(path: Path, arch: str) -> Path:
@@ -129,3 +132,109 @@ def test_the_bpd_recipe_trains_the_head_alone_first_then_more_with_cutmix_in_eve
         rates = {int(k): v for k, v in record["lr"].items()}
         assert rates == pytest.approx({g: 1e-4 * 0.5 ** (5 - g) for g in range(6)})
     assert len(objective.seen) == 5 * len(loader) and all(objective.seen)  # every batch of every stage mixed
+
+
+# --- every shipped recipe at its real architecture, from the start it is meant for ---------------------
+# Small inputs, two folds, two or three epochs: the shipped recipes with only size and length made small.
+# Measured on 2 loaded CPU cores: see each test's docstring.
+
+
+def _config(node: Node, tmp_path: Path, **training: object) -> Path:
+    """A config on the shared archive and index with its own models and runs folders."""
+    values = yaml.safe_load(node.config.read_text())
+    values["models_dir"] = str(tmp_path / "models")
+    values["training"] = {**values["training"], "runs_dir": str(tmp_path / "runs"), **training}
+    config = tmp_path / "cradle.yaml"
+    config.write_text(yaml.safe_dump(values))
+    return config
+
+
+def _train(config: Path, task: str, sets: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    output = io.StringIO()
+    started = time.monotonic()
+    with capsys.disabled(), contextlib.redirect_stdout(output):
+        assert main(["train", task, "--config", str(config), *[a for s in sets for a in ("--set", s)], "--json"]) == 0
+    summary = json.loads(output.getvalue())
+    metrics = summary["metrics"]
+    shown = {k: round(v, 3) for k, v in metrics.items() if k in ("auroc_mean", "test_auroc", "balanced_accuracy_mean",
+                                                                  "dice_mean", "test_dice")}
+    print(f"{task} ({summary['init'] if isinstance(summary['init'], str) else summary['init']['file']}): {shown} "
+          f"in {time.monotonic() - started:.0f} s", file=sys.__stderr__)
+    return summary
+
+
+def _site_checkpoint(node: Node, task: str, arch: str, size: int, epochs: int, path: Path) -> Path:
+    """A checkpoint "pretrained on chest films" for ``arch``: the bare loop of benchmarks/train_quality.py
+    on the task's development patients only (the held-out test patients stay unseen), saved as timm saves
+    a model (safetensors, 3-channel stem, as an ImageNet checkpoint has it)."""
+    from benchmarks.train_quality import bare_fit, preprocessed
+
+    recipe = load_recipe(task, overrides=[f"arch={arch}", f"image_size={size}", "strategy=full", "init=random"])
+    ctx = open_context(node.settings, recipe, progress=False)
+    collection = collect(ctx)
+    split = ds.split(collection.samples, recipe.kind, folds=2, test_fraction=recipe.test_fraction,
+                     salt=recipe.split_salt, seed=recipe.seed)
+    _, model = bare_fit(arch, preprocessed(ctx, collection, split.dev), None, epochs, 1e-3, 0, task=task)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    stem = next(k for k, v in state.items() if v.ndim == 4)
+    state[stem] = state[stem].repeat(1, 3, 1, 1) / 3  # an RGB stem, summed back to 1 channel on loading
+    save_file(state, path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_view_recipe_inception_v3_learns_the_views_from_random(training_archive: Node, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """InceptionV3 takes 75 px at the least (smaller inputs leave nothing for its last 3x3 convolutions)."""
+    config = _config(training_archive, tmp_path)
+    summary = _train(config, "view", ["image_size=75", "epochs=2", "folds=2", "lr=1e-3", "warmup_epochs=0",
+                                      "bootstrap=0"], capsys)
+    assert summary["init"] == "random"
+    metrics = summary["metrics"]
+    assert metrics["balanced_accuracy_mean"] >= 2 / 7  # twice chance over the 7 views
+    assert metrics["auroc_mean"] >= 0.65
+    assert ModelRegistry(load_settings(config).models_dir).get("view", summary["version"]).arch == "inception_v3"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_bpd_recipe_resnet50_learns_from_a_site_checkpoint_through_init_auto(
+        training_archive: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ResNet-50 as shipped: init: auto finds the site's chest-film checkpoint (no view model of resnet50),
+    linear probing, then progressive unfreezing with discriminative rates, CutMix."""
+    checkpoint = _site_checkpoint(training_archive, "bpd", "resnet50", 64, BARE_EPOCHS, tmp_path / "resnet50.safetensors")
+    config = _config(training_archive, tmp_path, checkpoints={"resnet50": str(checkpoint)})
+    summary = _train(config, "bpd", ["image_size=64", "epochs=3", "lp_epochs=1", "unfreeze_every=1", "folds=2",
+                                     "warmup_epochs=0", "bootstrap=0"], capsys)
+    assert summary["init"]["file"] == checkpoint.name and summary["init"]["from"].endswith("checkpoints.resnet50")
+    assert summary["init_transfer"]["adapted"] == 1 and summary["init_transfer"]["missing"] == 0
+    version = ModelRegistry(load_settings(config).models_dir).get("bpd", summary["version"])
+    assert (version.arch, version.provenance["recipe"]["strategy"]) == ("resnet50", "progressive")
+    assert summary["metrics"]["test_auroc"] >= 0.75  # held-out patients: unseen by the checkpoint too
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_pneumonia_recipe_regnety_064_learns_from_a_site_checkpoint(
+        training_archive: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """RegNetY-064 as shipped (full fine-tuning, Adam 1e-4) from the site's ImageNet-style checkpoint."""
+    checkpoint = _site_checkpoint(training_archive, "pneumonia", "regnety_064", 64, BARE_EPOCHS,
+                                  tmp_path / "regnety_064.safetensors")
+    config = _config(training_archive, tmp_path, checkpoints={"regnety_064": str(checkpoint)})
+    summary = _train(config, "pneumonia", ["image_size=64", "epochs=2", "folds=2", "bootstrap=0"], capsys)
+    assert summary["init"]["file"] == checkpoint.name and summary["init_transfer"]["adapted"] == 1
+    assert ModelRegistry(load_settings(config).models_dir).get("pneumonia", summary["version"]).arch == "regnety_064"
+    assert summary["metrics"]["test_auroc"] >= 0.75
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_lung_seg_recipe_flexible_unet_resnet50_learns_from_random(
+        training_archive: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The FlexibleUNet with its ResNet-50 encoder, as shipped (init: random), at 32 px, 2 epochs."""
+    config = _config(training_archive, tmp_path)
+    summary = _train(config, "lung-seg", ["image_size=32", "epochs=2", "folds=2", "bootstrap=0"], capsys)
+    assert ModelRegistry(load_settings(config).models_dir).get("lung-seg", summary["version"]).arch \
+        == "flexible_unet_resnet50"
+    assert summary["metrics"]["test_dice"] >= 0.6

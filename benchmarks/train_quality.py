@@ -106,6 +106,9 @@ def cradle_train(settings: Settings, task: str, overrides: list[str]) -> dict[st
     started = time.monotonic()
     summary = run_training(settings, recipe, progress=False)
     summary["wall_seconds"] = time.monotonic() - started
+    print(f"cradle train {task} {' '.join(overrides)}: CV AUROC {summary['metrics'].get('auroc_mean', float('nan')):.3f}"
+          f", held-out {summary['metrics'].get('test_auroc', float('nan')):.3f} ({summary['wall_seconds']:.0f} s)",
+          file=sys.stderr, flush=True)
     return summary
 
 
@@ -153,7 +156,9 @@ def bare_cross_validate(settings: Settings, args: argparse.Namespace) -> dict[st
         train = preprocessed(ctx, collection, [split.dev[i] for i in train_index])
         val = preprocessed(ctx, collection, [split.dev[i] for i in val_index])
         aurocs.append(bare_fit(args.arch, train, val, args.epochs, args.lr, recipe.seed + k)[0])
-    return {"auroc_mean": float(np.mean(aurocs)), "folds": aurocs, "wall_seconds": time.monotonic() - started}
+        print(f"bare loop, fold {k + 1}: AUROC {aurocs[-1]:.3f}", file=sys.stderr, flush=True)
+    return {"auroc_mean": float(np.mean(aurocs)), "folds": aurocs, "wall_seconds": time.monotonic() - started,
+            "labelled": {"development": len(split.dev), "test": len(split.test)}}
 
 
 def site_checkpoint(settings: Settings, args: argparse.Namespace, path: Path) -> Path:
@@ -213,7 +218,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         ratio = ours["metrics"]["auroc_mean"] / bare["auroc_mean"]
         table = [] if args.no_starts else starts(settings, root, args)
     return {"arch": args.arch, "image_size": args.size, "epochs": args.epochs, "folds": args.folds,
-            "films": args.films, "labelled": ours["manifest"]["counts"] if "manifest" in ours else None,
+            "films": args.films, "labelled": bare["labelled"],
             "archive_seconds": round(built, 1),
             "cradle": {"auroc_mean": ours["metrics"]["auroc_mean"], "test_auroc": ours["metrics"]["test_auroc"],
                        "seconds": round(ours["wall_seconds"], 1)},
@@ -240,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
         return 0 if result["passed"] else 1
     print(f"bpd, {result['arch']} at {result['image_size']} px, {result['epochs']} epochs, {result['folds']} folds, "
-          f"{result['films']} films (archive built in {result['archive_seconds']:.0f} s)")
+          f"{result['films']} films ({result['labelled']['development']} labelled for development, "
+          f"{result['labelled']['test']} held out; archive built in {result['archive_seconds']:.0f} s)")
     print(f"cross-validated AUROC: cradle train {result['cradle']['auroc_mean']:.3f} "
           f"({result['cradle']['seconds']:.0f} s), bare loop {result['bare']['auroc_mean']:.3f} "
           f"({result['bare']['seconds']:.0f} s)")

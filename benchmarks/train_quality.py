@@ -7,7 +7,9 @@ A synthetic archive of day-1 films with a learnable BPD texture (``training.synt
 C-STORE to a listener and its labels imported, as a site would. Then, on the BPD task:
 
 1. *ratio*: ``cradle train bpd`` (from random weights, ``strategy=full``, AdamW at the bare loop's learning
-   rate, no early stopping; everything else the recipe's: augmentation, schedule, batch-norm re-estimation)
+   rate for every layer (``layer_decay=1``: the recipe's discriminative rates are for a pretrained start), a
+   constant schedule, no CutMix, no early stopping; everything else the recipe's: augmentation, batch-norm
+   re-estimation)
    against a bare loop (``model(x) / BCE / backward / AdamW.step``, no augmentation) with the same
    architecture, input size, epochs, batch size and optimiser, on the same preprocessed images and the same
    cross-validation folds (``training.datasets.split``). Each reports the mean over folds of the validation
@@ -98,7 +100,7 @@ def build_node(root: Path, films: int, seed: int) -> Settings:
 def common(args: argparse.Namespace) -> list[str]:
     """What ``cradle train`` and the bare loop share."""
     return [f"arch={args.arch}", f"image_size={args.size}", f"epochs={args.epochs}", f"folds={args.folds}",
-            "batch_size=16", "optimizer=adamw", f"lr={args.lr}", "weight_decay=1e-4", "bootstrap=200"]
+            "batch_size=16", "optimizer=adamw", f"lr={args.lr}", "layer_decay=1", "weight_decay=1e-4", "bootstrap=200"]
 
 
 def cradle_train(settings: Settings, task: str, overrides: list[str]) -> dict[str, Any]:

@@ -326,6 +326,10 @@ class TrainingSettings(Section):
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     time_limit_hours: float = Field(24, gt=0, description="hard limit of a queued training run")
+    checkpoints: dict[str, Path] = Field(
+        default_factory=dict,
+        description="architecture (timm name, e.g. resnet50) -> a site checkpoint (file or Hugging Face hub "
+                    "folder): `init: auto`'s second choice, after the view model of that architecture")
 
     _aes = field_validator("reviewer_aets")(lambda values: [_check_ae_title(v) for v in values])
 

@@ -58,6 +58,14 @@ def node_settings(tmp_path: Path, port: int) -> Settings:
     })
 
 
+@pytest.fixture(scope="session")
+def training_archive(tmp_path_factory: pytest.TempPathFactory):
+    """The synthetic archive every training test shares (tests/training_archive.py), built once."""
+    from training_archive import build_archive
+
+    return build_archive(tmp_path_factory.mktemp("node"))
+
+
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A new, empty PostgreSQL database on the local server, dropped afterwards."""

@@ -18,6 +18,7 @@ import pytest
 from pydicom import dcmread
 
 from conftest import require
+from inference.registry import ModelRegistry
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -98,6 +99,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     for task, trained in summary["trained"].items():
         assert trained["promoted"] is True, (task, trained["reason"])
         assert trained["version"] == f"{task}-1"
+    chain = summary["trained"]["bpd"]  # the in-domain chain: BPD starts from the view model trained before it
+    assert chain["init"] == "view-1" and chain["init_transfer"]["loaded"] == chain["init_transfer"]["wanted"] > 50
+    assert ModelRegistry(workdir / "node" / "models").get("bpd", "bpd-1").provenance["init"] == "view-1"
     assert len(summary["radiographs"]) == NEW_RADIOGRAPHS
     for item in summary["radiographs"]:  # read back from the received SRs
         assert item["view"]["label"] == "chest_frontal" and 0 < item["view"]["probability"] <= 100

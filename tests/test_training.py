@@ -15,7 +15,6 @@ import shutil
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,10 @@ import yaml
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
-from config.settings import Settings, load_settings
-from conftest import free_port, require
+from config.settings import load_settings
+from conftest import free_port
 from site_tasks import TOY, write_site_tasks
+from training_archive import Node, _settings
 from test_pipelines import CXR_SPEC, VIEWS, _walk, dciodvfy_errors, register_active
 from inference.models import create_model
 from inference.pipelines import PipelineContext, get_pipeline
@@ -69,52 +69,10 @@ LUNG = ["--set", "arch=flexible_unet_resnet18", "--set", "image_size=64", "--set
 # --- a synthetic archive, pushed over C-STORE --------------------------------------------------
 
 
-@dataclass
-class Node:
-    settings: Settings
-    config: Path
-    synth: synth.SynthSummary
-    root: Path
-
-
-def _settings(root: Path, port: int) -> dict:
-    return {
-        "node": {"ae_title": "CRADLE", "host": "127.0.0.1", "port": port, "allowed_calling_aets": ["STORESCU"]},
-        "storage": {"archive_dir": str(root / "archive"), "database_url": f"sqlite:///{root / 'cradle.db'}",
-                    "fsync": False},
-        "queue": {"broker_url": f"sqla+sqlite:///{root / 'broker.db'}"},
-        "models_dir": str(root / "models"),
-        "training": {"runs_dir": str(root / "runs"), "cache_dir": str(root / "cache")},
-        "completion": {"quiet_seconds": 60},
-    }
-
-
-def push(settings: Settings, files: list[Path]) -> None:
-    """Send ``files`` with DCMTK's storescu to a running listener (``-R``: only the contexts needed)."""
-    command = [require("storescu"), "-aet", "STORESCU", "-aec", "CRADLE", "-R", "127.0.0.1",
-               str(settings.node.port), *map(str, files)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Node:
-    """300 radiographs (225 labelled neonatal frontal chests) and 8 MR series with reviewer SEGs,
-    received by the listener over C-STORE; labels imported from the generator's CSV."""
-    from node.server import Listener
-
-    root = tmp_path_factory.mktemp("node")
-    values = _settings(root, free_port())
-    config = root / "cradle.yaml"
-    config.write_text(yaml.safe_dump(values))
-    settings = load_settings(config)
-    summary = synth.generate(root / "synth", n_cxr=300, n_mri=8, seed=0, cxr_size=128, mri_shape=(16, 64, 64))
-    files = [*summary.cxr_paths, *sorted(p for d in summary.mri_series_dirs for p in d.glob("*.dcm")),
-             *summary.seg_paths]
-    with Listener(settings, enqueue=lambda _job: None):
-        push(settings, files)
-    assert main(["labels", "import", str(summary.labels_csv), "--config", str(config)]) == 0
-    return Node(settings, config, summary, root)
+def node(training_archive: Node) -> Node:
+    """The session's synthetic archive (tests/training_archive.py), shared with the other training tests."""
+    return training_archive
 
 
 def train(node: Node, task: str, sets: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
@@ -484,7 +442,7 @@ def _trainer(overrides: list[str]) -> Trainer:
 
 
 def test_trainer_freezes_and_decays_learning_rates_as_the_strategy_says(tmp_path: Path) -> None:
-    trainer = _trainer(["strategy=progressive", "layer_decay=0.5", "unfreeze_every=1", "lr=1e-3",
+    trainer = _trainer(["strategy=progressive", "lp_epochs=0", "layer_decay=0.5", "unfreeze_every=1", "lr=1e-3",
                         "schedule=constant", "optimizer=adamw", "weight_decay=1e-2"])
     seed_everything(0)
     model = create_model("resnet18", "bpd")

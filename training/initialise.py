@@ -8,7 +8,8 @@
   A 3-channel stem is summed to the 1-channel input (``timm.models.adapt_input_conv``), the classifier
   is left to the task's head, a FlexibleUNet's ``encoder.`` takes a ResNet's layers.
 - a model version: ``view`` (or any task: its active version), ``view-3``; ``auto`` is the in-domain
-  start: the view model of the same architecture, else random with a warning.
+  start: the view model of the same architecture, else the site checkpoint the node's config names for
+  that architecture (``training.checkpoints``), else random with a warning.
 
 What loaded and what did not is counted in the summary and the report and named in the log; a
 checkpoint that fits nothing is an error. A freezing strategy on a random start is refused: its

@@ -32,8 +32,9 @@ FREEZING_STRATEGIES = ("linear_probe", "lp_ft", "progressive")
 
 def frozen_random_message(strategy: str, init: str) -> str:
     return (f"strategy {strategy} freezes the backbone, and this run starts from random weights ({init}): its "
-            "head would learn on random features. Start from weights (init=FILE with a site checkpoint, or "
-            "init=view after `cradle train view --set arch=ARCH`), or set strategy=full")
+            "head would learn on random features. Start from weights (init=FILE with a site checkpoint, "
+            "training.checkpoints in the node's config for init: auto, or init=view after "
+            "`cradle train view --set arch=ARCH`), or set strategy=full")
 
 
 class RecipeError(ValueError):
@@ -125,7 +126,8 @@ class Recipe(Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     seed: int = 0
-    init: str = Field("random", description="random; auto (the view model of the same architecture, else random); "
+    init: str = Field("random", description="random; auto (the view model of the same architecture, else the site "
+                                            "checkpoint of it in training.checkpoints, else random); "
                                             "a task (its active version; view: its version of the same "
                                             "architecture); a version like view-3; or a checkpoint file "
                                             "(.safetensors, .pth, .pt, .bin; timm/torchvision/Hugging Face layout)")
@@ -155,8 +157,8 @@ class Recipe(Strict):
             raise ValueError(f"{self.task} needs image_size divisible by 32, got {self.image_size}")
         if self.init == "random" and self.strategy in FREEZING_STRATEGIES:
             raise ValueError(frozen_random_message(self.strategy, "init=random"))
-        if self.strategy == "lp_ft" and self.lp_epochs >= self.epochs:
-            raise ValueError("lp_ft needs lp_epochs < epochs")
+        if self.strategy in ("lp_ft", "progressive") and self.lp_epochs and self.lp_epochs >= self.epochs:
+            raise ValueError(f"{self.strategy} needs lp_epochs < epochs (linear probing first, then the rest)")
         if self.cutmix_prob > 0 and self.cutmix_alpha == 0:
             raise ValueError("CutMix draws its box's area from Beta(cutmix_alpha, cutmix_alpha): cutmix_alpha "
                              "must be above 0 when cutmix_prob is")

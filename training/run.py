@@ -160,27 +160,53 @@ def _log_transfer(report: Transfer, source: str) -> None:
     log.info("init from %s: unused: %s", source, ", ".join(report.unused) or "none")
 
 
+def site_checkpoint(ctx: Context) -> Path | None:
+    """The checkpoint ``training.checkpoints`` names for the recipe's architecture (or its backbone's)."""
+    checkpoints = ctx.settings.training.checkpoints
+    path = checkpoints.get(ctx.recipe.arch) or checkpoints.get(backbone_arch(ctx.recipe.arch))
+    return Path(path) if path else None
+
+
+def start_from_file(ctx: Context, path: Path, via: str = "") -> Start:
+    """A start from the checkpoint at ``path`` (a file or a hub folder); ``via`` says why it was chosen
+    (and is kept in the source as ``from``)."""
+    path = checkpoint_file(path)
+    state, report, reading = read_checkpoint(path, build_model_like(ctx))
+    _log_transfer(report, f"{path.name} ({reading})")
+    ctx.say(f"init: {via}{path.name}: {len(report.loaded)}/{report.wanted} tensors loaded"
+            + (", stem adapted to 1 channel" if report.adapted else ""))
+    source = {"file": path.name, "sha256": sha256_of_file(path), **({"from": via.rstrip(": ")} if via else {})}
+    return Start(source, state, transfer=report.counts())
+
+
+def random_start(ctx: Context) -> Start:
+    """Random weights; for ``init: auto`` (nothing of the architecture found) with a warning in the log,
+    the summary and the report."""
+    start = Start()
+    if ctx.recipe.init == "auto":
+        source = in_domain_task(ctx)
+        message = (f"init: auto: {_no_version_of_arch(ctx, source.name) if source else 'no view task'}, and "
+                   f"training.checkpoints names no checkpoint of {backbone_arch(ctx.recipe.arch)}; "
+                   "training from random weights")
+        log.warning(message)
+        ctx.say(f"warning: {message}")
+        start.warnings.append(message)
+    return start
+
+
 def initial_state(ctx: Context) -> Start:
-    """Where this run starts (the recipe's ``init``), its tensors named as the run's network names them."""
+    """Where this run starts (the recipe's ``init``), its tensors named as the run's network names them.
+    ``auto``: the view model of the same architecture, else the site checkpoint of that architecture
+    (``training.checkpoints``), else random with a warning."""
     recipe = ctx.recipe
     if recipe.init not in ("random", "auto") and recipe.init not in ctx.catalogue and is_checkpoint_path(recipe.init):
-        path = checkpoint_file(Path(recipe.init))
-        state, report, reading = read_checkpoint(path, build_model_like(ctx))
-        _log_transfer(report, f"{path.name} ({reading})")
-        ctx.say(f"init: {path.name}: {len(report.loaded)}/{report.wanted} tensors loaded"
-                + (", stem adapted to 1 channel" if report.adapted else ""))
-        return Start({"file": path.name, "sha256": sha256_of_file(path)}, state, transfer=report.counts())
+        return start_from_file(ctx, Path(recipe.init))
     version = resolve_init(ctx, recipe.init)
     if version is None:
-        start = Start()
-        if recipe.init == "auto":
-            source = in_domain_task(ctx)
-            message = (f"init: auto: {_no_version_of_arch(ctx, source.name) if source else 'no view task'}; "
-                       "training from random weights")
-            log.warning(message)
-            ctx.say(f"warning: {message}")
-            start.warnings.append(message)
-        return start
+        checkpoint = site_checkpoint(ctx) if recipe.init == "auto" else None
+        if checkpoint is not None:
+            return start_from_file(ctx, checkpoint, via=f"auto: training.checkpoints.{backbone_arch(recipe.arch)}: ")
+        return random_start(ctx)
     module = ctx.registry.load(version, "cpu")
     source = {k: v.contiguous() for k, v in module.state_dict().items()}
     whole = ((version.task, version.arch, version.num_outputs)  # same task and head: copy the head too

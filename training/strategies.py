@@ -11,8 +11,9 @@ Strategies (``strategy`` in a recipe):
 - ``linear_probe``: only the head trains.
 - ``lp_ft``: linear probing for ``lp_epochs``, then everything fine-tunes at ``lr * ft_lr_scale``
   (discriminative when ``layer_decay < 1``) (Kumar et al. 2022).
-- ``progressive``: the head first, then one more group from the top every ``unfreeze_every``
-  epochs, with discriminative learning rates (gradual unfreezing, as in the BPD paper).
+- ``progressive``: linear probing (only the head) for ``lp_epochs``, then one more group from the top
+  every ``unfreeze_every`` epochs, with discriminative learning rates (gradual unfreezing, as in the BPD
+  paper); with ``lp_epochs: 0`` the head's first ``unfreeze_every`` epochs alone are the probe.
 
 The learning rate of a group at a step is ``lr * stage scale * schedule factor``: the schedule is
 ``constant``, ``warmup_poly`` (linear warm-up, then polynomial decay) or ``plateau`` (multiply by
@@ -116,7 +117,11 @@ def stage_at(config: StrategyConfig, epoch: int, n_groups: int) -> Stage:
             return Stage(tuple(bool(d == 0) for d in depth), (1.0,) * n_groups)
         return Stage((True,) * n_groups, tuple(config.ft_lr_scale * s for s in decayed))
     if config.name == "progressive":
-        unfrozen = epoch // max(config.unfreeze_every, 1)
+        every = max(config.unfreeze_every, 1)
+        if config.lp_epochs == 0:
+            unfrozen = epoch // every
+        else:
+            unfrozen = 0 if epoch < config.lp_epochs else 1 + (epoch - config.lp_epochs) // every
         return Stage(tuple(bool(d <= unfrozen) for d in depth), decayed)
     raise ValueError(f"unknown strategy {config.name!r}")
 

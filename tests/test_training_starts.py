@@ -1,0 +1,243 @@
+"""Where training starts and what the shipped recipes do from there: ``init: auto``'s order (view model
+of the architecture, the site checkpoint of it, random with a warning), the BPD recipe's stages (linear
+probing, then progressive unfreezing with discriminative learning rates, CutMix throughout), and every
+shipped recipe at its real architecture learning from the start it is meant for."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from config.settings import load_settings
+from conftest import free_port
+from cradle.cli import main
+from inference.models import create_model
+from inference.registry import ModelRegistry
+from test_pipelines import CXR_SPEC, VIEWS, register_active
+from training.engine import FoldPaths, Trainer, seed_everything
+from training.kinds import BinaryObjective
+from training.recipe import RecipeError, load_recipe
+from training import datasets as ds
+from training.run import collect, initial_state, open_context
+from training.strategies import layer_groups, stage_at
+from training_archive import Node, _settings
+
+TRAINING_TIMEOUT = 2400
+BARE_EPOCHS = 6
+"""Epochs of the bare loop that makes a test's "pretrained" checkpoint."""
+
+
+def _imagenet_checkpoint(path: Path, arch: str) -> Path:
+    """A state dict as timm saves an ImageNet model (3 input channels, 1000 classes), as safetensors."""
+    seed_everything(0)
+    state = create_model(arch, "bpd", num_classes=1000, in_chans=3).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
+
+
+# --- init: auto ---------------------------------------------------------------------------------------
+
+
+def test_init_auto_takes_the_view_model_then_the_site_checkpoint_then_random(tmp_path: Path) -> None:
+    checkpoint = _imagenet_checkpoint(tmp_path / "resnet18.a1_in1k.safetensors", "resnet18")
+    values = _settings(tmp_path, free_port())
+    values["training"]["checkpoints"] = {"resnet18": str(checkpoint), "resnet34": str(tmp_path / "gone.pth")}
+    settings = load_settings(None, **values)
+    said: list[str] = []
+
+    def start(task: str, *sets: str):
+        recipe = load_recipe(task, overrides=["init=auto", *sets])
+        return initial_state(open_context(settings, recipe, progress=False, say=said.append))
+
+    bpd = start("bpd", "arch=resnet18")  # no view model yet: the site checkpoint of resnet18
+    assert bpd.source["file"] == checkpoint.name and bpd.source["from"] == "auto: training.checkpoints.resnet18"
+    assert len(bpd.source["sha256"]) == 64 and not bpd.warnings
+    assert bpd.transfer["loaded"] == bpd.transfer["wanted"] and bpd.transfer["adapted"] == 1
+    unet = start("lung-seg", "arch=flexible_unet_resnet18", "image_size=64")  # its encoder's ResNet
+    assert unet.source["file"] == checkpoint.name and unet.state["encoder.layer4.1.conv2.weight"] is not None
+
+    other = start("bpd", "arch=resnet10t", "strategy=full")  # nothing of resnet10t: random, warned
+    assert other.random and len(other.warnings) == 1
+    assert "no view model of resnet10t" in other.warnings[0] and "training.checkpoints" in other.warnings[0]
+    assert any(line.startswith("warning: init: auto") for line in said)
+    with pytest.raises(RecipeError, match="checkpoint not found"):
+        start("bpd", "arch=resnet34")
+
+    register_active(ModelRegistry(settings.models_dir), "view", "resnet18", {VIEWS.index("chest_frontal"): 6.0},
+                    CXR_SPEC)
+    first = start("bpd", "arch=resnet18")  # the in-domain view model of resnet18 comes first
+    assert first.source == "view-1" and first.transfer["loaded"] == first.transfer["wanted"]
+
+
+# --- the BPD recipe: linear probing, then progressive unfreezing, CutMix throughout --------------------
+
+
+def test_the_shipped_bpd_recipe_probes_then_unfreezes_from_the_top_at_discriminative_rates() -> None:
+    recipe = load_recipe("bpd")
+    assert (recipe.arch, recipe.strategy, recipe.init) == ("resnet50", "progressive", "auto")
+    n = len(layer_groups(create_model(recipe.arch, "bpd")))
+    assert n == 6  # stem, layer1-4, fc
+    stages = [stage_at(recipe.strategy_config(), epoch, n) for epoch in range(recipe.epochs)]
+    # epochs 1-3 linear probing (the head alone), then layer4, layer3, ... one more every 2 epochs
+    assert [sum(s.trainable) for s in stages[:13]] == [1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
+    for stage in stages:
+        assert stage.trainable == tuple(sorted(stage.trainable))  # always a top block: frozen below, trained above
+        assert stage.lr_scale == (0.5 ** 5, 0.5 ** 4, 0.5 ** 3, 0.25, 0.5, 1.0)
+    assert recipe.cutmix_prob == 0.5 and recipe.cutmix_alpha == 1.0
+
+
+class _Counting(BinaryObjective):
+    """The binary objective, counting the batches its CutMix sees and those it mixed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def mixer(self, prob: float, alpha: float):
+        mix = super().mixer(prob, alpha)
+
+        def counted(images: torch.Tensor, targets: torch.Tensor):
+            images, mixed = mix(images, targets)
+            self.seen.append(bool(((mixed > 0) & (mixed < 1)).any()))
+            return images, mixed
+
+        return counted
+
+
+def test_the_bpd_recipe_trains_the_head_alone_first_then_more_with_cutmix_in_every_stage(tmp_path: Path) -> None:
+    recipe = load_recipe("bpd", overrides=["arch=resnet18", "image_size=32", "epochs=5", "early_stopping_patience=0",
+                                           "schedule=constant", "cutmix_prob=1.0", "precise_bn_batches=0"])
+    objective = _Counting()
+    trainer = Trainer(recipe, objective, torch.device("cpu"), progress=False)
+    seed_everything(0)
+    model = create_model("resnet18", "bpd")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(24, 1, 32, 32, generator=generator)
+    y = (x.mean(dim=(1, 2, 3)) > x.mean()).float()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True,
+                                         generator=generator)
+    trainer.fit(model, loader, loader, FoldPaths.in_dir(tmp_path, 0), 0, generator)
+    saved = torch.load(tmp_path / "fold-0.ckpt", weights_only=True)["state"]
+    assert [sum(s["trainable"]) for s in saved["stages"]] == [1, 1, 1, 2, 2]
+    for record in saved["history"]:
+        rates = {int(k): v for k, v in record["lr"].items()}
+        assert rates == pytest.approx({g: 1e-4 * 0.5 ** (5 - g) for g in range(6)})
+    assert len(objective.seen) == 5 * len(loader) and all(objective.seen)  # every batch of every stage mixed
+
+
+# --- every shipped recipe at its real architecture, from the start it is meant for ---------------------
+# Small inputs, two folds, two or three epochs: the shipped recipes with only size and length made small.
+# Measured on 2 loaded CPU cores: see each test's docstring.
+
+
+def _config(node: Node, tmp_path: Path, **training: object) -> Path:
+    """A config on the shared archive and index with its own models and runs folders."""
+    values = yaml.safe_load(node.config.read_text())
+    values["models_dir"] = str(tmp_path / "models")
+    values["training"] = {**values["training"], "runs_dir": str(tmp_path / "runs"), **training}
+    config = tmp_path / "cradle.yaml"
+    config.write_text(yaml.safe_dump(values))
+    return config
+
+
+def _train(config: Path, task: str, sets: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    output = io.StringIO()
+    started = time.monotonic()
+    with capsys.disabled(), contextlib.redirect_stdout(output):
+        assert main(["train", task, "--config", str(config), *[a for s in sets for a in ("--set", s)], "--json"]) == 0
+    summary = json.loads(output.getvalue())
+    metrics = summary["metrics"]
+    shown = {k: round(v, 3) for k, v in metrics.items() if k in ("auroc_mean", "test_auroc", "balanced_accuracy_mean",
+                                                                  "dice_mean", "test_dice")}
+    print(f"{task} ({summary['init'] if isinstance(summary['init'], str) else summary['init']['file']}): {shown} "
+          f"in {time.monotonic() - started:.0f} s", file=sys.__stderr__)
+    return summary
+
+
+def _site_checkpoint(node: Node, task: str, arch: str, size: int, epochs: int, path: Path) -> Path:
+    """A checkpoint "pretrained on chest films" for ``arch``: the bare loop of benchmarks/train_quality.py
+    on the task's development patients only (the held-out test patients stay unseen), saved as timm saves
+    a model (safetensors, 3-channel stem, as an ImageNet checkpoint has it)."""
+    from benchmarks.train_quality import bare_fit, preprocessed
+
+    recipe = load_recipe(task, overrides=[f"arch={arch}", f"image_size={size}", "strategy=full", "init=random"])
+    ctx = open_context(node.settings, recipe, progress=False)
+    collection = collect(ctx)
+    split = ds.split(collection.samples, recipe.kind, folds=2, test_fraction=recipe.test_fraction,
+                     salt=recipe.split_salt, seed=recipe.seed)
+    _, model = bare_fit(arch, preprocessed(ctx, collection, split.dev), None, epochs, 1e-3, 0, task=task)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    stem = next(k for k, v in state.items() if v.ndim == 4)
+    state[stem] = state[stem].repeat(1, 3, 1, 1) / 3  # an RGB stem, summed back to 1 channel on loading
+    save_file(state, path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_view_recipe_inception_v3_learns_the_views_from_random(training_archive: Node, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """InceptionV3 takes 75 px at the least (smaller inputs leave nothing for its last 3x3 convolutions)."""
+    config = _config(training_archive, tmp_path)
+    summary = _train(config, "view", ["image_size=75", "epochs=2", "folds=2", "lr=1e-3", "warmup_epochs=0",
+                                      "bootstrap=0"], capsys)
+    assert summary["init"] == "random"
+    metrics = summary["metrics"]
+    assert metrics["balanced_accuracy_mean"] >= 2 / 7  # twice chance over the 7 views
+    assert metrics["auroc_mean"] >= 0.65
+    assert ModelRegistry(load_settings(config).models_dir).get("view", summary["version"]).arch == "inception_v3"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_bpd_recipe_resnet50_learns_from_a_site_checkpoint_through_init_auto(
+        training_archive: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ResNet-50 as shipped: init: auto finds the site's chest-film checkpoint (no view model of resnet50),
+    linear probing, then progressive unfreezing with discriminative rates, CutMix."""
+    checkpoint = _site_checkpoint(training_archive, "bpd", "resnet50", 64, BARE_EPOCHS, tmp_path / "resnet50.safetensors")
+    config = _config(training_archive, tmp_path, checkpoints={"resnet50": str(checkpoint)})
+    summary = _train(config, "bpd", ["image_size=64", "epochs=3", "lp_epochs=1", "unfreeze_every=1", "folds=2",
+                                     "warmup_epochs=0", "bootstrap=0"], capsys)
+    assert summary["init"]["file"] == checkpoint.name and summary["init"]["from"].endswith("checkpoints.resnet50")
+    assert summary["init_transfer"]["adapted"] == 1 and summary["init_transfer"]["missing"] == 0
+    version = ModelRegistry(load_settings(config).models_dir).get("bpd", summary["version"])
+    assert (version.arch, version.provenance["recipe"]["strategy"]) == ("resnet50", "progressive")
+    assert summary["metrics"]["test_auroc"] >= 0.75  # held-out patients: unseen by the checkpoint too
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+@pytest.mark.xfail(run=False, reason="not yet: from a checkpoint made by 10 bare epochs on the development patients, "
+                                     "2 epochs of the shipped recipe reached held-out AUROC 0.52 (folds 0.895, 0.434; "
+                                     "with 6 bare epochs 0.575), 12 min on a loaded machine; see the README")
+def test_pneumonia_recipe_regnety_064_learns_from_a_site_checkpoint(
+        training_archive: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """RegNetY-064 as shipped (full fine-tuning, Adam 1e-4) from the site's ImageNet-style checkpoint."""
+    checkpoint = _site_checkpoint(training_archive, "pneumonia", "regnety_064", 64, 10,  # consolidation: slower
+                                  tmp_path / "regnety_064.safetensors")
+    config = _config(training_archive, tmp_path, checkpoints={"regnety_064": str(checkpoint)})
+    summary = _train(config, "pneumonia", ["image_size=64", "epochs=2", "folds=2", "bootstrap=0"], capsys)
+    assert summary["init"]["file"] == checkpoint.name and summary["init_transfer"]["adapted"] == 1
+    assert ModelRegistry(load_settings(config).models_dir).get("pneumonia", summary["version"]).arch == "regnety_064"
+    assert summary["metrics"]["test_auroc"] >= 0.75
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_lung_seg_recipe_flexible_unet_resnet50_learns_from_random(
+        training_archive: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The FlexibleUNet with its ResNet-50 encoder, as shipped (init: random), at 32 px, 2 epochs."""
+    config = _config(training_archive, tmp_path)
+    summary = _train(config, "lung-seg", ["image_size=32", "epochs=2", "folds=2", "bootstrap=0"], capsys)
+    assert ModelRegistry(load_settings(config).models_dir).get("lung-seg", summary["version"]).arch \
+        == "flexible_unet_resnet50"
+    assert summary["metrics"]["test_dice"] >= 0.6

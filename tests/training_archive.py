@@ -1,0 +1,61 @@
+"""The synthetic archive the training tests share: radiographs and MR series pushed over C-STORE to a
+real listener, labels imported with ``cradle labels import`` (built once a session, tests/conftest.py)."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from config.settings import Settings, load_settings
+from conftest import free_port, require
+from training import synth
+
+
+@dataclass
+class Node:
+    settings: Settings
+    config: Path
+    synth: synth.SynthSummary
+    root: Path
+
+
+def _settings(root: Path, port: int) -> dict:
+    return {
+        "node": {"ae_title": "CRADLE", "host": "127.0.0.1", "port": port, "allowed_calling_aets": ["STORESCU"]},
+        "storage": {"archive_dir": str(root / "archive"), "database_url": f"sqlite:///{root / 'cradle.db'}",
+                    "fsync": False},
+        "queue": {"broker_url": f"sqla+sqlite:///{root / 'broker.db'}"},
+        "models_dir": str(root / "models"),
+        "training": {"runs_dir": str(root / "runs"), "cache_dir": str(root / "cache")},
+        "completion": {"quiet_seconds": 60},
+    }
+
+
+def push(settings: Settings, files: list[Path]) -> None:
+    """Send ``files`` with DCMTK's storescu to a running listener (``-R``: only the contexts needed)."""
+    command = [require("storescu"), "-aet", "STORESCU", "-aec", "CRADLE", "-R", "127.0.0.1",
+               str(settings.node.port), *map(str, files)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def build_archive(root: Path) -> Node:
+    """300 radiographs (225 labelled neonatal frontal chests) and 8 MR series with reviewer SEGs,
+    received by the listener over C-STORE; labels imported from the generator's CSV."""
+    from cradle.cli import main
+    from node.server import Listener
+
+    values = _settings(root, free_port())
+    config = root / "cradle.yaml"
+    config.write_text(yaml.safe_dump(values))
+    settings = load_settings(config)
+    summary = synth.generate(root / "synth", n_cxr=300, n_mri=8, seed=0, cxr_size=128, mri_shape=(16, 64, 64))
+    files = [*summary.cxr_paths, *sorted(p for d in summary.mri_series_dirs for p in d.glob("*.dcm")),
+             *summary.seg_paths]
+    with Listener(settings, enqueue=lambda _job: None):
+        push(settings, files)
+    assert main(["labels", "import", str(summary.labels_csv), "--config", str(config)]) == 0
+    return Node(settings, config, summary, root)

@@ -1,5 +1,5 @@
 """The run report: ``report.json``, a readable ``report.md`` and ``report.html``, and PNG plots
-(ROC, reliability diagram, loss curves, Dice box plot), saved in the run directory and with the
+(ROC, reliability diagram, loss curves, Dice box plot, Bland-Altman plot of lung volumes), saved in the run directory and with the
 model version. Plots use matplotlib's Agg backend (no display needed)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
 CLASSIFICATION_ROWS = ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity", "ppv", "npv")
-SEGMENTATION_ROWS = ("dice", "iou", "dice_slice")
+SEGMENTATION_ROWS = ("dice", "dice_raw", "iou", "iou_raw", "dice_slice")
+"""As shipped (post-processed) and the raw network output (``_raw``), per volume."""
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -74,6 +76,21 @@ def plot_dice(groups: dict[str, list[float]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_bland_altman(points: dict[str, list[list[float]]], path: Path) -> Path:
+    """Predicted − reference volume against their mean, per lung, with bias and limits of agreement."""
+    fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 4), squeeze=False)
+    for ax, (side, pairs) in zip(axes[0], points.items()):
+        values = [(p + r) / 2 for p, r in pairs], [p - r for p, r in pairs]
+        ax.scatter(*values)
+        if len(pairs) > 1:
+            bias, sd = float(sum(values[1]) / len(pairs)), statistics.stdev(values[1])
+            for y, style in ((bias, "-"), (bias - 1.96 * sd, "--"), (bias + 1.96 * sd, "--")):
+                ax.axhline(y, color="grey", linestyle=style)
+        ax.set(xlabel="mean of predicted and reference (mL)", ylabel="predicted − reference (mL)",
+               title=f"{side} lung volume")
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -125,7 +142,26 @@ def _facts(report: dict[str, Any]) -> list[tuple[str, str]]:
     for name, comparison in report.get("comparisons", {}).items():
         if comparison:
             facts.append((f"vs {name}", comparison.get("summary", "")))
+    if report.get("peak_rss_mb"):
+        facts.append(("peak resident memory", ", ".join(f"{v:.0f} MB {k}" for k, v in report["peak_rss_mb"].items())))
     return facts
+
+
+VOLUME_COLUMNS = ("series", "Dice raw", "Dice", "IoU raw", "IoU", "left mL (ref)", "right mL (ref)",
+                  "left/right Dice", "s")
+
+
+def _volume_rows(report: dict[str, Any]) -> list[list[str]]:
+    """The held-out series as shipped (segmentation): one row each."""
+    rows = []
+    for v in report["test"].get("volumes") or []:
+        ref = v["reference_ml"] or {}
+        sides = v["side_dice"]
+        rows.append([v["series_uid"], *(_fmt(v[k]) for k in ("dice_raw", "dice", "iou_raw", "iou")),
+                     *(f"{v['predicted_ml'][s]:.1f} ({_fmt(ref.get(s), 1)})" for s in ("left", "right")),
+                     "n/a" if sides is None else f"{sides['left']:.3f}/{sides['right']:.3f}"
+                     + (" swapped" if v["sides_swapped"] else ""), f"{v['seconds']:.2f}"])
+    return rows
 
 
 def markdown(report: dict[str, Any], images: list[str]) -> str:
@@ -138,6 +174,10 @@ def markdown(report: dict[str, Any], images: list[str]) -> str:
     for fold in report["folds"]:
         values = " | ".join(_fmt(fold["metrics"].get(c, float("nan"))) for c in _fold_columns(report))
         lines.append(f"| {fold['fold']} | {fold['best_epoch'] + 1} | {values} |")
+    if _volume_rows(report):
+        lines += ["", "## Held-out volumes as shipped (post-processed) and raw", "",
+                  "| " + " | ".join(VOLUME_COLUMNS) + " |", "|" + "---|" * len(VOLUME_COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in _volume_rows(report)]
     lines += [""] + [f"![{Path(i).stem}]({i})" for i in images] + [""]
     return "\n".join(lines)
 
@@ -160,6 +200,10 @@ def html_page(report: dict[str, Any], images: list[str]) -> str:
         "<tr>" + f"<td>{fold['fold']}</td><td>{fold['best_epoch'] + 1}</td>"
         + "".join(f"<td>{esc(_fmt(fold['metrics'].get(c, float('nan'))))}</td>" for c in columns) + "</tr>"
         for fold in report["folds"])
+    volumes = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in _volume_rows(report))
+    if volumes:
+        volumes = ("<h2>Held-out volumes as shipped (post-processed) and raw</h2><table><tr>"
+                   + "".join(f"<th>{esc(c)}</th>" for c in VOLUME_COLUMNS) + f"</tr>{volumes}</table>")
     pictures = "".join(f'<figure><img src="{esc(i)}" alt="{esc(Path(i).stem)}"></figure>' for i in images)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(report['task'])} training report</title>
@@ -170,6 +214,7 @@ img{{max-width:28em}}</style></head><body>
 <table>{facts}</table>
 <h2>Metrics</h2><table><tr><th>metric</th><th>cross-validation (mean ± std)</th><th>held-out test</th></tr>{metrics}</table>
 <h2>Per fold</h2><table><tr><th>fold</th><th>best epoch</th>{''.join(f'<th>{esc(c)}</th>' for c in columns)}</tr>{folds}</table>
+{volumes}
 <h2>Plots</h2>{pictures}
 <p><small>Synthetic or clinical, these numbers describe this archive's held-out patients only.</small></p>
 </body></html>
@@ -188,6 +233,8 @@ def write_report(directory: Path, report: dict[str, Any], curves: dict[str, Any]
         images.append(plot_losses(report["folds"], directory / "loss.png"))
     if curves.get("dice"):
         images.append(plot_dice(curves["dice"], directory / "dice_box.png"))
+    if curves.get("bland_altman") and any(curves["bland_altman"].values()):
+        images.append(plot_bland_altman(curves["bland_altman"], directory / "bland_altman.png"))
     names = [p.name for p in images]
     (directory / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (directory / "report.md").write_text(markdown(report, names))

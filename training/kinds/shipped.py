@@ -24,6 +24,7 @@ from inference.geometry import sort_series
 from inference.pipelines.lung_mri import DEFAULT_THRESHOLD, LEFT, RIGHT, lung_volumes_ml, segment_lungs
 from inference.registry import InputSpec
 from training import datasets as ds
+from training.evaluate import dice_iou
 
 
 @dataclass(frozen=True)
@@ -44,26 +45,16 @@ class VolumeOutcome:
     seconds: float
 
 
-def overlap(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """Dice and IoU of two boolean volumes (MONAI's metrics; both empty counts as agreement)."""
-    from monai.metrics import compute_dice, compute_iou
-
-    p = torch.from_numpy(np.ascontiguousarray(predicted))[None, None].float()
-    t = torch.from_numpy(np.ascontiguousarray(truth))[None, None].float()
-    return (float(compute_dice(p, t, include_background=True, ignore_empty=False)),
-            float(compute_iou(p, t, include_background=True, ignore_empty=False)))
-
-
 def _slice_dice(predicted: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([overlap(p, t)[0] for p, t in zip(predicted, truth)]))
+    return float(np.mean([dice_iou(p, t)[0] for p, t in zip(predicted, truth)]))
 
 
 def _sides(labels: np.ndarray, reference: np.ndarray) -> tuple[dict[str, float], bool]:
     """Each predicted side's Dice against the reviewer's same side, and whether the sides are swapped
     (the predicted left lung overlaps the reviewer's right one more than the left one)."""
-    side = {"left": overlap(labels == LEFT, reference == LEFT)[0],
-            "right": overlap(labels == RIGHT, reference == RIGHT)[0]}
-    crossed = overlap(labels == LEFT, reference == RIGHT)[0]
+    side = {"left": dice_iou(labels == LEFT, reference == LEFT)[0],
+            "right": dice_iou(labels == RIGHT, reference == RIGHT)[0]}
+    crossed = dice_iou(labels == LEFT, reference == RIGHT)[0]
     return side, crossed > side["left"]
 
 
@@ -75,8 +66,8 @@ def measure_volume(archive_root: Path, volume: ds.Volume, module: torch.nn.Modul
     seconds = time.perf_counter() - began
     reference, sided = ds.reference_lungs(archive_root, volume, [str(d.SOPInstanceUID) for d in ordered])
     truth = reference > 0
-    dice_raw, iou_raw = overlap(result.raw, truth)
-    dice, iou = overlap(result.labels > 0, truth)
+    dice_raw, iou_raw = dice_iou(result.raw, truth)
+    dice, iou = dice_iou(result.labels > 0, truth)
     side, swapped = _sides(result.labels, reference) if sided else (None, None)
     return VolumeOutcome(volume.series_uid, dice_raw, dice, iou_raw, iou, _slice_dice(result.labels > 0, truth),
                          result.volumes_ml, lung_volumes_ml(reference, result.geometry) if sided else None,

@@ -81,9 +81,10 @@ _SEGMENTATION_ARCHS: dict[str, Callable[[int, int], nn.Module]] = {
     "flexible_unet_resnet50": _flexible_unet("resnet50"),
     "flexible_unet_resnet18": _flexible_unet("resnet18"),  # small: tests and demos
     "dynunet3d": _dynunet((32, 64, 128, 256)),
-    "dynunet3d_small": _dynunet((8, 16, 32, 64)),  # tests and demos
+    "dynunet3d_small": _dynunet((8, 16, 32, 64)),  # small machines, demos
+    "dynunet3d_tiny": _dynunet((4, 8, 16, 32)),  # tests
 }
-_VOLUMETRIC_ARCHS = frozenset({"dynunet3d", "dynunet3d_small"})
+_VOLUMETRIC_ARCHS = frozenset({"dynunet3d", "dynunet3d_small", "dynunet3d_tiny"})
 
 
 def segmentation_archs() -> tuple[str, ...]:
@@ -140,7 +141,7 @@ def create_model(arch: str, task: Task, *, num_classes: int = 1, in_chans: int =
     """A freshly initialised network (random weights, never downloaded), in eval mode.
 
     ``arch`` is ``flexible_unet_resnet50``/``flexible_unet_resnet18`` (2D) or ``dynunet3d``/
-    ``dynunet3d_small`` (3D) for a segmentation task and any
+    ``dynunet3d_small``/``dynunet3d_tiny`` (3D) for a segmentation task and any
     timm classifier name (``resnet50``, ``regnety_064``, ``resnetrs50``, ``efficientnetv2_s``,
     ``inception_v3`` ...) for the other kinds.
     """

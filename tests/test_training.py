@@ -232,7 +232,7 @@ def test_3d_candidate_gated_against_2d_then_serves_seg_and_sr(node: Node, tmp_pa
     three_d = train(node, "lung-seg", LUNG_3D, capsys)
     registry = ModelRegistry(node.settings.models_dir)
     version = registry.get("lung-seg", three_d["version"])
-    assert version.arch == "dynunet3d_tiny" and version.input_spec.patch == (16, 32, 32)
+    assert version.arch == "dynunet3d_tiny" and version.input_spec.patch == (16, 64, 64)
     reports = Path(node.settings.models_dir) / "lung-seg" / "reports"
     report = json.loads((reports / three_d["version"] / "report.json").read_text())
     for name in ("bland_altman.png", "dice_box.png", "report.md"):

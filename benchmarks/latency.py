@@ -1,11 +1,13 @@
 """End-to-end latency: last instance received → the destination's acknowledgement of the last result,
 against the sum of the bare model forward times of the same architectures and inputs, in one run.
 
-    python -m benchmarks.latency [--slices 60] [--repeat 2] [--json]
+    python -m benchmarks.latency [--slices 60] [--size 256] [--repeat 2] [--json]
 
 Starts ``cradle serve`` (embedded defaults) with imported test weights and a destination SCP, pushes a
-neonatal CR and a chest MR series with DCMTK ``storescu``, and prints latency, forward sum and the
-overhead (targets: ≤ 1.5 s for a CR, ≤ 3 s for a 60-slice MR series).
+neonatal CR and a chest MR series with DCMTK ``storescu``, then a second MR series after promoting the
+3D lung U-Net (``dynunet3d_small``, sliding window) in place of the 2D one, and prints latency,
+forward sum and the overhead (targets: ≤ 1.5 s for a CR, ≤ 3 s for a 60-slice MR series, 2D or 3D),
+the 3D model's time beside the 2D model's.
 
 The clock starts when the node received the series' last instance (its index row, committed just
 before the node answers the C-STORE; ``storescu`` exits a little later, after the association's
@@ -48,7 +50,8 @@ TEST_MODELS = {  # task: (arch, outputs, image size) — small, as in the test s
     "view": ("resnet18", 7, 128), "bpd": ("resnet18", 1, 128), "pneumonia": ("resnet18", 1, 128),
     "lung-seg": ("flexible_unet_resnet18", 1, 64),
 }
-TARGETS = {"cr": 1.5, "mr": 3.0}
+LUNG_3D = ("dynunet3d_small", 64, "16,64,64")  # arch, image size, sliding-window patch: as in the tests
+TARGETS = {"cr": 1.5, "mr": 3.0, "mr3d": 3.0}
 DESTINATION_AE = "BENCH-PACS"
 
 
@@ -63,14 +66,25 @@ def cradle(config: Path, *args: str) -> subprocess.CompletedProcess:
                           check=True, capture_output=True, text=True)
 
 
-def import_test_weights(config: Path, folder: Path) -> None:
-    """Random but registered weights, activated by the admin's explicit act (``--activate``)."""
+def import_test_weights(config: Path, folder: Path, *, lung_3d: bool = False) -> str | None:
+    """Random but registered weights, activated by the admin's explicit act (``--activate``); with
+    ``lung_3d`` a 3D lung-seg version first (validated the same way, then replaced by the 2D one as
+    active), whose version is returned."""
     torch.manual_seed(0)
+    version = None
+    if lung_3d:
+        arch, size, patch = LUNG_3D
+        weights = folder / "lung-seg-3d.pt"
+        torch.save(create_model(arch, "lung-seg").state_dict(), weights)
+        output = cradle(config, "models", "import", "lung-seg", str(weights), "--arch", arch, "--activate",
+                        "--image-size", str(size), "--patch", patch).stdout
+        version = output.split()[1]  # "registered lung-seg-1 (...)"
     for task, (arch, outputs, size) in TEST_MODELS.items():
         weights = folder / f"{task}.pt"
         torch.save(create_model(arch, task, num_classes=outputs).state_dict(), weights)
         cradle(config, "models", "import", task, str(weights), "--arch", arch, "--activate",
                "--image-size", str(size))
+    return version
 
 
 def write_config(folder: Path, node_port: int, pacs_port: int) -> Path:
@@ -84,6 +98,24 @@ def write_config(folder: Path, node_port: int, pacs_port: int) -> Path:
         "models_dir": str(folder / "models"),
     }))
     return config
+
+
+@torch.inference_mode()
+def bare_sliding_window_seconds(slices: int, repeat: int = 3) -> float:
+    """The 3D network's sliding window over a letterboxed series, as the pipeline runs it."""
+    from inference.pipelines.lung_mri import SLIDING_WINDOW_BATCH, SLIDING_WINDOW_OVERLAP
+    from monai.inferers import sliding_window_inference
+
+    arch, size, patch = LUNG_3D
+    model = create_model(arch, "lung-seg").eval()
+    x = torch.randn(1, 1, slices, size, size)
+    roi = tuple(int(v) for v in patch.split(","))
+    times = []
+    for _ in range(repeat + 1):
+        started = time.perf_counter()
+        sliding_window_inference(x, roi, SLIDING_WINDOW_BATCH, model, overlap=SLIDING_WINDOW_OVERLAP, mode="gaussian")
+        times.append(time.perf_counter() - started)
+    return float(np.median(times[1:]))
 
 
 @torch.inference_mode()
@@ -186,17 +218,19 @@ def _round(series: Series, job: Job, received: dt.datetime, acknowledged: list[f
                  results=len(acknowledged))
 
 
-def measure(slices: int, repeat: int, folder: Path) -> dict[str, object]:
+def measure(slices: int, repeat: int, folder: Path, size: int = 256) -> dict[str, object]:
     storescu = shutil.which("storescu", path="/usr/bin") or "storescu"
     node_port, pacs_port = free_port(), free_port()
     config = write_config(folder, node_port, pacs_port)
-    import_test_weights(config, folder)
+    lung_3d = import_test_weights(config, folder, lung_3d=True)
+    lung_2d = json.loads(cradle(config, "models", "list", "--json").stdout)
     destination = Destination(folder / "pacs", pacs_port)
     destination.start()
     node = subprocess.Popen([sys.executable, "-m", "cradle.cli", "serve", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sessions = session_factory(create_db_engine(f"sqlite:///{folder / 'c.db'}"))
-    rounds: dict[str, list[Round]] = {"cr": [], "mr": []}
+    lung_2d = _active(lung_2d, "lung-seg")
+    rounds: dict[str, list[Round]] = {"cr": [], "mr": [], "mr3d": []}
     try:
         for _ in range(60):
             if subprocess.run([shutil.which("echoscu", path="/usr/bin") or "echoscu", "-aet", "MODALITY",
@@ -205,10 +239,13 @@ def measure(slices: int, repeat: int, folder: Path) -> dict[str, object]:
             time.sleep(1)
         time.sleep(15)  # the worker loads torch and the pipelines once at start
         for round_ in range(repeat + 1):  # the first round warms the models up and is not counted
-            summary = generate(folder / f"synth-{round_}", n_cxr=1, n_mri=1, seed=100 + round_, cxr_size=1024,
-                               mri_shape=(slices, 128, 128), adult_share=0.0, non_chest_share=0.0)
+            summary = generate(folder / f"synth-{round_}", n_cxr=1, n_mri=2, seed=100 + round_, cxr_size=1024,
+                               mri_shape=(slices, size, size), adult_share=0.0, non_chest_share=0.0)
             for kind, files in (("cr", list(summary.cxr_paths)),
-                                ("mr", sorted(summary.mri_series_dirs[0].glob("*.dcm")))):
+                                ("mr", sorted(summary.mri_series_dirs[0].glob("*.dcm"))),
+                                ("mr3d", sorted(summary.mri_series_dirs[1].glob("*.dcm")))):
+                if kind.startswith("mr"):  # the worker reloads the model when the active version changes
+                    cradle(config, "models", "promote", "lung-seg", lung_3d if kind == "mr3d" else lung_2d)
                 series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
                 result = wait_job(sessions, series_uid, destination, push(storescu, node_port, files))
                 if round_:
@@ -218,14 +255,21 @@ def measure(slices: int, repeat: int, folder: Path) -> dict[str, object]:
         node.wait(timeout=90)
         destination.stop()
     forwards = {"cr": sum(bare_forward_seconds(t, 1) for t in ("view", "bpd", "pneumonia")),
-                "mr": bare_forward_seconds("lung-seg", slices)}
-    return {"slices": slices, "forward": forwards, "rounds": {k: [asdict(r) for r in v] for k, v in rounds.items()}}
+                "mr": bare_forward_seconds("lung-seg", slices), "mr3d": bare_sliding_window_seconds(slices)}
+    return {"slices": slices, "size": size, "forward": forwards,
+            "rounds": {k: [asdict(r) for r in v] for k, v in rounds.items()}}
+
+
+def _active(listing: dict[str, dict], task: str) -> str:
+    """The active version of ``task`` in ``cradle models list --json``."""
+    return listing[task]["active"]
 
 
 def report(result: dict[str, object]) -> list[str]:
     lines = []
-    names = {"cr": "CR", "mr": f"MR ({result['slices']} slices)"}
-    for kind in ("cr", "mr"):
+    shape = f"{result['slices']} slices, {result.get('size', 128)} px"
+    names = {"cr": "CR", "mr": f"MR 2D U-Net ({shape})", "mr3d": f"MR 3D U-Net ({shape})"}
+    for kind in [k for k in ("cr", "mr", "mr3d") if result["rounds"].get(k)]:
         rounds = result["rounds"][kind]
         forward = result["forward"][kind]
         for number, r in enumerate(rounds, start=1):
@@ -248,13 +292,18 @@ def report(result: dict[str, object]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=60)
+    parser.add_argument("--size", type=int, default=256, help="MR rows and columns")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="cradle-latency-") as folder:
-        result = measure(args.slices, args.repeat, Path(folder))
-    print(json.dumps(result, indent=2) if args.json else "\n".join(report(result)))
+        result = measure(args.slices, args.repeat, Path(folder), args.size)
+    lines = report(result)
+    if result["rounds"]["mr"] and result["rounds"]["mr3d"]:
+        two, three = (statistics.median(r["latency"] for r in result["rounds"][k]) for k in ("mr", "mr3d"))
+        lines.append(f"MR 3D / 2D latency: {three:.2f} s / {two:.2f} s = {three / two:.2f}")
+    print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
     return 0
 
 

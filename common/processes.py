@@ -30,3 +30,10 @@ def stop_processes(processes: Mapping[str, subprocess.Popen], grace: float) -> d
 def stop_process(process: subprocess.Popen, grace: float, name: str = "child") -> int:
     """:func:`stop_processes` for one process."""
     return stop_processes({name: process}, grace)[name]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB; Linux reports ``ru_maxrss`` in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

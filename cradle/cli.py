@@ -105,6 +105,8 @@ def _add_model_commands(sub: Any) -> None:
     models_import.add_argument("--activate", action="store_true")
     models_import.add_argument("--threshold", type=float, default=None, help="operating threshold (binary tasks)")
     models_import.add_argument("--image-size", type=int, default=None)
+    models_import.add_argument("--patch", type=lambda text: tuple(int(v) for v in text.split(",")), default=None,
+                               help="3D networks: sliding-window patch SLICES,ROWS,COLUMNS (default 16,SIZE,SIZE)")
     promote = _add(models, "promote", "cradle.shadow:models_promote", "make VERSION the active one")
     promote.add_argument("task")
     promote.add_argument("version")

@@ -10,6 +10,8 @@ from typing import Any
 from config.settings import Settings
 
 EXIT_FAILURE = 1
+DEFAULT_PATCH_SLICES = 16
+"""An imported 3D network's sliding window without ``--patch``: 16 slices of the whole input size."""
 
 # --------------------------------------------------------------------------- cradle models ...
 # The tasks are the settings' catalogue's (config/tasks.yaml and the site's ``task_catalogue``): an
@@ -77,6 +79,7 @@ def _shadow_row(shadow: dict[str, Any]) -> dict[str, Any]:
 
 def models_import(args: argparse.Namespace, settings: Settings) -> int:
     """Register external weights for TASK; ``--activate`` is the admin's validation of them."""
+    from inference.models import is_volumetric_arch
     from inference.registry import InputSpec, RegistryError
     from inference.registry.weights import sha256_of_file
 
@@ -88,7 +91,11 @@ def models_import(args: argparse.Namespace, settings: Settings) -> int:
     if not weights.is_file():
         return _fail(f"weights file not found: {weights}")
     try:
-        spec = InputSpec(image_size=args.image_size or task.image_size)
+        size = args.image_size or task.image_size
+        patch = getattr(args, "patch", None)
+        if patch is None and is_volumetric_arch(args.arch):
+            patch = (DEFAULT_PATCH_SLICES, size, size)
+        spec = InputSpec(image_size=size, patch=patch)
     except ValueError as exc:
         return _fail(str(exc))
     registry = _registry(settings)

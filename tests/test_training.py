@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from config.settings import load_settings
 from conftest import free_port
 from site_tasks import TOY, write_site_tasks
+from test_lung3d import LUNG_3D, print_figures, serve_and_push
 from training_archive import Node, _settings
 from test_pipelines import CXR_SPEC, VIEWS, _walk, dciodvfy_errors, register_active
 from inference.models import create_model
@@ -178,6 +179,41 @@ def test_lung_segmentation_from_reviewer_segs(node: Node, capsys: pytest.Capture
     assert (reports / "dice_box.png").is_file() and (reports / "loss.png").is_file()
     version = ModelRegistry(node.settings.models_dir).active("lung-seg")
     assert version.arch == "flexible_unet_resnet18" and version.input_spec.image_size == 64
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_3d_candidate_gated_against_2d_then_serves_seg_and_sr(node: Node, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    two_d = train(node, "lung-seg", LUNG, capsys)  # test_lung_segmentation_from_reviewer_segs' run, when it ran
+    assert two_d["promoted"] is True
+    three_d = train(node, "lung-seg", LUNG_3D, capsys)
+    registry = ModelRegistry(node.settings.models_dir)
+    version = registry.get("lung-seg", three_d["version"])
+    assert version.arch == "dynunet3d_tiny" and version.input_spec.patch == (16, 64, 64)
+    reports = Path(node.settings.models_dir) / "lung-seg" / "reports"
+    report = json.loads((reports / three_d["version"] / "report.json").read_text())
+    for name in ("bland_altman.png", "dice_box.png", "report.md"):
+        assert (reports / three_d["version"] / name).is_file(), name
+    assert "Held-out volumes as shipped" in (reports / three_d["version"] / "report.md").read_text()
+    print_figures(two_d, three_d, report)
+
+    # Both versions on the same held-out volumes, measured as shipped; the gate decided on those numbers.
+    comparison = report["comparisons"]["active"]
+    assert comparison["version"] == two_d["version"] and comparison["dims_active"] == 2
+    assert comparison["dims_candidate"] == 3 and comparison["n"] == len(report["test"]["volumes"]) >= 1
+    assert set(comparison["per_volume"]) == {v["series_uid"] for v in report["test"]["volumes"]}
+    expected = promote.gate_dice(GateConfig(**report["recipe"]["gate"]), report["test"]["metrics"]["dice"],
+                                 comparison)
+    assert report["decision"]["passed"] == expected.passed and three_d["promoted"] == expected.passed
+    assert report["test"]["metrics"]["left_right_checked"] == comparison["n"]
+    assert report["test"]["metrics"]["left_right_swapped"] == 0
+    assert set(report["peak_rss_mb"]) == {"training", "evaluation"}
+    for fold in report["folds"]:
+        assert {"dice", "dice_raw", "iou_raw", "dice_model"} <= set(fold["metrics"])
+    assert expected.passed, f"the 3D candidate did not pass the gate: {expected.reason}"
+    assert registry.active("lung-seg").version == three_d["version"]
+    serve_and_push(Path(node.settings.models_dir), tmp_path)
 
 
 @pytest.mark.slow

@@ -272,7 +272,8 @@ def manifest(collection: Collection, where: dict[str, str], spec: InputSpec) -> 
 # --- the preprocessing cache ------------------------------------------------------------------
 
 def _spec_key(spec: InputSpec) -> str:
-    return json.dumps(asdict(spec), sort_keys=True)
+    fields = {k: v for k, v in asdict(spec).items() if k != "patch"}  # preprocessing does not depend on it
+    return json.dumps(fields, sort_keys=True)
 
 
 class PreprocessCache:
@@ -398,6 +399,92 @@ class SliceDataset(Dataset):
         if self.augment is not None:
             image_t, mask_t = self.augment(image_t, mask_t)
         return image_t, mask_t.float()
+
+
+class VolumeDataset(Dataset):
+    """(image (1, S, R, C), mask (1, S, R, C)) float32 per MR series, its slices letterboxed as for the 2D
+    network. With ``patch``, item ``i`` is one patch of series ``i // patches`` drawn by MONAI
+    (``RandCropByPosNegLabeld``: centred on lung or on background, equally often; a series smaller than
+    the patch is padded first), the draw seeded from torch's generator so runs repeat and resume."""
+
+    def __init__(self, volumes: Sequence[Volume], archive_root: Path, cache: PreprocessCache, *,
+                 patch: tuple[int, int, int] | None = None, patches: int = 1) -> None:
+        self.volumes = list(volumes)
+        self.archive_root = Path(archive_root)
+        self.cache = cache
+        self.patches = patches if patch else 1
+        self.sampler = _patch_sampler(patch) if patch else None
+
+    def __len__(self) -> int:
+        return len(self.volumes) * self.patches
+
+    def arrays(self, volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+        shas = [sha for _, _, sha in volume.slices]
+        image_path = self.cache.path("mr-volume", *shas, volume.seg_sha256)
+        mask_path = self.cache.path("mr-volume-mask", *shas, volume.seg_sha256, *map(str, volume.segment_numbers))
+        if not (image_path.is_file() and mask_path.is_file()):
+            images, masks = volume_arrays(self.archive_root, volume, self.cache.spec)
+            self.cache.put(image_path, images)
+            self.cache.put(mask_path, masks)
+        return np.load(image_path), np.load(mask_path)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.arrays(self.volumes[index // self.patches])
+        item = {"image": torch.from_numpy(image.astype(np.float32))[None],
+                "mask": torch.from_numpy(mask.astype(np.float32))[None]}
+        if self.sampler is not None:
+            self.sampler.set_random_state(seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+            item = self.sampler(item)[0]
+        return torch.as_tensor(item["image"]).contiguous(), torch.as_tensor(item["mask"]).contiguous()
+
+
+def _patch_sampler(patch: tuple[int, int, int]) -> Callable:
+    from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
+
+    keys = ["image", "mask"]
+    return Compose([SpatialPadd(keys, spatial_size=patch),
+                    RandCropByPosNegLabeld(keys, label_key="mask", spatial_size=patch, pos=1, neg=1,
+                                           num_samples=1)])
+
+
+def volumes_of(samples: Sequence[Sample], volumes: dict[str, Volume]) -> list[Volume]:
+    """The series of ``samples`` (MR slices), each once, in order of first appearance."""
+    return [volumes[uid] for uid in dict.fromkeys(s.series_uid for s in samples)]
+
+
+def reference_lungs(archive_root: Path, volume: Volume, source_uids: Sequence[str]) -> tuple[np.ndarray, bool]:
+    """The reviewer's SEG on the source grid of the slices ``source_uids`` (in that order): a label volume
+    0 background, 1 left lung, 2 right lung, and True; or, when its segments do not say which lung is
+    which (one combined lung segment), 1 for every lung voxel and False."""
+    import highdicom as hd
+
+    seg = hd.seg.segread(archive_root / volume.seg_path)
+    sides = _lung_sides(seg, volume.segment_numbers)
+    numbers = [sides["left"], sides["right"]] if len(sides) == 2 else list(volume.segment_numbers)
+    labels = seg.get_pixels_by_source_instance(list(source_uids), segment_numbers=numbers,
+                                               combine_segments=True, relabel=True,
+                                               assert_missing_frames_are_empty=True)
+    if len(sides) != 2:
+        return (labels > 0).astype(np.uint8), False
+    return labels.astype(np.uint8), True
+
+
+LEFT_LUNG_CODE, RIGHT_LUNG_CODE = "44029006", "3341006"  # SNOMED CT
+
+
+def _lung_sides(seg, numbers: Sequence[int]) -> dict[str, int]:  # noqa: ANN001 - highdicom Segmentation
+    """Which of ``numbers`` is the left and which the right lung, by code or label."""
+    sides = {}
+    for item in seg.SegmentSequence:
+        if int(item.SegmentNumber) not in numbers:
+            continue
+        codes = {str(c.CodeValue) for c in item.get("SegmentedPropertyTypeCodeSequence", [])}
+        label = str(item.get("SegmentLabel", "")).lower()
+        if LEFT_LUNG_CODE in codes or label.startswith("left"):
+            sides["left"] = int(item.SegmentNumber)
+        elif RIGHT_LUNG_CODE in codes or label.startswith("right"):
+            sides["right"] = int(item.SegmentNumber)
+    return sides
 
 
 def class_weights(samples: Sequence[Sample]) -> list[float]:

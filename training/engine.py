@@ -176,7 +176,8 @@ def make_optimizer(recipe: Recipe, groups: list[dict]) -> torch.optim.Optimizer:
 
 
 def memory_format_of(recipe: Recipe) -> torch.memory_format:
-    return torch.channels_last if recipe.channels_last else torch.contiguous_format
+    """Channels-last for 2D networks when the recipe asks; 3D inputs (NCDHW) stay contiguous."""
+    return torch.channels_last if recipe.channels_last and recipe.dims == 2 else torch.contiguous_format
 
 
 def make_schedule(recipe: Recipe, optimizer: torch.optim.Optimizer, stage: Stage, steps_per_epoch: int,

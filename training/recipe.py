@@ -4,7 +4,8 @@
 timm style: the model's defaults live in one validated object; the CLI overrides any key, dotted
 for nested sections (``--set gate.min_auroc=0.8``, ``--set augment.hflip=0``); values are parsed
 as YAML (``--set views=[chest_frontal]``). Unknown keys are errors. The resolved recipe is saved
-beside every run and with the model version it produced.
+beside every run and with the model version it produced. ``--set dims=3`` on a segmentation task
+takes its defaults from the 3D recipe beside the task's (``lung-seg-3d.yaml`` next to ``lung-seg.yaml``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       model_validator)
 
 from config.tasks import Kind, TaskCatalogue, load_catalogue
+from inference.models import VOLUME_DIVISOR, is_volumetric_arch
 from training.strategies import ScheduleName, StrategyConfig, StrategyName
 
 RECIPES_DIR = Path(str(resources.files("config").joinpath("train")))
@@ -85,8 +87,12 @@ class Recipe(Strict):
     shipped one by default): ``task`` is one of its tasks and :attr:`kind` that task's kind."""
 
     task: str
+    dims: Literal[2, 3] = Field(2, description="segmentation: 2 = slice by slice (the paper), 3 = whole series")
     arch: str = "resnet50"
     image_size: int = Field(256, ge=32)
+    patch_size: tuple[int, int, int] = Field((16, 64, 64), description="dims=3: training patch and sliding "
+                                                                      "window (slices, rows, columns)")
+    patches_per_volume: int = Field(4, ge=1, description="dims=3: patches sampled per series per epoch")
     normalisation: str = "minmax_0.5pct"
     clahe: bool = False
     keep_aspect: bool = True
@@ -155,6 +161,7 @@ class Recipe(Strict):
         self._kind = catalogue.get(self.task).kind
         if self._kind == "segmentation" and self.image_size % 32:
             raise ValueError(f"{self.task} needs image_size divisible by 32, got {self.image_size}")
+        self._check_dims()
         if self.init == "random" and self.strategy in FREEZING_STRATEGIES:
             raise ValueError(frozen_random_message(self.strategy, "init=random"))
         if self.strategy in ("lp_ft", "progressive") and self.lp_epochs and self.lp_epochs >= self.epochs:
@@ -163,6 +170,17 @@ class Recipe(Strict):
             raise ValueError("CutMix draws its box's area from Beta(cutmix_alpha, cutmix_alpha): cutmix_alpha "
                              "must be above 0 when cutmix_prob is")
         return self
+
+    def _check_dims(self) -> None:
+        if self.dims == 3 and self._kind != "segmentation":
+            raise ValueError(f"dims=3 is for segmentation tasks; {self.task} is {self._kind}")
+        if self._kind == "segmentation" and is_volumetric_arch(self.arch) != (self.dims == 3):
+            raise ValueError(f"arch {self.arch} is {'3D' if is_volumetric_arch(self.arch) else '2D'} "
+                             f"but dims={self.dims}")
+        if self.dims == 3 and any(p % d for p, d in zip(self.patch_size, VOLUME_DIVISOR)):
+            raise ValueError(f"patch_size {list(self.patch_size)} must be divisible by {list(VOLUME_DIVISOR)}")
+        if self.dims == 3 and max(self.patch_size[1:]) > self.image_size:
+            raise ValueError(f"patch_size rows and columns cannot exceed image_size {self.image_size}")
 
     @property
     def kind(self) -> Kind:
@@ -222,11 +240,21 @@ def _describe(exc: ValidationError, source: str) -> str:
     return "invalid recipe:\n  " + "\n  ".join(lines)
 
 
-def recipe_path(task: str, path: str | Path | None = None, catalogue: TaskCatalogue | None = None) -> Path:
-    """``path``, else the task's default recipe (its catalogue entry's ``recipe``, in config/train/)."""
+def recipe_path(task: str, path: str | Path | None = None, catalogue: TaskCatalogue | None = None,
+                dims: int = 2) -> Path:
+    """``path``, else the task's default recipe (its catalogue entry's ``recipe``, in config/train/; for
+    ``dims=3`` the ``-3d`` recipe beside it)."""
     if path:
         return Path(path)
-    return RECIPES_DIR / (catalogue or load_catalogue()).get(task).recipe
+    default = RECIPES_DIR / (catalogue or load_catalogue()).get(task).recipe
+    volumetric = default.with_name(f"{default.stem}-3d{default.suffix}")
+    return volumetric if dims == 3 and volumetric.is_file() else default
+
+
+def _dims_of(overrides: Sequence[str]) -> int:
+    """The ``dims`` an override asks for (2 without one)."""
+    asked = [value for key, value in map(parse_override, overrides) if key == ["dims"]]
+    return asked[-1] if asked and asked[-1] in (2, 3) else 2
 
 
 def load_recipe(task: str, path: str | Path | None = None, overrides: Sequence[str] = (),
@@ -236,7 +264,7 @@ def load_recipe(task: str, path: str | Path | None = None, overrides: Sequence[s
     catalogue = catalogue or load_catalogue()
     if task not in catalogue:
         raise RecipeError(f"unknown task {task!r}; known: {', '.join(catalogue.names())}")
-    source = recipe_path(task, path, catalogue)
+    source = recipe_path(task, path, catalogue, _dims_of(overrides))
     if not source.is_file():
         raise RecipeError(f"recipe not found: {source}" + ("" if path else " (give one with --recipe FILE)"))
     try:

@@ -1,5 +1,6 @@
 """The run report: ``report.json``, a readable ``report.md`` and ``report.html``, and PNG plots
-(ROC, reliability diagram, loss curves, Dice box plot, regression scatter and Bland-Altman), saved in the run directory and with the
+(ROC, reliability diagram, loss curves, Dice box plot, Bland-Altman plots of regression values and lung
+volumes, regression scatter), saved in the run directory and with the
 model version. Plots use matplotlib's Agg backend (no display needed)."""
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
+from training.evaluate import bland_altman  # noqa: E402
+
 CLASSIFICATION_ROWS = ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity", "ppv", "npv")
-SEGMENTATION_ROWS = ("dice", "iou", "dice_slice")
+SEGMENTATION_ROWS = ("dice", "dice_raw", "iou", "iou_raw", "dice_slice")
+"""As shipped (post-processed) and the raw network output (``_raw``), per volume."""
 ROWS = {"binary": CLASSIFICATION_ROWS, "multiclass": ("auroc", "balanced_accuracy", "f1", "accuracy"),
         "segmentation": SEGMENTATION_ROWS, "regression": ("mae", "rmse", "r2")}
 """The metrics a report shows for each kind of task."""
@@ -88,14 +92,17 @@ def plot_regression_scatter(curve: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_bland_altman(agreement: dict[str, Any], units: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(agreement["mean"], agreement["difference"], s=12)
-    for key, style in (("bias", "-"), ("low", "--"), ("high", "--")):
-        ax.axhline(agreement[key], color="k", ls=style, lw=1, label=f"{key} {agreement[key]:.2f}")
-    ax.set(xlabel=f"mean of label and prediction ({units})", ylabel=f"prediction - label ({units})",
-           title="Bland-Altman")
-    ax.legend(fontsize=7)
+def plot_bland_altman(panels: dict[str, dict[str, Any]], units: str, path: Path) -> Path:
+    """Prediction − reference against their mean, one panel each, with the bias and 95 % limits of
+    agreement (``training.evaluate.bland_altman``)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, agreement) in zip(axes[0], panels.items()):
+        ax.scatter(agreement["mean"], agreement["difference"], s=12)
+        for key, style in (("bias", "-"), ("low", "--"), ("high", "--")):
+            ax.axhline(agreement[key], color="k", ls=style, lw=1, label=f"{key} {agreement[key]:.2f}")
+        ax.set(xlabel=f"mean of prediction and reference ({units})",
+               ylabel=f"prediction − reference ({units})", title=title)
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -148,7 +155,26 @@ def _facts(report: dict[str, Any]) -> list[tuple[str, str]]:
     for name, comparison in report.get("comparisons", {}).items():
         if comparison:
             facts.append((f"vs {name}", comparison.get("summary", "")))
+    if report.get("peak_rss_mb"):
+        facts.append(("peak resident memory", ", ".join(f"{v:.0f} MB {k}" for k, v in report["peak_rss_mb"].items())))
     return facts
+
+
+VOLUME_COLUMNS = ("series", "Dice raw", "Dice", "IoU raw", "IoU", "left mL (ref)", "right mL (ref)",
+                  "left/right Dice", "s")
+
+
+def _volume_rows(report: dict[str, Any]) -> list[list[str]]:
+    """The held-out series as shipped (segmentation): one row each."""
+    rows = []
+    for v in report["test"].get("volumes") or []:
+        ref = v["reference_ml"] or {}
+        sides = v["side_dice"]
+        rows.append([v["series_uid"], *(_fmt(v[k]) for k in ("dice_raw", "dice", "iou_raw", "iou")),
+                     *(f"{v['predicted_ml'][s]:.1f} ({_fmt(ref.get(s), 1)})" for s in ("left", "right")),
+                     "n/a" if sides is None else f"{sides['left']:.3f}/{sides['right']:.3f}"
+                     + (" swapped" if v["sides_swapped"] else ""), f"{v['seconds']:.2f}"])
+    return rows
 
 
 def markdown(report: dict[str, Any], images: list[str]) -> str:
@@ -161,6 +187,10 @@ def markdown(report: dict[str, Any], images: list[str]) -> str:
     for fold in report["folds"]:
         values = " | ".join(_fmt(fold["metrics"].get(c, float("nan"))) for c in _fold_columns(report))
         lines.append(f"| {fold['fold']} | {fold['best_epoch'] + 1} | {values} |")
+    if _volume_rows(report):
+        lines += ["", "## Held-out volumes as shipped (post-processed) and raw", "",
+                  "| " + " | ".join(VOLUME_COLUMNS) + " |", "|" + "---|" * len(VOLUME_COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in _volume_rows(report)]
     lines += [""] + [f"![{Path(i).stem}]({i})" for i in images] + [""]
     return "\n".join(lines)
 
@@ -179,6 +209,10 @@ def html_page(report: dict[str, Any], images: list[str]) -> str:
         "<tr>" + f"<td>{fold['fold']}</td><td>{fold['best_epoch'] + 1}</td>"
         + "".join(f"<td>{esc(_fmt(fold['metrics'].get(c, float('nan'))))}</td>" for c in columns) + "</tr>"
         for fold in report["folds"])
+    volumes = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in _volume_rows(report))
+    if volumes:
+        volumes = ("<h2>Held-out volumes as shipped (post-processed) and raw</h2><table><tr>"
+                   + "".join(f"<th>{esc(c)}</th>" for c in VOLUME_COLUMNS) + f"</tr>{volumes}</table>")
     pictures = "".join(f'<figure><img src="{esc(i)}" alt="{esc(Path(i).stem)}"></figure>' for i in images)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(report['task'])} training report</title>
@@ -189,6 +223,7 @@ img{{max-width:28em}}</style></head><body>
 <table>{facts}</table>
 <h2>Metrics</h2><table><tr><th>metric</th><th>cross-validation (mean ± std)</th><th>held-out test</th></tr>{metrics}</table>
 <h2>Per fold</h2><table><tr><th>fold</th><th>best epoch</th>{''.join(f'<th>{esc(c)}</th>' for c in columns)}</tr>{folds}</table>
+{volumes}
 <h2>Plots</h2>{pictures}
 <p><small>Synthetic or clinical, these numbers describe this archive's held-out patients only.</small></p>
 </body></html>
@@ -210,7 +245,12 @@ def write_report(directory: Path, report: dict[str, Any], curves: dict[str, Any]
     if curves.get("regression"):
         curve = curves["regression"]
         images.append(plot_regression_scatter(curve, directory / "scatter.png"))
-        images.append(plot_bland_altman(curve["bland_altman"], curve["units"], directory / "bland_altman.png"))
+        images.append(plot_bland_altman({"held-out test": curve["bland_altman"]}, curve["units"],
+                                        directory / "bland_altman.png"))
+    if curves.get("bland_altman") and any(curves["bland_altman"].values()):
+        panels = {f"{side} lung volume": bland_altman([r for _, r in pairs], [p for p, _ in pairs])
+                  for side, pairs in curves["bland_altman"].items() if pairs}
+        images.append(plot_bland_altman(panels, "mL", directory / "bland_altman.png"))
     names = [p.name for p in images]
     (directory / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (directory / "report.md").write_text(markdown(report, names))

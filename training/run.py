@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from common.processes import peak_rss_mb
 from config.settings import Settings
 from config.tasks import TaskDefinition
 from inference.models import create_model, resolve_device
@@ -265,6 +266,7 @@ def cross_validate(ctx: Context, collection: ds.Collection, split: ds.Split, run
         val = [split.dev[i] for i in val_index]
         started = time.monotonic()
         result, model = train_fold(ctx, collection, train, val, k, run_dir, init)
+        result = ctx.kind.after_fold(ctx, collection, val, model, result)
         ctx.say(f"fold {k + 1}/{len(split.folds)}: {ctx.recipe.monitor_metric} {result.best_value:.3f} "
                 f"at epoch {result.best_epoch + 1} ({time.monotonic() - started:.0f} s)")
         results.append(result)
@@ -362,7 +364,8 @@ def cv_summary(folds: list[FoldResult]) -> dict[str, float]:
 def headline_metrics(ctx: Context, cv: dict[str, float], test: dict[str, Any]) -> dict[str, Any]:
     keep = {k: v for k, v in cv.items() if not k.startswith(("n_", "positives", "threshold"))}
     for name in ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity", "ppv", "npv", "accuracy",
-                 "dice", "iou", "dice_slice", "mae", "rmse", "r2"):
+                 "dice", "iou", "dice_slice", "dice_raw", "iou_raw", "side_dice_left", "side_dice_right",
+                 "left_right_swapped", "volume_error", "mae", "rmse", "r2"):
         if name in test["metrics"]:
             keep[f"test_{name}"] = test["metrics"][name]
     for name in ("auroc_ci", "dice_ci", "balanced_accuracy_ci", "mae_ci"):
@@ -415,7 +418,11 @@ def run_training(settings: Settings, recipe: Recipe, *, progress: bool = True,
         f"{manifest['patients']} patients, {recipe.folds} folds, {recipe.arch} on {ctx.device}; run {run_dir.name}")
     folds, models = cross_validate(ctx, collection, split, run_dir, start)
     model, chosen = final_model(ctx, collection, split, folds, models, run_dir, start)
+    memory = {"training": peak_rss_mb()}
     test = ctx.kind.assess(ctx, collection, split, model, folds, chosen)
+    memory["evaluation"] = peak_rss_mb()
+    say(f"peak resident memory: {memory['training']:.0f} MB training, {memory['evaluation']:.0f} MB "
+        "with the held-out evaluation")
     comparisons = {"active": compare_active(ctx, collection, split, model),
                    **ctx.kind.other_comparisons(split, test)}
     decision = ctx.kind.decide(recipe.gate, test, comparisons)
@@ -431,7 +438,7 @@ def run_training(settings: Settings, recipe: Recipe, *, progress: bool = True,
                                                                   ("hash", "counts", "patients", "skipped")},
             "init": describe(start.source), "init_source": start.source, "init_transfer": start.transfer,
             "warnings": start.warnings, "device": str(ctx.device), "code_version": promote.code_version(),
-            "seconds": time.monotonic() - started, "folds": [_fold_json(f) for f in reported],
+            "seconds": time.monotonic() - started, "peak_rss_mb": memory, "folds": [_fold_json(f) for f in reported],
             "chosen_fold": chosen, "cv": cv_summary(reported), "test": _test_json(test),
             "comparisons": comparisons, "decision": decision.as_dict(), "promoted": promoted, "metrics": metrics}
     report.write_report(run_dir / "report", plain(body), plain(ctx.kind.curves(folds, test)))
@@ -440,6 +447,7 @@ def run_training(settings: Settings, recipe: Recipe, *, progress: bool = True,
         ctx.registry.activate(recipe.task, version.version, reason=f"cradle train: {decision.reason}")
     summary = plain({"version": version.version, "init": start.source, "init_transfer": start.transfer,
                      "warnings": start.warnings, "metrics": metrics, "promoted": promoted, "reason": reason,
+                     "peak_rss_mb": memory,
                      "report": str(_reports_dir(ctx, version.version) / "report.html"), "run_dir": str(run_dir),
                      "seconds": round(time.monotonic() - started, 1)})
     atomic_json(summary, run_dir / "summary.json")

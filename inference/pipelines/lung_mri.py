@@ -5,9 +5,10 @@ The task is the task catalogue's segmentation task of the ``lung-mri`` pipeline;
 
 1. Slices sorted by position along the normal (ImageOrientationPatient × ImagePositionPatient),
    stacked into a volume in Modality LUT units, normalised once per volume.
-2. The 2D U-Net (MONAI FlexibleUNet, ResNet-50 encoder, decoder 256-128-64-32-16) runs on batches of
-   slices, each letterboxed to the model's input size; sigmoid; back onto the source grid;
-   threshold 0.5 (or the version's threshold).
+2. Each slice letterboxed to the model's input size. The 2D U-Net (MONAI FlexibleUNet, ResNet-50
+   encoder, decoder 256-128-64-32-16) runs on batches of slices; a 3D U-Net (a version whose input spec
+   has a ``patch``) runs on the whole stack by MONAI's sliding-window inference (Gaussian-weighted
+   overlapping patches). Sigmoid; back onto the source grid; threshold 0.5 (or the version's).
 3. 3D post-processing: keep the two largest connected components, fill holes (in 3D).
 4. Left/right split by geometry, not by the network: patient left is +x in DICOM's LPS patient
    coordinates. Two components lying side by side are the two lungs (the one further to +x is the
@@ -20,6 +21,7 @@ The task is the task catalogue's segmentation task of the ``lung-mri`` pipeline;
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ import torch
 from pydicom import Dataset
 from scipy import ndimage
 
+from common.processes import peak_rss_mb
 from config.tasks import TaskCatalogue, TaskDefinition
 from inference.errors import NoActiveModel, PipelineInputError
 from inference.geometry import sort_series
@@ -43,12 +46,16 @@ __all__ = [
     "LEFT",
     "RIGHT",
     "LungMriPipeline",
+    "LungSegmentation",
     "SliceGeometry",
     "fill_holes",
     "keep_largest_components",
     "lung_volumes_ml",
     "postprocess",
+    "segment_lungs",
+    "segment_series",
     "segment_slices",
+    "segment_volume",
     "segmentation_task",
     "split_left_right",
 ]
@@ -61,6 +68,10 @@ BATCH_PIXELS = 32 * 256 * 256
 """Slices per forward pass: as many as fit this many input pixels (32 slices at 256 px). Small
 batches cost per-call overhead on the CPU; large ones cost memory (about 0.7 GB for the
 ResNet-50 U-Net at 32 × 256²)."""
+SLIDING_WINDOW_OVERLAP = 0.25
+"""3D networks: the fraction by which neighbouring sliding-window patches overlap."""
+SLIDING_WINDOW_BATCH = 2
+"""3D networks: patches per forward pass."""
 SIDE_BY_SIDE_OVERLAP = 0.5
 """Two components are the two lungs when their left-right extents overlap by less than this
 fraction of the narrower one."""
@@ -224,6 +235,60 @@ def segment_slices(model: torch.nn.Module, volume: np.ndarray, spec: InputSpec, 
     return np.stack([box.unpad_resize(plane) for plane in on_model_grid]), seconds
 
 
+def segment_volume(model: torch.nn.Module, volume: np.ndarray, spec: InputSpec,
+                   device: torch.device) -> tuple[np.ndarray, float]:
+    """:func:`segment_slices` for a 3D network: the letterboxed slices stacked, MONAI's sliding window of
+    ``spec.patch`` over the stack (a series with fewer slices than the patch is padded)."""
+    from monai.inferers import sliding_window_inference
+
+    boxed = [letterbox(plane, spec.image_size, keep_aspect=spec.keep_aspect, clahe=spec.clahe) for plane in volume]
+    box = boxed[0][1]
+    x = torch.from_numpy(np.stack([image for image, _ in boxed]))[None, None].to(device)
+    began = time.perf_counter()
+    with torch.inference_mode():
+        logits = sliding_window_inference(x, spec.patch, SLIDING_WINDOW_BATCH, model,
+                                          overlap=SLIDING_WINDOW_OVERLAP, mode="gaussian")
+        probabilities = torch.sigmoid(logits)[0, 0].float().cpu().numpy()
+    seconds = time.perf_counter() - began
+    return np.stack([box.unpad_resize(plane) for plane in probabilities]), seconds
+
+
+def segment_series(model: torch.nn.Module, volume: np.ndarray, spec: InputSpec, device: torch.device,
+                   batch_slices: int | None = None) -> tuple[np.ndarray, float]:
+    """Probabilities on the source grid by the network's dimensionality (``spec.patch``: 3D)."""
+    if spec.patch is not None:
+        return segment_volume(model, volume, spec, device)
+    return segment_slices(model, volume, spec, device, batch_slices)
+
+
+@dataclass(frozen=True)
+class LungSegmentation:
+    """What one model makes of one sorted series: the thresholded network output and what ships."""
+
+    geometry: SliceGeometry
+    raw: np.ndarray             # (slices, rows, columns) bool: the network's output at the threshold
+    labels: np.ndarray          # after post-processing: 0 background, LEFT, RIGHT
+    volumes_ml: dict[str, float]
+    forward_seconds: float
+
+
+def segment_lungs(model: torch.nn.Module, ordered: list[Dataset], spec: InputSpec, device: torch.device,
+                  threshold: float = DEFAULT_THRESHOLD, batch_slices: int | None = None,
+                  lap: Callable[[str], None] = lambda _: None) -> LungSegmentation:
+    """Steps 1-5 of the module docstring on a sorted series: what the pipeline ships, and what
+    training evaluates (``training.kinds.segmentation``), by this one function."""
+    geometry = SliceGeometry.from_series(ordered)
+    volume = normalise(np.stack([modality_values(ds) for ds in ordered]), spec.normalisation)
+    lap("preprocess")
+    probabilities, seconds = segment_series(model, volume, spec, device, batch_slices)
+    lap("segment")  # letterboxing, forward passes, back onto the source grid
+    raw = probabilities >= threshold
+    labels = postprocess(raw, geometry)
+    volumes = lung_volumes_ml(labels, geometry)
+    lap("postprocess")
+    return LungSegmentation(geometry, raw, labels, volumes, seconds)
+
+
 class _StageClock:
     """Seconds per stage of one run (``laps``), kept in the job's summary: where a series' time
     goes, without a profiler."""
@@ -266,17 +331,11 @@ class LungMriPipeline:
         loaded = context.model(task.name)
         clock = _StageClock()
         ordered = self._sorted(sources)
-        geometry = SliceGeometry.from_series(ordered)
         version = loaded.version
-        volume = normalise(np.stack([modality_values(ds) for ds in ordered]), version.input_spec.normalisation)
-        clock.lap("preprocess")
-        probabilities, seconds = segment_slices(loaded.module, volume, version.input_spec, context.device,
-                                                self.batch_slices)
-        clock.lap("segment")  # letterboxing, forward passes, back onto the source grid
         threshold = version.threshold if version.threshold is not None else DEFAULT_THRESHOLD
-        labels = postprocess(probabilities >= threshold, geometry)
-        volumes = lung_volumes_ml(labels, geometry)
-        clock.lap("postprocess")
+        result = segment_lungs(loaded.module, ordered, version.input_spec, context.device, threshold,
+                               self.batch_slices, clock.lap)
+        geometry, labels, volumes, seconds = result.geometry, result.labels, result.volumes_ml, result.forward_seconds
         shadow = "shadow-" if context.shadow else ""  # a shadow run: its own UIDs, marked not for clinical use
         algorithm = AlgorithmIdentity(name=f"cradle {task.name} {version.arch}"[:64],
                                       version=shadow + version.version, clinical=not shadow)
@@ -328,5 +387,7 @@ class LungMriPipeline:
             "volumes_ml": {**volumes, "total": volumes["left"] + volumes["right"]},
             "tasks_run": [loaded.version.task],
             "forward_seconds": {loaded.version.task: seconds},
+            "dims": 2 if loaded.version.input_spec.patch is None else 3,
+            "peak_rss_mb": peak_rss_mb(),  # the worker process's peak so far
             "device": str(context.device),
         }

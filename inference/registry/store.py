@@ -41,7 +41,8 @@ from torch import nn
 
 from common.files import atomic_write
 from config.tasks import TaskCatalogue, TaskDefinition, load_catalogue
-from inference.models import default_classes, is_segmentation_arch, prepare_for_inference
+from inference.models import (VOLUME_DIVISOR, default_classes, is_segmentation_arch, is_volumetric_arch,
+                              prepare_for_inference)
 from inference.registry.versions import (InputSpec, ModelVersion, NotValidated, RegistryError, UnknownVersion,
                                          WeightsIntegrityError)
 from inference.registry.weights import WEIGHTS_SUFFIX, build_network, fit_weights, load_stored_weights
@@ -266,6 +267,11 @@ class ModelRegistry:
             raise RegistryError(f"temperature must be positive, got {temperature}")
         if is_segmentation_arch(arch) and spec.image_size % 32:
             raise RegistryError(f"{arch} needs an image_size divisible by 32, got {spec.image_size}")
+        if is_volumetric_arch(arch) != (spec.patch is not None):
+            raise RegistryError(f"{arch}: a 3D network needs a sliding-window patch and a 2D one has none "
+                                f"(patch {spec.patch})")
+        if spec.patch is not None and any(p % d for p, d in zip(spec.patch, VOLUME_DIVISOR)):
+            raise RegistryError(f"{arch} needs a patch divisible by {VOLUME_DIVISOR}, got {spec.patch}")
 
     def _verified_bytes(self, version: ModelVersion) -> bytes:
         try:

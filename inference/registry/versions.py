@@ -49,15 +49,21 @@ class NotValidated(RegistryError):
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model expects: a square ``image_size`` input, normalisation, CLAHE, aspect kept."""
+    """What the model expects: a square ``image_size`` input, normalisation, CLAHE, aspect kept; for a 3D
+    network, the sliding window's ``patch`` (slices, rows, columns) over the stack of such slices."""
 
     image_size: int
     channels: int = 1
     normalisation: str = "minmax_0.5pct"
     clahe: bool = False
     keep_aspect: bool = True
+    patch: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.patch is not None:
+            object.__setattr__(self, "patch", tuple(int(v) for v in self.patch))  # from JSON: a list
+            if len(self.patch) != 3 or min(self.patch) < 1:
+                raise ValueError(f"patch must be (slices, rows, columns), got {self.patch}")
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {self.image_size}")
         if self.channels != 1:

@@ -179,7 +179,8 @@ def fit_weights(model: nn.Module, weights: Mapping[str, torch.Tensor] | Path, ta
     loaded = read_weights_file(Path(weights)) if isinstance(weights, (str, Path)) else weights
     reading, state = select_state_dict(loaded, model, target)
     model.load_state_dict(state, strict=True)
-    data = save_safetensors_bytes({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()})
+    # Copies: safetensors refuses tensors that share memory, as a module registered twice does (MONAI DynUNet).
+    data = save_safetensors_bytes({k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()})
     return reading, data
 
 

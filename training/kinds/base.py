@@ -52,7 +52,7 @@ class Context:
     def spec(self) -> InputSpec:
         r = self.recipe
         return InputSpec(image_size=r.image_size, normalisation=r.normalisation, clahe=r.clahe,
-                         keep_aspect=r.keep_aspect)
+                         keep_aspect=r.keep_aspect, patch=r.patch_size if r.dims == 3 else None)
 
 
 def make_loader(ctx: Context, dataset: Dataset, *, train: bool, generator: torch.Generator,
@@ -60,7 +60,7 @@ def make_loader(ctx: Context, dataset: Dataset, *, train: bool, generator: torch
     sampler = None
     if train and ctx.recipe.class_balanced and samples is not None:
         sampler = WeightedRandomSampler(ds.class_weights(samples), len(samples), generator=generator)
-    batch = ctx.recipe.batch_size
+    batch = ctx.recipe.batch_size if train or ctx.recipe.dims == 2 else 1  # whole series differ in size
     return DataLoader(dataset, batch_size=batch, shuffle=train and sampler is None, sampler=sampler,
                       drop_last=train and len(dataset) > batch, num_workers=ctx.num_workers,
                       generator=generator, worker_init_fn=seed_worker, persistent_workers=ctx.num_workers > 0,
@@ -104,6 +104,12 @@ class TrainingKind:
         raise NotImplementedError
 
     # -- assessment
+
+    def after_fold(self, ctx: Context, collection: ds.Collection, val: list[ds.Sample] | None, model: nn.Module,
+                   result: FoldResult) -> FoldResult:
+        """A fold's result with what the kind measures on its validation samples after training (default:
+        as validated during training)."""
+        return result
 
     def fold_metrics(self, ctx: Context, folds: list[FoldResult]) -> list[dict[str, Any]]:
         """Each fold's reported metrics (default: as validated; a kind with a threshold re-chooses it)."""

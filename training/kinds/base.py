@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from config.settings import Settings
 from config.tasks import TaskCatalogue, TaskDefinition
+from config.views import load_view_taxonomy
 from inference.models import output_count
 from inference.registry import InputSpec, ModelRegistry, ModelVersion
 from storage.archive import Archive
@@ -149,7 +150,15 @@ class HeldOut:
 
 
 class ClassifierKind(TrainingKind):
-    """Radiograph classification (binary, multiclass): logits out, AUROC gate."""
+    """Radiograph tasks with one output head (binary, multiclass, regression)."""
+
+    def collect(self, ctx: Context, session: Session) -> ds.Collection:
+        """Radiographs of the studies labelled for the task (its csv column), of the recipe's views."""
+        if self.task.labels.source != "csv":
+            raise ValueError(f"{self.task.name}: a {self.name} task learns from a csv label column, "
+                             f"not from {self.task.labels.source}")
+        return ds.collect_labelled(session, self.task.name, load_view_taxonomy(None), ctx.recipe.views,
+                                   ctx.recipe.split_salt)
 
     def dataset(self, ctx: Context, collection: ds.Collection, samples: list[ds.Sample], *, train: bool,
                 spec: InputSpec | None = None) -> Dataset:

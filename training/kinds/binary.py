@@ -7,10 +7,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy.orm import Session
 from torch import nn
 
-from config.views import load_view_taxonomy
 from inference.registry import ModelVersion
 from training import datasets as ds
 from training import evaluate as ev
@@ -87,14 +85,6 @@ def compare_irds(split: ds.Split, test: dict[str, Any]) -> dict[str, Any] | None
 
 class BinaryKind(ClassifierKind):
     name = "binary"
-
-    def collect(self, ctx: Context, session: Session) -> ds.Collection:
-        """Radiographs of the studies labelled for the task (its csv column), of the recipe's views."""
-        if self.task.labels.source != "csv":
-            raise ValueError(f"{self.task.name}: a binary task learns from a csv label column, "
-                             f"not from {self.task.labels.source}")
-        return ds.collect_labelled(session, self.task.name, load_view_taxonomy(None), ctx.recipe.views,
-                                   ctx.recipe.split_salt)
 
     def objective(self, ctx: Context, samples: list[ds.Sample], num_outputs: int) -> BinaryObjective:
         positives = sum(1 for s in samples if s.label >= 0.5)

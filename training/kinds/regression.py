@@ -8,11 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy.orm import Session
 from torch import nn
 
 from config.tasks import TaskDefinition
-from config.views import load_view_taxonomy
 from inference.registry import ModelVersion
 from training import datasets as ds
 from training import evaluate as ev
@@ -53,14 +51,6 @@ class RegressionObjective:
 
 class RegressionKind(ClassifierKind):
     name = "regression"
-
-    def collect(self, ctx: Context, session: Session) -> ds.Collection:
-        """Radiographs of the studies labelled for the task (its csv column), of the recipe's views."""
-        if self.task.labels.source != "csv":
-            raise ValueError(f"{self.task.name}: a regression task learns from a csv label column, "
-                             f"not from {self.task.labels.source}")
-        return ds.collect_labelled(session, self.task.name, load_view_taxonomy(None), ctx.recipe.views,
-                                   ctx.recipe.split_salt)
 
     def objective(self, ctx: Context, samples: list[ds.Sample], num_outputs: int) -> RegressionObjective:
         return RegressionObjective(self.task)

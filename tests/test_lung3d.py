@@ -149,3 +149,38 @@ def test_the_lung_pipeline_runs_a_3d_version_to_seg_and_sr(tmp_path: Path) -> No
         assert dataset_errors(ds, tmp_path / name) == []
     with pytest.raises(Exception, match="sliding-window patch"):
         registry.register("lung-seg", "dynunet3d_tiny", state, input_spec=InputSpec(image_size=32))
+
+
+def test_training_patches_are_drawn_on_lung_and_background_equally_and_repeat(tmp_path: Path) -> None:
+    """What the 3D recipe trains on: ``patches_per_volume`` patches of ``patch_size`` from each whole series
+    (MONAI's RandCropByPosNegLabeld, pos=neg=1), padded when the series is smaller, repeatable by seed."""
+    import hashlib
+
+    import torch
+
+    from inference.registry import InputSpec
+    from training import datasets as ds
+
+    archive = synth.generate(tmp_path / "mr", n_cxr=0, n_mri=1, seed=4, mri_shape=(12, 48, 48))
+    root, series_dir, seg = archive.outdir, archive.mri_series_dirs[0], archive.seg_paths[0]
+    files = sorted(series_dir.glob("*.dcm"), key=lambda p: int(dcmread(p, stop_before_pixels=True).InstanceNumber))
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    volume = ds.Volume(series_dir.name, tuple((dcmread(p, stop_before_pixels=True).SOPInstanceUID,
+                                               str(p.relative_to(root)), sha(p)) for p in files),
+                       str(seg.relative_to(root)), sha(seg), (1, 2))
+    cache = ds.PreprocessCache(tmp_path / "cache", InputSpec(image_size=32))
+    patches = ds.VolumeDataset([volume], root, cache, patch=(8, 16, 16), patches=40)
+    image, mask = patches.arrays(volume)
+    assert image.shape == mask.shape == (12, 32, 32) and 0 < mask.mean() < 0.5
+
+    def draw(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        torch.manual_seed(seed)
+        return [patches[i] for i in range(len(patches))]
+
+    first = draw(0)
+    assert len(first) == 40 and {tuple(x.shape) for pair in first for x in pair} == {(1, 8, 16, 16)}
+    centred_on_lung = sum(bool(m[0, 4, 8, 8] > 0) for _, m in first)  # a positive draw centres on lung
+    assert 10 <= centred_on_lung <= 30
+    assert all(torch.equal(a, b) for pair_a, pair_b in zip(first, draw(0)) for a, b in zip(pair_a, pair_b))
+    padded = ds.VolumeDataset([volume], root, cache, patch=(16, 32, 32), patches=1)
+    assert tuple(padded[0][0].shape) == (1, 16, 32, 32)  # 12 slices padded to the patch's 16

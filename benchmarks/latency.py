@@ -87,15 +87,19 @@ def import_test_weights(config: Path, folder: Path, *, lung_3d: bool = False) ->
     return version
 
 
-def write_config(folder: Path, node_port: int, pacs_port: int) -> Path:
+def write_config(folder: Path, node_port: int, pacs_port: int, *, quiet_seconds: float = 30,
+                 destination_ae: str = DESTINATION_AE, models_dir: Path | None = None) -> Path:
+    """``folder/cradle.yaml``: a whole node in ``folder`` (SQLite index and broker) accepting MODALITY and
+    sending to one destination on ``pacs_port``; tests of the real path use it too."""
+    folder.mkdir(parents=True, exist_ok=True)
     config = folder / "cradle.yaml"
     config.write_text(yaml.safe_dump({
         "node": {"port": node_port, "allowed_calling_aets": ["MODALITY"]},
         "storage": {"archive_dir": str(folder / "archive"), "database_url": f"sqlite:///{folder / 'c.db'}"},
         "queue": {"broker_url": f"sqla+sqlite:///{folder / 'broker.db'}"},
-        "completion": {"quiet_seconds": 30, "poll_seconds": 0.2},
-        "destinations": [{"name": "pacs", "ae_title": DESTINATION_AE, "host": "127.0.0.1", "port": pacs_port}],
-        "models_dir": str(folder / "models"),
+        "completion": {"quiet_seconds": quiet_seconds, "poll_seconds": 0.2},
+        "destinations": [{"name": "pacs", "ae_title": destination_ae, "host": "127.0.0.1", "port": pacs_port}],
+        "models_dir": str(models_dir or folder / "models"),
     }))
     return config
 

@@ -13,13 +13,12 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-import yaml
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
 
-from benchmarks.latency import cradle, import_test_weights
+from benchmarks.latency import cradle, import_test_weights, write_config
 from conftest import free_port, require
-from cradle.demo import Pacs
+from cradle.demo import PACS_AE, Pacs
 from training.synth import generate
 
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -44,15 +43,7 @@ def wait_for(predicate, timeout: float) -> bool:  # noqa: ANN001
 def test_storescu_to_cradle_serve_to_destination(tmp_path: Path) -> None:
     storescu = shutil.which("storescu", path="/usr/bin") or require("storescu")
     node_port, pacs_port = free_port(), free_port()
-    config = tmp_path / "cradle.yaml"
-    config.write_text(yaml.safe_dump({
-        "node": {"port": node_port, "allowed_calling_aets": ["MODALITY"]},
-        "storage": {"archive_dir": str(tmp_path / "archive"), "database_url": f"sqlite:///{tmp_path / 'c.db'}"},
-        "queue": {"broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}"},
-        "completion": {"quiet_seconds": 2, "poll_seconds": 0.2},
-        "destinations": [{"name": "pacs", "ae_title": "DEMO-PACS", "host": "127.0.0.1", "port": pacs_port}],
-        "models_dir": str(tmp_path / "models"),
-    }))
+    config = write_config(tmp_path, node_port, pacs_port, quiet_seconds=2, destination_ae=PACS_AE)
     import_test_weights(config, tmp_path)
     summary = generate(tmp_path / "synth", n_cxr=10, n_mri=1, seed=3, cxr_size=256, mri_shape=(12, 64, 64),
                        adult_share=0.1, non_chest_share=0.0)

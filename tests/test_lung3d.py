@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from pydicom import dcmread
 from sqlalchemy import select
 
+from benchmarks.latency import write_config
 from conftest import free_port, require
 from cradle.demo import PACS_AE, Pacs
 from storage.db import open_index
@@ -82,15 +82,8 @@ def print_figures(two_d: dict, three_d: dict, report: dict) -> None:
 def serve_and_push(models_dir: Path, tmp_path: Path) -> None:
     """``cradle serve`` on the trained models; a new MR series by storescu; SEG + SR at the destination."""
     node_port, pacs_port = free_port(), free_port()
-    config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({
-        "node": {"port": node_port, "allowed_calling_aets": ["MODALITY"]},
-        "storage": {"archive_dir": str(tmp_path / "archive"), "database_url": f"sqlite:///{tmp_path / 'c.db'}"},
-        "queue": {"broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}"},
-        "completion": {"quiet_seconds": 2, "poll_seconds": 0.2},
-        "destinations": [{"name": "pacs", "ae_title": PACS_AE, "host": "127.0.0.1", "port": pacs_port}],
-        "models_dir": str(models_dir),
-    }))
+    config = write_config(tmp_path / "serve", node_port, pacs_port, quiet_seconds=2, destination_ae=PACS_AE,
+                          models_dir=models_dir)
     series = synth.generate(tmp_path / "synth", n_cxr=0, n_mri=1, seed=11, mri_shape=(20, 64, 64))
     files = sorted(series.mri_series_dirs[0].glob("*.dcm"))
     pacs = Pacs(tmp_path / "pacs", pacs_port)
@@ -112,7 +105,7 @@ def serve_and_push(models_dir: Path, tmp_path: Path) -> None:
         pacs.stop()
     for path in pacs.received:
         assert dciodvfy_errors(path) == [], path.name
-    with open_index(f"sqlite:///{tmp_path / 'c.db'}")() as session:
+    with open_index(f"sqlite:///{tmp_path / 'serve' / 'c.db'}")() as session:
         summary = session.scalar(select(Job)).result["summary"]
     assert summary["dims"] == 3 and summary["slices"] == len(files) and summary["peak_rss_mb"] > 0
     assert summary["volumes_ml"]["left"] > 0 and summary["volumes_ml"]["right"] > 0

@@ -339,18 +339,26 @@ class Archive:
                 fsync_directory(created.parent)
 
 
-def abandoned(temp: Path) -> bool:
-    """Whether no writer holds ``temp`` (its lock can be taken)."""
+def _locked(path: Path) -> int | None:
+    """A descriptor of ``path`` holding its exclusive lock, or None when a writer holds it (or it is gone)."""
     try:
-        fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return False
-    finally:
         os.close(fd)
+        return None
+    return fd
+
+
+def abandoned(temp: Path) -> bool:
+    """Whether no writer holds ``temp`` (its lock can be taken)."""
+    fd = _locked(temp)
+    if fd is None:
+        return False
+    os.close(fd)
     return True
 
 
@@ -375,16 +383,10 @@ class JournalEntry:
 
 def _take_entry(archive: Archive, path: Path) -> JournalEntry | None:
     """``path``'s entry locked by this process, or None when its writer still holds it (or it is gone)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    fd = _locked(path)
+    if fd is None:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        relative, temp_name = (os.read(fd, 4096).decode("utf-8", "replace").split("\n") + ["", ""])[:2]
-    except BlockingIOError:
-        os.close(fd)
-        return None
+    relative, temp_name = (os.read(fd, 4096).decode("utf-8", "replace").split("\n") + ["", ""])[:2]
     try:  # an entry cut short (its writer died while writing it) names nothing: nothing else exists
         target = archive.absolute(relative) if relative else None
     except ArchiveError:

@@ -53,7 +53,7 @@ def test_view_versions_carry_the_taxonomy(registry: ModelRegistry) -> None:
 def test_heads_and_tasks_come_from_the_catalogue(tmp_path: Path, registry: ModelRegistry) -> None:
     from config.tasks import load_catalogue
 
-    with pytest.raises(RegistryError, match="unknown task 'toy-grade'; known: view, bpd, pneumonia, lung-seg"):
+    with pytest.raises(RegistryError, match="unknown task 'toy-grade'; known: view, bpd, pneumonia, fracture, bone-age, lung-seg"):
         registry.register("toy-grade", "resnet18", small_state(), input_spec=SPEC)
     site = tmp_path / "tasks.yaml"
     site.write_text(SITE_TASKS)

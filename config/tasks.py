@@ -79,7 +79,8 @@ class Population(Strict):
         if self.body_parts and body_part.strip().upper() not in {b.upper() for b in self.body_parts}:
             return "another body part"
         if self.views and view not in self.views:
-            return f"not a {' or '.join(_view_in_words(v) for v in self.views)} film"
+            views = " or ".join(_view_in_words(v) for v in self.views)
+            return f"not {'an' if views[0] in 'aeiou' else 'a'} {views} film"
         if self.min_age_days is None and self.max_age_days is None:
             return ""
         if age_days is None:

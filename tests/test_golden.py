@@ -23,6 +23,9 @@ from inference.sr.lung import lung_report
 from inference.sr.radiograph import cxr_report
 from test_writers import (
     ALGO_CXR,
+    BONE_AGE,
+    NOT_APPLICABLE,
+    PNEUMONIA_BY_TYPE,
     ALGO_SEG,
     CXR_SUMMARY_LINES,
     _findings,
@@ -32,12 +35,16 @@ from test_writers import (
 )
 
 # Recorded from the pre-split writers (inference/writers.py). Change a digest only
-# deliberately, for a change in output bytes that is intended and reviewed.
+# deliberately, for a change in output bytes that is intended and reviewed. The radiograph SRs
+# changed with issue #14: no "findings (not) evaluated" comment (the pipeline states each task not
+# applicable instead); the class call and bone age variants were added then.
 GOLDEN_SHA256 = {
-    "cxr-sr-no-finding": "22488963b7e64f30340c8749a47f9b6ea77b83b2bf3c5d48dbf91970d4d72a35",
-    "cxr-sr-one-finding-with-region": "fce6dcc2f7415c4a19c9b850246d6542e8b49392e423a9e2e20073bc6da7cda7",
-    "cxr-sr-several-findings": "a40ce0de9f5f1731e4612bc74b4c37ef7e08fd13d482d337930701708999cf34",
-    "cxr-sr-non-frontal": "78d6b4cce1e7acc773cbf1e52b7f5611ec14d60e10ca93b696d51b946d3d26f1",
+    "cxr-sr-no-finding": "2f1acfe2f2918cb750e7b1648c43b61d18ca697dc858ce768889b26ca0fbbe4e",
+    "cxr-sr-one-finding-with-region": "14a4ffdabc0d8b876d380e53d314cc8cf08a9b5229acd5b99f5c286dde005022",
+    "cxr-sr-several-findings": "7db80f5fb5f0e3fee4e4c63747d8a6e3ab1a813d005257b3f3b93509ff4f9397",
+    "cxr-sr-non-frontal": "0d7b78c96ef5b09f184dc8ac5317a5f3203f1e37fa5d49750bc32174d6b44b75",
+    "cxr-sr-class-call": "0492fc860b6a3ba1247166356c4008d9b5577f2ef8f0776e1de7c8d99fdd7642",
+    "cxr-sr-bone-age": "7aaf71d1e3a8c2cf670e676a910104813fcba31251ca520fbc45437aa3c76f53",
     "lung-seg": "c41af8d7ef85e1d96b9394757100e8c94936693983ccbe4e615b0a9009d10957",
     "lung-sr": "e6ef451b1fe1af20daf522b86648bd79af5063298fc46c889710ce70bbedd2a4",
     "lung-seg-right-lung-absent": "279a7593c04f5a0357a74eab1f9a64f864deb99800427135dd001aa345a0ca3f",
@@ -75,7 +82,9 @@ def _cxr_objects() -> dict[str, Dataset]:
             cr, FRONTAL, _one_finding_with_region(), ALGO_CXR
         ),
         "cxr-sr-several-findings": cxr_report(cr, FRONTAL, _findings(), ALGO_CXR),
-        "cxr-sr-non-frontal": cxr_report(cr, NON_FRONTAL, [], ALGO_CXR),
+        "cxr-sr-non-frontal": cxr_report(cr, NON_FRONTAL, [], ALGO_CXR, not_applicable=NOT_APPLICABLE, chest=False),
+        "cxr-sr-class-call": cxr_report(cr, FRONTAL, [PNEUMONIA_BY_TYPE], ALGO_CXR),
+        "cxr-sr-bone-age": cxr_report(cr, NON_FRONTAL, [BONE_AGE], ALGO_CXR, chest=False),
         "cxr-sc": summary_image(cr, overlay, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr"),
         "cxr-sc-no-overlay": summary_image(cr, None, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr"),
     }

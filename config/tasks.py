@@ -94,7 +94,7 @@ class Population(Strict):
 
 class PopulationOverride(Strict):
     """A site's change to a task's population (``populations:`` in the node's settings): only the keys
-    given replace the catalogue's."""
+    given (not null) replace the catalogue's."""
 
     modalities: list[str] | None = None
     body_parts: list[str] | None = None
@@ -148,7 +148,7 @@ class TaskDefinition(Strict):
         """This task with a site's population override applied (the age window, views, body parts)."""
         if override is None:
             return self
-        changes = override.model_dump(exclude_unset=True)
+        changes = override.model_dump(exclude_none=True)
         return self.model_copy(update={"population": self.population.model_copy(update=changes)})
 
     @property

@@ -116,4 +116,4 @@ def test_storescu_to_cradle_serve_to_destination(tmp_path: Path) -> None:
     with open_index(f"sqlite:///{tmp_path / 'c.db'}")() as session:
         reason = session.scalar(select(Series.routing_reason).where(
             Series.series_uid == adult["SeriesInstanceUID"]))
-    assert "above 28" in reason
+    assert reason == "patient age above 6570 days for rule pediatric-radiograph"

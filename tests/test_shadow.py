@@ -458,7 +458,8 @@ def test_shadow_results_are_marked_and_deterministic(tmp_path: Path) -> None:
             findings = runs[0].summary["findings"]
             assert set(findings) == {"bpd"} and findings["bpd"]["model"] == versions["c"]
             assert findings["bpd"]["region"] is True
-            assert set(clinical.summary["findings"]) == {"bpd", "pneumonia"}
+            assert set(clinical.summary["findings"]) == {"bpd"}  # a day-1 film: pneumonia is for children
+            assert clinical.summary["tasks_not_run"]["pneumonia"] == "not applicable: younger than 1 year"
             assert clinical.summary["findings"]["bpd"]["model"] == versions["a"]
     assert set(runs[0].summary["tasks_run"]) == {"lung-seg"} and len(runs[0].datasets) == 2
 

@@ -33,15 +33,18 @@ from test_writers import (
 
 # Recorded from the pre-split writers (inference/writers.py). Change a digest only
 # deliberately, for a change in output bytes that is intended and reviewed.
+# 2026-12-03 (issue 14, OHIF's SR viewport): a report without regions gains the
+# "Image assessed" group (no-finding, non-frontal), and a lung the model did not find is
+# stated in words instead of a volume group without an outline (right-lung-absent).
 GOLDEN_SHA256 = {
-    "cxr-sr-no-finding": "22488963b7e64f30340c8749a47f9b6ea77b83b2bf3c5d48dbf91970d4d72a35",
+    "cxr-sr-no-finding": "29f1ddef7ff1ac844d3d2023705cae8b2a5877a37c44ef8e9b2a3b2b390c61fd",
     "cxr-sr-one-finding-with-region": "fce6dcc2f7415c4a19c9b850246d6542e8b49392e423a9e2e20073bc6da7cda7",
     "cxr-sr-several-findings": "a40ce0de9f5f1731e4612bc74b4c37ef7e08fd13d482d337930701708999cf34",
-    "cxr-sr-non-frontal": "78d6b4cce1e7acc773cbf1e52b7f5611ec14d60e10ca93b696d51b946d3d26f1",
+    "cxr-sr-non-frontal": "6f168a30260c185d015b84e01acb6621d84d4388a14bc065d28042ce1ea29390",
     "lung-seg": "c41af8d7ef85e1d96b9394757100e8c94936693983ccbe4e615b0a9009d10957",
     "lung-sr": "e6ef451b1fe1af20daf522b86648bd79af5063298fc46c889710ce70bbedd2a4",
     "lung-seg-right-lung-absent": "279a7593c04f5a0357a74eab1f9a64f864deb99800427135dd001aa345a0ca3f",
-    "lung-sr-right-lung-absent": "a4e7b365f7243ce41e7a89c1826dfdafdfda129bfdf492483f36061459f3792e",
+    "lung-sr-right-lung-absent": "a6d336e8877e14eb2ce73a7ec33e52375c2e68f98c13213aa2c320ebdb886e72",
     "cxr-sc": "9d163eb7282c8493465a5cb7b1e2cd1608723c6aa1c2d50564f4c6203ccf8920",
     "cxr-sc-no-overlay": "e67885a2243f16623881ef3f3c3b9fb55bb54abee38c307f0fa72643196e315a",
     "lung-sc": "1da72a7161fdf7b3c2242b212988e02057292bd742384abaa467c87f5afb9bdf",

@@ -42,6 +42,7 @@ from inference.seg import lung_segmentation
 from inference.sr import image_library
 from inference.sr.lung import lung_report
 from inference.sr.radiograph import FRONTAL_CHEST_TEXT, NOT_FRONTAL_CHEST_TEXT, cxr_report
+from inference.sr.tid1500 import IMAGE_ASSESSED
 from inference.uids import result_uid
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -829,10 +830,23 @@ def test_cxr_finding_without_region_is_a_qualitative_evaluation(cxr_sr, cr):
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == cr.SOPInstanceUID
 
 
+def _assert_only_the_image_assessed(sr: Dataset, image: Dataset) -> None:
+    """The report's one measurement group is the image assessed: its whole outline, no finding,
+    nothing measured (OHIF opens a TID 1500 report only with a group it can place)."""
+    (group,) = _measurement_groups(sr)
+    assert _text(group, "112039") == [IMAGE_ASSESSED]
+    (scoord,) = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
+    columns, rows = float(image.Columns), float(image.Rows)
+    assert list(scoord.GraphicData) == [0, 0, columns, 0, columns, rows, 0, rows, 0, 0]
+    (source,) = scoord.ContentSequence
+    assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == image.SOPInstanceUID
+    assert not [i for i in group.ContentSequence if i.ValueType == "NUM" or _code(i)[0] == "121071"]
+    assert _document_containers(sr)[1:] == [("126010", "DCM"), ("C0034375", "UMLS")]
+
+
 def test_region_less_finding_keeps_its_label_as_a_comment(all_objects):
     sr = all_objects["cxr-sr-no-orientation"]  # both findings without a region
-    assert _measurement_groups(sr) == []
-    assert _document_containers(sr)[1:] == [("C0034375", "UMLS")]
+    _assert_only_the_image_assessed(sr, make_cr(with_orientation=False))
     (bpd,) = _evaluation(sr, "67569000")
     assert bpd.ConceptCodeSequence[0].CodeValue == "10828004"  # Positive
     (label,) = _children(bpd, "HAS PROPERTIES", "TEXT")
@@ -873,9 +887,8 @@ def test_probability_in_percent_keeps_the_model_output(cr):
     assert _properties(view_item)["122157"] == (57.0, "%")  # not 56.99999999999999
 
 
-def test_non_frontal_view_states_the_view_and_reports_no_findings(non_frontal_sr):
-    assert _measurement_groups(non_frontal_sr) == []
-    assert _document_containers(non_frontal_sr)[1:] == [("C0034375", "UMLS")]
+def test_non_frontal_view_states_the_view_and_reports_no_findings(non_frontal_sr, cr):
+    _assert_only_the_image_assessed(non_frontal_sr, cr)
     (view,) = _evaluation(non_frontal_sr, "111031")
     assert view.TextValue == "abdomen AP"
     assert _properties(view) == {"122157": (pytest.approx(88.0), "%")}
@@ -885,7 +898,7 @@ def test_non_frontal_view_states_the_view_and_reports_no_findings(non_frontal_sr
     names = {i.ConceptNameCodeSequence[0].CodeValue for i in _walk(non_frontal_sr.ContentSequence)}
     assert "122411" not in names  # no threshold, so no finding measurement
     assert "121071" not in names  # no Finding
-    assert "SCOORD" not in {i.ValueType for i in _walk(non_frontal_sr.ContentSequence)}
+    assert [i.ValueType for i in _walk(non_frontal_sr.ContentSequence)].count("SCOORD") == 1
 
 
 def test_view_model_is_identified_when_it_differs(cr):

@@ -157,9 +157,11 @@ def cxr_no_finding(outdir: Path, seed: int = 6) -> Study:
 
 GRADCAM_INPUT = 256
 """Model input size for the untrained models' maps (an 8 x 8 last stage for resnet18)."""
-GRADCAM_SEEDS = {"parts": 0, "tiny": 4, "zero": 3}
+GRADCAM_SEEDS = {"parts": 0, "tiny": 4, "zero": 3, "zero too": 10}
 """Initialisation seeds of untrained resnet18s whose maps on the seed-21 film have: six parts,
-three at the image's edge; a large part and a part of two model pixels; nothing at all."""
+three at the image's edge; a large part and a part of two model pixels; nothing at all (also on
+the seed-22 film, twice: the gradient-weighted activations are negative everywhere, so ReLU
+leaves nothing)."""
 
 
 def gradcam_regions(source: Dataset, seed: int) -> list[np.ndarray]:
@@ -204,6 +206,19 @@ def cxr_gradcam_findings(outdir: Path, seed: int = 21) -> Study:
     return _cxr_study(outdir, "cxr-gradcam", source, findings)
 
 
+def cxr_positive_zero_maps(outdir: Path, seed: int = 22) -> Study:
+    """Two positive findings, neither with a region: both untrained models' maps are zero
+    (as when OHIF failed on a report of two positive findings from untrained models)."""
+    source = synth.make_cxr(np.random.default_rng(seed), modality="CR", size=CXR_SIZE)
+    findings = []
+    for code, label, key in ((BRONCHOPULMONARY_DYSPLASIA, "BPD risk (moderate/severe)", "zero"),
+                             (PNEUMONIA, "Pneumonia", "zero too")):
+        regions = gradcam_regions(source, GRADCAM_SEEDS[key])
+        assert regions == [], f"the {key} map is not zero"
+        findings.append(Finding(code=code, probability=0.58, threshold=0.5, positive=True, label=label))
+    return _cxr_study(outdir, "cxr-zero-maps", source, findings)
+
+
 @dataclass(frozen=True)
 class SrVariant:
     """One shape of SR for the browser test: its name and how to build its study."""
@@ -216,6 +231,7 @@ SR_VARIANTS = [
     SrVariant("cxr-no-finding", cxr_no_finding),
     SrVariant("cxr-one-finding", cr_study),
     SrVariant("cxr-gradcam-findings", cxr_gradcam_findings),
+    SrVariant("cxr-positive-zero-maps", cxr_positive_zero_maps),
     SrVariant("lung-both", lambda outdir: mr_study(outdir, seed=12)),
     SrVariant("lung-right-not-found", lambda outdir: mr_study(outdir, seed=13, not_found=(RIGHT_LABEL,))),
     SrVariant("lung-none-found",

@@ -19,8 +19,8 @@ __all__ = [
     "check_source_image",
     "closed_polygon",
     "largest_outline",
-    "outline_points",
     "mask_parts",
+    "outline_points",
     "pixel_area_mm2",
     "polygon_area",
     "sort_series",
@@ -173,9 +173,11 @@ def mask_parts(mask: np.ndarray) -> list[np.ndarray]:
     contours, _ = cv2.findContours(
         mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
     )
-    size = [(cv2.contourArea(c), cv2.boundingRect(c)[2] * cv2.boundingRect(c)[3]) for c in contours]
-    order = sorted(range(len(contours)), key=lambda i: size[i], reverse=True)
-    return [contours[i] for i in order]
+    def size(contour: np.ndarray) -> tuple[float, int]:
+        _, _, width, height = cv2.boundingRect(contour)
+        return cv2.contourArea(contour), width * height  # a one-pixel-wide part has no area
+
+    return sorted(contours, key=size, reverse=True)
 
 
 def largest_outline(mask: np.ndarray) -> np.ndarray | None:

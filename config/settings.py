@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import YamlConfigSettingsSource
 
-from config.tasks import CatalogueError, TaskCatalogue, load_catalogue
+from config.tasks import CatalogueError, PopulationOverride, TaskCatalogue, load_catalogue
 
 DEFAULT_CONFIG_PATHS = (Path("/etc/cradle/cradle.yaml"),)
 """Searched in order when neither ``--config`` nor ``CRADLE_CONFIG`` names a file."""
@@ -370,6 +370,10 @@ class Settings(BaseSettings):
     models_dir: Path = Path("var/models")
     task_catalogue: Path | None = Field(None, description="a site's own tasks (config/tasks.yaml's layout), "
                                                           "added to the shipped catalogue")
+    populations: dict[str, PopulationOverride] = Field(
+        default_factory=dict, description="task name -> the keys of its catalogue population this site changes "
+                                          "(e.g. bpd: {max_age_days: 7}); a version still never runs outside "
+                                          "the population it was validated on")
 
     @classmethod
     def settings_customise_sources(
@@ -393,16 +397,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _catalogue_loads(self) -> "Settings":
-        if self.task_catalogue is not None:
+        if self.task_catalogue is not None or self.populations:
             try:
                 self.catalogue()
             except CatalogueError as exc:
                 raise ValueError(f"task_catalogue: {exc}") from None
+            except KeyError as exc:
+                raise ValueError(f"populations: {exc.args[0]}") from None
         return self
 
     def catalogue(self) -> TaskCatalogue:
-        """The task catalogue: the shipped tasks plus ``task_catalogue``'s."""
-        return load_catalogue(self.task_catalogue)
+        """The task catalogue: the shipped tasks plus ``task_catalogue``'s, with ``populations`` applied."""
+        return load_catalogue(self.task_catalogue).with_populations(self.populations)
 
     def audit_path(self) -> Path:
         """Where the audit trail is appended: ``logging.audit_file``, else beside the archive."""

@@ -47,12 +47,18 @@ class LabelSpec(Strict):
     aliases: dict[str, str] = Field(default_factory=dict, description="multiclass: text -> class")
     range: tuple[float, float] | None = Field(None, description="regression: plausible values")
     units: str | None = Field(None, description="regression: units of the column (e.g. months)")
+    yes_no: bool = Field(False, description="multiclass: also 0/1 (0: the first class, 1: any other)")
 
     @model_validator(mode="after")
     def _column_for_csv(self) -> "LabelSpec":
         if (self.source == "csv") != (self.column is not None):
             raise ValueError("labels.column is required for source csv and only for it")
         return self
+
+
+YES_NO_POSITIVE = -1.0
+"""How a ``yes_no`` multiclass column stores "1" (some class other than the first, not said which): a
+binary recipe learns it as positive, a multiclass one leaves it out."""
 
 
 class Population(Strict):
@@ -73,7 +79,8 @@ class Population(Strict):
         if self.body_parts and body_part.strip().upper() not in {b.upper() for b in self.body_parts}:
             return "another body part"
         if self.views and view not in self.views:
-            return f"not a {' or '.join(_view_in_words(v) for v in self.views)} film"
+            views = " or ".join(_view_in_words(v) for v in self.views)
+            return f"not {'an' if views[0] in 'aeiou' else 'a'} {views} film"
         if self.min_age_days is None and self.max_age_days is None:
             return ""
         if age_days is None:
@@ -85,9 +92,23 @@ class Population(Strict):
         return ""
 
 
+class PopulationOverride(Strict):
+    """A site's change to a task's population (``populations:`` in the node's settings): only the keys
+    given (not null) replace the catalogue's."""
+
+    modalities: list[str] | None = None
+    body_parts: list[str] | None = None
+    views: list[str] | None = None
+    min_age_days: int | None = Field(None, ge=0)
+    max_age_days: int | None = Field(None, ge=0)
+
+
 class SrCoding(Strict):
     concept: CodeSpec
     units: CodeSpec | None = None
+    classes: dict[str, CodeSpec] = Field(default_factory=dict, description="multiclass: each class's code")
+    beside: CodeSpec | None = Field(None, description="regression: the concept of the value it is read "
+                                                      "beside (bone age: the chronological age)")
 
 
 class TaskDefinition(Strict):
@@ -116,7 +137,19 @@ class TaskDefinition(Strict):
             raise ValueError("role segmentation is for segmentation tasks only")
         if self.kind == "regression" and (self.labels.range is None or self.sr.units is None):
             raise ValueError("a regression task needs labels.range and sr.units")
+        if self.sr.classes and (self.kind != "multiclass" or not isinstance(self.classes, list)
+                                or set(self.sr.classes) != set(self.classes)):
+            raise ValueError("sr.classes codes every class of a multiclass task with a class list, no other")
+        if self.labels.yes_no and self.kind != "multiclass":
+            raise ValueError("labels.yes_no is for a multiclass task")
         return self
+
+    def narrowed(self, override: "PopulationOverride | None") -> "TaskDefinition":
+        """This task with a site's population override applied (the age window, views, body parts)."""
+        if override is None:
+            return self
+        changes = override.model_dump(exclude_none=True)
+        return self.model_copy(update={"population": self.population.model_copy(update=changes)})
 
     @property
     def finding(self) -> bool:
@@ -161,6 +194,15 @@ class TaskCatalogue(Strict):
             return self.tasks[name]
         except KeyError:
             raise KeyError(f"unknown task {name!r}; known: {', '.join(self.tasks)}") from None
+
+    def with_populations(self, overrides: dict[str, PopulationOverride]) -> "TaskCatalogue":
+        """This catalogue with a site's population overrides applied; a KeyError names an unknown task."""
+        for name in overrides:
+            self.get(name)
+        if not overrides:
+            return self
+        tasks = {name: task.narrowed(overrides.get(name)) for name, task in self.tasks.items()}
+        return self.model_copy(update={"tasks": tasks})
 
     def of_pipeline(self, pipeline: str) -> list[TaskDefinition]:
         return [task for task in self if task.pipeline == pipeline]

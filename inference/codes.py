@@ -21,6 +21,7 @@ __all__ = [
     "NEGATIVE",
     "PERCENT",
     "PLAIN_CHEST_XRAY",
+    "PLAIN_RADIOGRAPHY",
     "PNEUMONIA",
     "POSITIVE",
     "PROBABILITY",
@@ -42,6 +43,7 @@ ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 
 # Procedures reported.
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+PLAIN_RADIOGRAPHY = Code("168537006", "SCT", "Plain radiography")
 MRI_OF_CHEST = Code("6007000", "SCT", "Magnetic resonance imaging of chest")
 
 # Measurements, evaluations and their values.

@@ -21,6 +21,8 @@ from pydicom.sr.coding import Code
 
 __all__ = [
     "AlgorithmIdentity",
+    "ClassCall",
+    "Estimate",
     "Finding",
     "LabelVolumeError",
     "LungVolumes",
@@ -157,6 +159,57 @@ class Finding:
     def __post_init__(self) -> None:
         _check_unit_interval("finding probability", self.probability)
         _check_unit_interval("finding threshold", self.threshold)
+        if self.label is not None:
+            _check_text("finding label", self.label)
+
+    @property
+    def tracking_label(self) -> str:
+        return self.label or self.code.meaning
+
+
+@dataclass(frozen=True, eq=False)
+class ClassCall:
+    """A multiclass finding on a radiograph (e.g. pneumonia: normal, bacterial, viral): each class's
+    probability, in the model's class order, and the call (the most probable class)."""
+
+    code: Code | hd.sr.CodedConcept
+    probabilities: tuple[tuple[Code | hd.sr.CodedConcept, float], ...]
+    label: str | None = None
+    algorithm: AlgorithmIdentity | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.probabilities) < 2:
+            raise WriterInputError("a class call needs at least two classes")
+        for code, probability in self.probabilities:
+            _check_unit_interval(f"probability of {code.meaning}", probability)
+        if self.label is not None:
+            _check_text("finding label", self.label)
+
+    @property
+    def call(self) -> Code | hd.sr.CodedConcept:
+        return max(self.probabilities, key=lambda pair: pair[1])[0]
+
+    @property
+    def tracking_label(self) -> str:
+        return self.label or self.code.meaning
+
+
+@dataclass(frozen=True, eq=False)
+class Estimate:
+    """A numeric estimate on a radiograph (e.g. bone age in months), with the value it is read beside
+    when there is one (bone age: the chronological age from the header; None when the header has none)."""
+
+    code: Code | hd.sr.CodedConcept
+    value: float
+    unit: Code | hd.sr.CodedConcept
+    beside: tuple[Code | hd.sr.CodedConcept, float] | None = None
+    label: str | None = None
+    algorithm: AlgorithmIdentity | None = None
+
+    def __post_init__(self) -> None:
+        values = [self.value] + ([self.beside[1]] if self.beside is not None else [])
+        if not all(isinstance(v, (int, float, np.floating)) and np.isfinite(v) for v in values):
+            raise WriterInputError(f"an estimate must be a finite number, got {values}")
         if self.label is not None:
             _check_text("finding label", self.label)
 

@@ -18,13 +18,14 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "cradle.example.yaml"
 
 
 def model_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
-    """Every key of a settings model, dotted; list items of a model type as ``key[]``."""
+    """Every key of a settings model, dotted; list items of a model type as ``key[]``; a mapping of names to
+    a model (``populations``) as its own key only: its entries are the site's names, documented in comments."""
     keys = set()
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         keys.add(key)
         nested = _model_in(field.annotation)
-        if nested is not None:
+        if nested is not None and get_origin(field.annotation) is not dict:
             keys |= model_keys(nested, f"{key}[]." if get_origin(field.annotation) is list else f"{key}.")
     return keys
 
@@ -64,7 +65,7 @@ def test_example_passes_config_check(capsys: pytest.CaptureFixture) -> None:
     assert main(["config", "check", "--config", str(EXAMPLE)]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["node"]["ae_title"] == "CRADLE"
-    assert [rule["name"] for rule in printed["routing"]["rules"]] == ["neonatal-chest-radiograph", "neonatal-chest-mri"]
+    assert [rule["name"] for rule in printed["routing"]["rules"]] == ["pediatric-radiograph", "neonatal-chest-mri"]
     assert load_settings(EXAMPLE).node.calling_ae_hosts() == {"MODALITY": [], "STORESCU": [], "PACS": ["10.0.0.5"]}
 
 

@@ -23,6 +23,9 @@ from inference.sr.lung import lung_report
 from inference.sr.radiograph import cxr_report
 from test_writers import (
     ALGO_CXR,
+    BONE_AGE,
+    NOT_APPLICABLE,
+    PNEUMONIA_BY_TYPE,
     ALGO_SEG,
     CXR_SUMMARY_LINES,
     _findings,
@@ -32,15 +35,19 @@ from test_writers import (
 )
 
 # Recorded from the pre-split writers (inference/writers.py). Change a digest only
-# deliberately, for a change in output bytes that is intended and reviewed.
-# 2026-12-03 (issue 14, OHIF's SR viewport): a report without regions gains the
-# "Image assessed" group (no-finding, non-frontal), and a lung the model did not find is
-# stated in words instead of a volume group without an outline (right-lung-absent).
+# deliberately, for a change in output bytes that is intended and reviewed. The radiograph SRs
+# changed with issue #14: no "findings (not) evaluated" comment (the pipeline states each task not
+# applicable instead); the class call and bone age variants were added then. Also with issue #14
+# (OHIF's SR viewport): a report without regions gains the "Image assessed" group (no-finding,
+# non-frontal, class call, bone age), and a lung the model did not find is stated in words
+# instead of a volume group without an outline (right-lung-absent).
 GOLDEN_SHA256 = {
-    "cxr-sr-no-finding": "29f1ddef7ff1ac844d3d2023705cae8b2a5877a37c44ef8e9b2a3b2b390c61fd",
-    "cxr-sr-one-finding-with-region": "fce6dcc2f7415c4a19c9b850246d6542e8b49392e423a9e2e20073bc6da7cda7",
-    "cxr-sr-several-findings": "a40ce0de9f5f1731e4612bc74b4c37ef7e08fd13d482d337930701708999cf34",
-    "cxr-sr-non-frontal": "6f168a30260c185d015b84e01acb6621d84d4388a14bc065d28042ce1ea29390",
+    "cxr-sr-no-finding": "c8a6aa8e9453b07ea0ebf8ab5c8ff43b3cfec351bf8b7bd37c5ec82e3034415f",
+    "cxr-sr-one-finding-with-region": "14a4ffdabc0d8b876d380e53d314cc8cf08a9b5229acd5b99f5c286dde005022",
+    "cxr-sr-several-findings": "7db80f5fb5f0e3fee4e4c63747d8a6e3ab1a813d005257b3f3b93509ff4f9397",
+    "cxr-sr-non-frontal": "10fe307e0af896c1ce6eae6354653d0f4a9cf0186b8d7342841b738d2bfcd299",
+    "cxr-sr-class-call": "b159a77d6f93fda8a2890b894a7a02c72ab9085074cf1637879567c5e15fd9e4",
+    "cxr-sr-bone-age": "982a8dd26656fb92d4f74e14149f387ffe01e977db73ca5c08c4df0dc642ac8b",
     "lung-seg": "c41af8d7ef85e1d96b9394757100e8c94936693983ccbe4e615b0a9009d10957",
     "lung-sr": "e6ef451b1fe1af20daf522b86648bd79af5063298fc46c889710ce70bbedd2a4",
     "lung-seg-right-lung-absent": "279a7593c04f5a0357a74eab1f9a64f864deb99800427135dd001aa345a0ca3f",
@@ -78,7 +85,9 @@ def _cxr_objects() -> dict[str, Dataset]:
             cr, FRONTAL, _one_finding_with_region(), ALGO_CXR
         ),
         "cxr-sr-several-findings": cxr_report(cr, FRONTAL, _findings(), ALGO_CXR),
-        "cxr-sr-non-frontal": cxr_report(cr, NON_FRONTAL, [], ALGO_CXR),
+        "cxr-sr-non-frontal": cxr_report(cr, NON_FRONTAL, [], ALGO_CXR, not_applicable=NOT_APPLICABLE, chest=False),
+        "cxr-sr-class-call": cxr_report(cr, FRONTAL, [PNEUMONIA_BY_TYPE], ALGO_CXR),
+        "cxr-sr-bone-age": cxr_report(cr, NON_FRONTAL, [BONE_AGE], ALGO_CXR, chest=False),
         "cxr-sc": summary_image(cr, overlay, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr"),
         "cxr-sc-no-overlay": summary_image(cr, None, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr"),
     }

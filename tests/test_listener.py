@@ -316,7 +316,7 @@ def test_routed_series_get_exactly_their_jobs(any_index: Settings, listener: Lis
         [(uid["cr"], "cxr", "queued", 1), (uid["dx"], "cxr", "queued", 1), (uid["mr1"], "lung-mri", "queued", 1)])
     assert sorted(enqueued) == sorted(job_id for *_, job_id in jobs) and len(enqueued) == 3
     reasons = dict(rows(node_settings, Series.series_uid, Series.routing_reason))
-    assert reasons[uid["adult"]] == "patient age above 28 days for rule neonatal-chest-radiograph"
+    assert reasons[uid["adult"]] == "patient age above 6570 days for rule pediatric-radiograph"
     assert reasons[uid["ot"]] == "no rule matched: modality OT"
     assert index_counts(node_settings) == {"patients": 2, "studies": 5, "series": 5, "instances": 7,
                                            "jobs": {"queued": 3}}
@@ -341,7 +341,7 @@ def test_synthetic_studies_end_to_end(listener: Listener, node_settings: Setting
     assert index_counts(node_settings)["instances"] == len(files)
     reasons = dict(rows(node_settings, Series.series_uid, Series.routing_reason))
     adults = [ds.SeriesInstanceUID for ds in headers if ds.PatientAge.endswith("Y")]
-    assert adults and all("patient age above 28 days for rule neonatal-chest-radiograph" in reasons[uid] for uid in adults)
+    assert adults and all("patient age above 6570 days for rule pediatric-radiograph" in reasons[uid] for uid in adults)
 
 
 def test_series_without_count_completes_after_quiet_period(node_settings: Settings, enqueued: Enqueued,

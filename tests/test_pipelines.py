@@ -36,13 +36,17 @@ from training.synth import make_cxr, make_mr_series
 CXR_SPEC = InputSpec(image_size=128)
 SEG_SPEC = InputSpec(image_size=64)
 VIEWS = list(view_taxonomy().classes)
+PNEUMONIA_CLASSES = ["normal", "bacterial", "viral"]
+BONE_AGE_OUTPUT = 0.4
+"""A bone-age model's output: 0.4 of the catalogue's 0-240 months, 96 months."""
 
 
 def biased_state(task: str, arch: str, bias: dict[int, float] | float, seed: int = 0,
                  catalogue: TaskCatalogue | None = None) -> dict[str, torch.Tensor]:
     """Random weights whose output bias is set: the model's answer is known in advance."""
     torch.manual_seed(seed)
-    model = create_model(arch, task, num_classes=len(VIEWS) if task == "view" else 1, catalogue=catalogue)
+    outputs = {"view": len(VIEWS), "pneumonia": len(PNEUMONIA_CLASSES)}.get(task, 1)
+    model = create_model(arch, task, num_classes=outputs, catalogue=catalogue)
     state = model.state_dict()
     key = "segmentation_head.0.bias" if task == "lung-seg" else "fc.bias"
     if task != "lung-seg":
@@ -71,7 +75,9 @@ def registry(settings: Settings) -> ModelRegistry:
     registry = ModelRegistry(settings.models_dir)
     register_active(registry, "view", "resnet18", {VIEWS.index("chest_frontal"): 6.0}, CXR_SPEC)
     register_active(registry, "bpd", "resnet18", 4.0, CXR_SPEC, threshold=0.4)
-    register_active(registry, "pneumonia", "resnet18", -4.0, CXR_SPEC, threshold=0.3, temperature=1.5)
+    register_active(registry, "pneumonia", "resnet18", {1: 4.0}, CXR_SPEC, temperature=1.5)
+    register_active(registry, "fracture", "resnet18", 4.0, CXR_SPEC, threshold=0.5)
+    register_active(registry, "bone-age", "resnet18", BONE_AGE_OUTPUT, CXR_SPEC)
     register_active(registry, "lung-seg", "flexible_unet_resnet18", 8.0, SEG_SPEC)
     return registry
 
@@ -165,21 +171,26 @@ def test_grad_cam_points_at_the_activations_that_raise_the_logit() -> None:
 # --------------------------------------------------------------------------- cxr
 
 
+ALL_CXR_VERSIONS = "view-1+bpd-1+pneumonia-1+fracture-1+bone-age-1"
+
+
 def test_cxr_on_a_monochrome1_cr(cr_monochrome1: Dataset, context: PipelineContext, tmp_path: Path) -> None:
+    """A day-1 film: BPD runs; pneumonia (children from 1 year), fracture and bone age do not, each said why."""
     output = get_pipeline("cxr").run([cr_monochrome1], context)
-    assert output.model_version == "view-1+bpd-1+pneumonia-1"
+    assert output.model_version == ALL_CXR_VERSIONS
     summary = output.summary
     assert summary["view"]["label"] == "chest_frontal" and summary["view"]["is_frontal_chest"]
     findings = summary["findings"]
-    assert set(findings) == {"bpd", "pneumonia"}
-    for finding in findings.values():
-        assert 0.0 <= finding["probability"] <= 1.0
+    assert set(findings) == {"bpd"} and summary["tasks_run"] == ["view", "bpd"]
+    assert summary["tasks_not_run"] == {"pneumonia": "not applicable: younger than 1 year",
+                                        "fracture": "not applicable: another body part",
+                                        "bone-age": "not applicable: another body part"}
+    assert 0.0 <= findings["bpd"]["probability"] <= 1.0
     assert findings["bpd"]["positive"] and findings["bpd"]["threshold"] == 0.4 and findings["bpd"]["region"]
-    assert not findings["pneumonia"]["positive"] and findings["pneumonia"]["threshold"] == 0.3
     heat_map = cv2.imdecode(np.frombuffer(output.artefacts["gradcam-bpd.png"], np.uint8), cv2.IMREAD_COLOR)
     assert heat_map is not None and heat_map.shape[2] == 3
     assert list(output.artefacts) == ["gradcam-bpd.png"]  # only positive findings get a heat map
-    assert set(summary["forward_seconds"]) == {"view", "bpd", "pneumonia"}
+    assert set(summary["forward_seconds"]) == {"view", "bpd"}
 
     (sr,) = output.datasets
     assert dciodvfy_errors(sr, tmp_path / "sr.dcm") == []
@@ -188,14 +199,17 @@ def test_cxr_on_a_monochrome1_cr(cr_monochrome1: Dataset, context: PipelineConte
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == cr_monochrome1.SOPInstanceUID
     probabilities = [_fraction(item) for item in _walk(report.ContentSequence)
                      if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "122157"]
-    assert len(probabilities) == 3 and all(0.0 <= p <= 1.0 for p in probabilities)
+    assert len(probabilities) == 2 and all(0.0 <= p <= 1.0 for p in probabilities)
     stated = {round(p, 4) for p in probabilities}
-    assert {round(summary["view"]["probability"], 4), round(findings["bpd"]["probability"], 4),
-            round(findings["pneumonia"]["probability"], 4)} == stated
+    assert {round(summary["view"]["probability"], 4), round(findings["bpd"]["probability"], 4)} == stated
     regions = [item for item in _walk(report.ContentSequence) if item.ValueType == "SCOORD"]
     assert len(regions) == 1  # the positive BPD call's hot spot
     points = np.asarray(regions[0].GraphicData, dtype=float).reshape(-1, 2)
     assert points[:, 0].max() <= cr_monochrome1.Columns and points[:, 1].max() <= cr_monochrome1.Rows
+    comments = _texts(report, "121106")
+    assert comments == ["Pneumonia: not applicable (younger than 1 year)",
+                        "Fracture: not applicable (another body part)",
+                        "Bone age: not applicable (another body part)"]
 
 
 def test_cxr_on_jpeg2000_gives_the_same_answer(cr_monochrome1: Dataset, context: PipelineContext,
@@ -206,8 +220,7 @@ def test_cxr_on_jpeg2000_gives_the_same_answer(cr_monochrome1: Dataset, context:
     assert compressed.file_meta.TransferSyntaxUID == JPEG2000Lossless
     plain = get_pipeline("cxr").run([cr_monochrome1], context).summary["findings"]
     decoded = get_pipeline("cxr").run([compressed], context)
-    for task in ("bpd", "pneumonia"):
-        assert decoded.summary["findings"][task]["probability"] == pytest.approx(plain[task]["probability"], abs=1e-5)
+    assert decoded.summary["findings"]["bpd"]["probability"] == pytest.approx(plain["bpd"]["probability"], abs=1e-5)
     assert dciodvfy_errors(decoded.datasets[0], tmp_path / "sr.dcm") == []
 
 
@@ -227,15 +240,17 @@ def test_no_active_model_refuses_before_any_output(settings: Settings, cr_monoch
     unvalidated = registry.register("bpd", "resnet18", biased_state("bpd", "resnet18", 4.0), input_spec=CXR_SPEC)
     with pytest.raises(NoActiveModel) as caught:
         get_pipeline("cxr").run([cr_monochrome1], context)
-    assert str(caught.value) == "no active model for bpd, pneumonia"
+    assert str(caught.value) == "no active model for bpd, pneumonia, fracture, bone-age"
     assert unvalidated.state == "candidate"  # registered but never activated: never run
 
-    register_active(registry, "pneumonia", "resnet18", -4.0, CXR_SPEC)
+    register_active(registry, "fracture", "resnet18", -4.0, CXR_SPEC)
     output = get_pipeline("cxr").run([cr_monochrome1], context)
-    assert output.model_version == "view-1+pneumonia-1"
-    assert output.summary["tasks_run"] == ["view", "pneumonia"]
-    assert output.summary["tasks_not_run"] == {"bpd": "no active model for bpd"}
-    assert output.summary["findings"]["pneumonia"]["threshold_source"] == "default"
+    assert output.model_version == "view-1+fracture-1"
+    assert output.summary["tasks_run"] == ["view"] and output.summary["findings"] == {}
+    assert output.summary["tasks_not_run"] == {"bpd": "no active model for bpd",
+                                               "pneumonia": "no active model for pneumonia",
+                                               "bone-age": "no active model for bone-age",
+                                               "fracture": "not applicable: another body part"}
 
 
 def test_a_series_the_pipeline_cannot_read_is_a_permanent_error(context: PipelineContext,
@@ -262,11 +277,13 @@ def test_not_a_frontal_chest_film_still_gets_an_sr(registry: ModelRegistry, cont
     try:
         after = get_pipeline("cxr").run([cr_monochrome1], context)
         assert context.models.loaded()["view"] == abdomen
-        assert after.model_version == f"{abdomen}+bpd-1+pneumonia-1" != before.model_version
+        assert after.model_version == ALL_CXR_VERSIONS.replace("view-1", abdomen) != before.model_version
         assert after.summary["view"]["label"] == "abdomen" and not after.summary["view"]["is_frontal_chest"]
         assert after.summary["findings"] == {} and after.artefacts == {}
         assert after.summary["tasks_not_run"] == {"bpd": "not applicable: not a frontal chest film",
-                                                  "pneumonia": "not applicable: not a frontal chest film"}
+                                                  "pneumonia": "not applicable: not a frontal chest film",
+                                                  "fracture": "not applicable: another body part",
+                                                  "bone-age": "not applicable: another body part"}
         (sr,) = after.datasets
         assert sr.SOPInstanceUID != before.datasets[0].SOPInstanceUID  # a new version, a new result
         assert dciodvfy_errors(sr, tmp_path / "sr.dcm") == []
@@ -277,6 +294,12 @@ def test_not_a_frontal_chest_film_still_gets_an_sr(registry: ModelRegistry, cont
     finally:
         registry.rollback("view")
     assert get_pipeline("cxr").run([cr_monochrome1], context).summary["view"]["is_frontal_chest"]
+
+
+def _texts(report: Dataset, concept: str) -> list[str]:
+    """The TEXT values of ``concept`` (e.g. 121106 Comment) anywhere in the SR, in order."""
+    return [str(item.TextValue) for item in _walk(report.ContentSequence)
+            if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == concept]
 
 
 def _fraction(item: Dataset) -> float:
@@ -409,7 +432,9 @@ def test_cxr_runs_a_site_finding_with_its_catalogue_coding(tmp_path: Path, cr_mo
     assert output.model_version == "view-1+toy-1"
     assert output.summary["tasks_run"] == ["view", "toy"] and output.summary["findings"]["toy"]["positive"]
     assert output.summary["tasks_not_run"] == {"bpd": "no active model for bpd",
-                                               "pneumonia": "no active model for pneumonia"}
+                                               "pneumonia": "no active model for pneumonia",
+                                               "fracture": "no active model for fracture",
+                                               "bone-age": "no active model for bone-age"}
     assert list(output.artefacts) == ["gradcam-toy.png"]
     (sr,) = output.datasets
     concepts = {(c.CodingSchemeDesignator, c.CodeValue, c.CodeMeaning) for item in _walk(sr.ContentSequence)
@@ -429,8 +454,8 @@ def test_the_writers_codes_are_the_catalogues() -> None:
     from inference.pipelines.lung_mri import segmentation_task
 
     catalogue = load_catalogue()
-    assert [code_of(t.sr.concept) for t in finding_tasks(catalogue)] == [codes.BRONCHOPULMONARY_DYSPLASIA,
-                                                                         codes.PNEUMONIA]
+    assert [code_of(t.sr.concept) for t in finding_tasks(catalogue)][:2] == [codes.BRONCHOPULMONARY_DYSPLASIA,
+                                                                             codes.PNEUMONIA]
     assert code_key(code_of(view_task(catalogue).sr.concept)) == code_key(codes.IMAGE_VIEW)
     lung = segmentation_task(catalogue)
     assert [code_of(o) for o in lung.outputs] == [codes.LEFT_LUNG, codes.RIGHT_LUNG]

@@ -53,7 +53,7 @@ def test_view_versions_carry_the_taxonomy(registry: ModelRegistry) -> None:
 def test_heads_and_tasks_come_from_the_catalogue(tmp_path: Path, registry: ModelRegistry) -> None:
     from config.tasks import load_catalogue
 
-    with pytest.raises(RegistryError, match="unknown task 'toy-grade'; known: view, bpd, pneumonia, lung-seg"):
+    with pytest.raises(RegistryError, match="unknown task 'toy-grade'; known: view, bpd, pneumonia, fracture, bone-age, lung-seg"):
         registry.register("toy-grade", "resnet18", small_state(), input_spec=SPEC)
     site = tmp_path / "tasks.yaml"
     site.write_text(SITE_TASKS)
@@ -149,7 +149,7 @@ def test_tampered_weights_are_refused(registry: ModelRegistry) -> None:
 
 def test_loaded_model_is_in_eval_mode_with_the_registered_weights(registry: ModelRegistry) -> None:
     state = small_state(seed=7)
-    version = registry.register("pneumonia", "resnet18", state, input_spec=SPEC)
+    version = registry.register("fracture", "resnet18", state, input_spec=SPEC)
     model = registry.load(version, "cpu")
     assert not model.training
     assert torch.equal(model.state_dict()["fc.weight"], state["fc.weight"])
@@ -212,22 +212,22 @@ def test_import_a_wrapped_state_dict_and_activate(tmp_path: Path, capsys: pytest
 
 def test_import_safetensors_then_promote_list_rollback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for seed in (1, 2):
-        weights = tmp_path / f"pneumonia{seed}.safetensors"
-        save_file(small_state("pneumonia", seed=seed), weights)
-        assert cli(tmp_path, "models", "import", "pneumonia", str(weights), "--arch", "resnet18",
+        weights = tmp_path / f"fracture{seed}.safetensors"
+        save_file(small_state("fracture", seed=seed), weights)
+        assert cli(tmp_path, "models", "import", "fracture", str(weights), "--arch", "resnet18",
                    "--image-size", "128") == 0
-    assert cli(tmp_path, "models", "promote", "pneumonia", "pneumonia-1") == 0
-    assert cli(tmp_path, "models", "promote", "pneumonia", "pneumonia-2") == 0
+    assert cli(tmp_path, "models", "promote", "fracture", "fracture-1") == 0
+    assert cli(tmp_path, "models", "promote", "fracture", "fracture-2") == 0
     capsys.readouterr()
     assert cli(tmp_path, "models", "list", "--json") == 0
     listing = json.loads(capsys.readouterr().out)
-    assert listing["pneumonia"]["active"] == "pneumonia-2"
-    assert [v["state"] for v in listing["pneumonia"]["versions"]] == ["retired", "active"]
-    assert cli(tmp_path, "models", "rollback", "pneumonia") == 0
-    assert "pneumonia: pneumonia-2 -> pneumonia-1" in capsys.readouterr().out
+    assert listing["fracture"]["active"] == "fracture-2"
+    assert [v["state"] for v in listing["fracture"]["versions"]] == ["retired", "active"]
+    assert cli(tmp_path, "models", "rollback", "fracture") == 0
+    assert "fracture: fracture-2 -> fracture-1" in capsys.readouterr().out
     assert cli(tmp_path, "models", "list") == 0
     table = capsys.readouterr().out
-    assert "* pneumonia-1" in table and "  pneumonia-2" in table
+    assert "* fracture-1" in table and "  fracture-2" in table
 
 
 def test_import_refuses_the_wrong_architecture(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -48,14 +48,21 @@ def test_age_from_dates_before_age_string() -> None:
 
 def test_neonatal_radiograph_matches_the_default_rule() -> None:
     decision = decide(DEFAULT_RULES, facts())
-    assert decision.pipelines == ("cxr",) and decision.rules == ("neonatal-chest-radiograph",)
+    assert decision.pipelines == ("cxr",) and decision.rules == ("pediatric-radiograph",)
+
+
+@pytest.mark.parametrize("overrides", [{"age_days": 3 * 365}, {"age_days": 6570, "body_part": "HAND"},
+                                       {"body_part": "SKULL"}, {"body_part": "FOREARM", "age_days": 9 * 365}])
+def test_every_childs_radiograph_goes_to_the_radiograph_pipeline(overrides: dict) -> None:
+    """The view model then decides which findings apply (tests/test_populations.py)."""
+    assert decide(DEFAULT_RULES, replace(facts(), **overrides)).pipelines == ("cxr",)
 
 
 @pytest.mark.parametrize(("overrides", "reason"), [
-    ({"age_days": 16436}, "patient age above 28 days for rule neonatal-chest-radiograph"),
+    ({"age_days": 16436}, "patient age above 6570 days for rule pediatric-radiograph"),
+    ({"age_days": 6571}, "patient age above 6570 days for rule pediatric-radiograph"),
     ({"modality": "OT"}, "no rule matched: modality OT"),
-    ({"body_part": "SKULL"}, "body part SKULL for rule neonatal-chest-radiograph"),
-    ({"age_days": None}, "patient age unknown for rule neonatal-chest-radiograph"),
+    ({"age_days": None}, "patient age unknown for rule pediatric-radiograph"),
 ])
 def test_no_match_says_why(overrides: dict, reason: str) -> None:
     decision = decide(DEFAULT_RULES, facts(**overrides))
@@ -128,7 +135,7 @@ def test_radiograph_completes_on_arrival_and_gets_a_job(ingest: Ingest, completi
     assert enqueued == list(done.job_ids) and len(enqueued) == 1
     row = series_row(ingest.sessions, result.series_pk)
     assert (row.state, row.completions, row.routing_reason) == (
-        SeriesState.complete, 1, "matched neonatal-chest-radiograph: cxr")
+        SeriesState.complete, 1, "matched pediatric-radiograph: cxr")
 
 
 def test_mr_completes_on_its_expected_count(ingest: Ingest, completion: Completion, enqueued: Enqueued) -> None:
@@ -185,7 +192,7 @@ def test_adult_is_archived_with_the_reason(ingest: Ingest, completion: Completio
     assert done is not None and not done.decision.matched
     assert jobs_of(ingest.sessions, result.series_pk) == [] and enqueued == []
     assert series_row(ingest.sessions, result.series_pk).routing_reason == \
-        "patient age above 28 days for rule neonatal-chest-radiograph"
+        "patient age above 6570 days for rule pediatric-radiograph"
 
 
 def test_age_string_when_birth_date_is_missing(ingest: Ingest, completion: Completion) -> None:

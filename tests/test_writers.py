@@ -13,6 +13,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.sr.coding import Code
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -31,6 +32,8 @@ from inference.gradcam import HeatMap, hot_spot_polygons
 from inference.preprocess import fit_letterbox
 from inference.results import (
     AlgorithmIdentity,
+    ClassCall,
+    Estimate,
     Finding,
     LabelVolumeError,
     LungVolumes,
@@ -43,7 +46,7 @@ from inference.secondary_capture import LUNG_SC_SERIES_NUMBER, summary_image
 from inference.seg import lung_segmentation
 from inference.sr import image_library
 from inference.sr.lung import NOT_FOUND_TEXT, lung_report
-from inference.sr.radiograph import FRONTAL_CHEST_TEXT, NOT_FRONTAL_CHEST_TEXT, cxr_report
+from inference.sr.radiograph import cxr_report
 from inference.sr.tid1500 import IMAGE_ASSESSED, check_viewable
 from inference.uids import result_uid
 
@@ -258,6 +261,12 @@ def _code(item: Dataset) -> tuple[str, str]:
     return name.CodeValue, name.CodingSchemeDesignator
 
 
+def _value_code(item: Dataset) -> tuple[str, str]:
+    """A CODE item's value."""
+    value = item.ConceptCodeSequence[0]
+    return value.CodeValue, value.CodingSchemeDesignator
+
+
 def _document_containers(sr: Dataset) -> list[tuple[str, str]]:
     """Concept names of the report's top-level containers, in order."""
     return [_code(i) for i in sr.ContentSequence if i.ValueType == "CONTAINER"]
@@ -351,10 +360,34 @@ def lung_sr(mr, seg) -> hd.sr.Comprehensive3DSR:
     return lung_report(mr, seg, LungVolumes(left_ml=31.25, right_ml=27.5), ALGO_SEG)
 
 
+NOT_APPLICABLE = [("BPD risk (moderate/severe)", "not a frontal chest film"), ("Pneumonia", "not a frontal chest film")]
+
+
 @pytest.fixture(scope="module")
 def non_frontal_sr(cr) -> hd.sr.Comprehensive3DSR:
+    """What the pipeline writes for an abdomen film: the view, and each finding not applicable, in words."""
     view = ViewResult(label="abdomen AP", probability=0.88, is_frontal_chest=False)
-    return cxr_report(cr, view, _findings(), ALGO_CXR)
+    return cxr_report(cr, view, [], ALGO_CXR, not_applicable=NOT_APPLICABLE, chest=False)
+
+
+PNEUMONIA_BY_TYPE = ClassCall(PNEUMONIA, ((Code("17621005", "SCT", "Normal"), 0.2),
+                                          (Code("53084003", "SCT", "Bacterial pneumonia"), 0.7),
+                                          (Code("75570004", "SCT", "Viral pneumonia"), 0.1)))
+BONE_AGE = Estimate(Code("37362-1", "LN", "Bone age"), 96.5, Code("mo", "UCUM", "month"),
+                    beside=(Code("30525-0", "LN", "Age"), 90.0))
+
+
+@pytest.fixture(scope="module")
+def class_call_sr(cr) -> hd.sr.Comprehensive3DSR:
+    view = ViewResult(label="chest AP", probability=0.97, is_frontal_chest=True)
+    return cxr_report(cr, view, [PNEUMONIA_BY_TYPE], ALGO_CXR)
+
+
+@pytest.fixture(scope="module")
+def bone_age_sr(cr) -> hd.sr.Comprehensive3DSR:
+    view = ViewResult(label="extremity", probability=0.93, is_frontal_chest=False)
+    findings = [Finding(Code("125605004", "SCT", "Fracture of bone"), 0.2, 0.5, False), BONE_AGE]
+    return cxr_report(cr, view, findings, ALGO_CXR, chest=False)
 
 
 CXR_SUMMARY_LINES = ["BPD risk (moderate/severe): 0.71 (threshold 0.50) positive"]
@@ -413,13 +446,16 @@ def _lung_sr_without(mr: list[Dataset], labels: np.ndarray, *missing: int) -> Da
 
 
 @pytest.fixture(scope="module")
-def all_objects(cr, mr, labels, cxr_sr, non_frontal_sr, seg, lung_sr, cxr_sc, lung_sc) -> dict[str, Dataset]:
+def all_objects(cr, mr, labels, cxr_sr, non_frontal_sr, class_call_sr, bone_age_sr, seg, lung_sr, cxr_sc,
+                lung_sc) -> dict[str, Dataset]:
     bare_cr = make_cr(with_orientation=False)
     view = ViewResult(label="chest AP", probability=0.9, is_frontal_chest=True)
     return {
         "cxr-sr": cxr_sr,
         "cxr-sr-no-orientation": cxr_report(bare_cr, view, _findings(False), ALGO_CXR),
         "cxr-sr-non-frontal": non_frontal_sr,
+        "cxr-sr-class-call": class_call_sr,
+        "cxr-sr-bone-age": bone_age_sr,
         "cxr-sr-no-finding": cxr_report(cr, view, _negatives(), ALGO_CXR),
         "cxr-sr-hot-spots": cxr_report(cr, view, _hot_spot_findings(cr), ALGO_CXR),
         "lung-seg": seg,
@@ -432,8 +468,9 @@ def all_objects(cr, mr, labels, cxr_sr, non_frontal_sr, seg, lung_sr, cxr_sc, lu
 
 
 OBJECT_NAMES = [
-    "cxr-sr", "cxr-sr-no-orientation", "cxr-sr-non-frontal", "cxr-sr-no-finding",
-    "cxr-sr-hot-spots", "lung-seg", "lung-sr", "lung-sr-right-not-found", "lung-sr-none-found",
+    "cxr-sr", "cxr-sr-no-orientation", "cxr-sr-non-frontal", "cxr-sr-class-call", "cxr-sr-bone-age",
+    "cxr-sr-no-finding", "cxr-sr-hot-spots", "lung-seg", "lung-sr", "lung-sr-right-not-found",
+    "lung-sr-none-found",
     "cxr-sc", "lung-sc",
 ]
 SR_NAMES = [name for name in OBJECT_NAMES if name.endswith("sr") or "-sr-" in name]
@@ -839,8 +876,7 @@ def test_cxr_sr_states_the_view_in_qualitative_evaluations(cxr_sr):
     assert view.ValueType == "TEXT" and view.TextValue == "chest AP"
     assert _properties(view) == {"122157": (pytest.approx(97.0), "%")}
     assert _algorithm_names(view) == [ALGO_CXR.name]
-    (comment,) = _evaluation(cxr_sr, "121106")
-    assert comment.TextValue == FRONTAL_CHEST_TEXT
+    assert _evaluation(cxr_sr, "121106") == []  # every finding ran: nothing to say "not applicable" of
     # The view is no measurement group: OHIF would fail on a group without a region.
     assert {m["tracking_identifier"] for m in _ohif_measurements(cxr_sr).values()} == {
         "BPD risk (moderate/severe)"
@@ -943,9 +979,10 @@ def test_non_frontal_view_states_the_view_and_reports_no_findings(non_frontal_sr
     (view,) = _evaluation(non_frontal_sr, "111031")
     assert view.TextValue == "abdomen AP"
     assert _properties(view) == {"122157": (pytest.approx(88.0), "%")}
-    (comment,) = _evaluation(non_frontal_sr, "121106")
-    assert comment.TextValue == NOT_FRONTAL_CHEST_TEXT
-    assert len(_qualitative_evaluations(non_frontal_sr)) == 2
+    comments = [item.TextValue for item in _evaluation(non_frontal_sr, "121106")]
+    assert comments == ["BPD risk (moderate/severe): not applicable (not a frontal chest film)",
+                        "Pneumonia: not applicable (not a frontal chest film)"]
+    assert len(_qualitative_evaluations(non_frontal_sr)) == 3
     names = {i.ConceptNameCodeSequence[0].CodeValue for i in _walk(non_frontal_sr.ContentSequence)}
     assert "122411" not in names  # no threshold, so no finding measurement
     assert "121071" not in names  # no Finding
@@ -1212,6 +1249,36 @@ def test_writers_accept_synthetic_radiographs(modality, photometric, tmp_path):
     sc = summary_image(image, None, CXR_SUMMARY_LINES, ALGO_CXR, pipeline="cxr")
     for name, ds in (("sr", sr), ("sc", sc)):
         assert _dciodvfy(_write(ds, tmp_path / f"{name}.dcm")) == ([], [])
+
+
+def test_a_class_call_states_the_called_class_with_each_classs_probability(class_call_sr, cr):
+    (call,) = _evaluation(class_call_sr, "233604007")
+    assert call.ValueType == "CODE" and _value_code(call) == ("53084003", "SCT")
+    assert _properties(call) == {"17621005": (pytest.approx(20.0), "%"), "53084003": (pytest.approx(70.0), "%"),
+                                 "75570004": (pytest.approx(10.0), "%")}
+    assert _algorithm_names(call) == [ALGO_CXR.name]
+    _assert_only_the_image_assessed(class_call_sr, cr)  # no region: OHIF opens it on the image
+
+
+def test_bone_age_is_a_number_in_months_beside_the_chronological_age(bone_age_sr):
+    (estimate,) = _evaluation(bone_age_sr, "37362-1")
+    assert estimate.ValueType == "TEXT" and estimate.TextValue == "96.5 months; age 90.0 months"
+    assert _properties(estimate) == {"37362-1": (pytest.approx(96.5), "mo"), "30525-0": (pytest.approx(90.0), "mo")}
+    assert _algorithm_names(estimate) == [ALGO_CXR.name]
+    (fracture,) = _evaluation(bone_age_sr, "125605004")
+    assert _value_code(fracture) == ("260385009", "SCT")  # negative
+    procedure = [i for i in _walk(bone_age_sr.ContentSequence) if _code(i)[0] == "121058"]
+    assert [_value_code(i) for i in procedure] == [("168537006", "SCT")]
+    assert bone_age_sr.SeriesDescription.startswith("cradle AI: radiograph")
+
+
+def test_results_of_each_kind_refuse_what_a_writer_cannot_state():
+    with pytest.raises(WriterInputError, match="at least two classes"):
+        ClassCall(PNEUMONIA, ((PNEUMONIA, 1.0),))
+    with pytest.raises(WriterInputError, match="probability of Pneumonia"):
+        ClassCall(PNEUMONIA, ((PNEUMONIA, 1.2), (PNEUMONIA, 0.1)))
+    with pytest.raises(WriterInputError, match="finite number"):
+        Estimate(BONE_AGE.code, float("nan"), BONE_AGE.unit)
 
 
 # --------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.tasks import TaskCatalogue, TaskDefinition, load_catalogue
+from config.tasks import YES_NO_POSITIVE, TaskCatalogue, TaskDefinition, load_catalogue
 from config.views import load_view_taxonomy
 from storage.archive import Archive
 from storage.db import transaction
@@ -102,6 +102,17 @@ def parse_class(text: str, classes: Sequence[str], aliases: dict[str, str]) -> f
     return float(list(classes).index(names[value]))
 
 
+def parse_class_or_yes_no(text: str, classes: Sequence[str], aliases: dict[str, str]) -> float:
+    """A class name, or 0/1 (yes/no): 0 is the first class, 1 is "some other class" (YES_NO_POSITIVE)."""
+    try:
+        return parse_class(text, classes, aliases)
+    except ValueError:
+        try:
+            return YES_NO_POSITIVE if parse_binary(text) else 0.0
+        except ValueError:
+            raise ValueError(f"{text.strip()!r} is not one of {', '.join(classes)} (or 0/1)") from None
+
+
 COVARIATE_PARSERS: dict[str, Callable[[str], float]] = {
     "irds_grade": parse_irds_grade,
     "gestational_age_weeks": parse_gestational_age,
@@ -117,6 +128,8 @@ def task_parser(task: TaskDefinition) -> Callable[[str], float]:
         return parse_binary
     if task.kind == "multiclass":
         classes = load_view_taxonomy().classes if task.classes == "taxonomy" else tuple(task.classes or ())
+        if task.labels.yes_no:
+            return lambda text: parse_class_or_yes_no(text, classes, task.labels.aliases)
         return lambda text: parse_class(text, classes, task.labels.aliases)
     if task.kind == "regression" and task.labels.range is not None:
         low, high = task.labels.range

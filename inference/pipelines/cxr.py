@@ -1,19 +1,22 @@
-"""``cxr``: a neonatal chest radiograph (CR/DX) → view and findings → TID 1500 SR.
+"""``cxr``: a child's radiograph (CR/DX) → view and findings → TID 1500 SR.
 
-The tasks are the task catalogue's for the ``cxr`` pipeline: its view task and every binary finding
-task (shipped: BPD risk and pneumonia; a site's own binary finding runs the same way), each reported
-with the catalogue's SR concept and description.
+The tasks are the task catalogue's for the ``cxr`` pipeline: its view task and every finding task
+(shipped: BPD risk, pneumonia by type, fracture, bone age; a site's own finding runs the same way),
+each reported with the catalogue's SR concept and description.
 
 1. Decode (any transfer syntax), Modality LUT, MONOCHROME1 inverted, min-max with 0.5 % clipping,
    resize keeping aspect (pad) to each model's input size, CLAHE when the model was trained with it.
-2. The view classifier (PedXnet-style, softmax over the taxonomy's classes) answers "is this a
-   frontal chest film?" for every image of the series; the image most likely to be one is reported.
-3. Each finding task whose catalogue population holds the film (modality, body part, the view
-   model's 7-class view, age at the study: :func:`outside_population`; the shipped findings want a
-   frontal chest film) runs its model (e.g. BPD risk: ResNet-50; pneumonia: RegNetY-064
-   by default): a probability (sigmoid of the logit over the version's temperature) and the
-   call at the version's operating threshold; each positive call gets a Grad-CAM heat map (PNG
-   artefact) and the outline of its hot spot as the SR region.
+2. The view classifier (PedXnet-style, softmax over the taxonomy's classes) runs on every image of the
+   series; the image most likely to be a frontal chest film is reported (the first, for other films).
+3. Each finding task runs only inside its population: the catalogue's (as a site narrowed it:
+   modality, body part, the view model's 7-class view, age at the study) and the one its version was
+   trained and validated on (:func:`outside_population`). By the version's outputs: one output is a
+   probability (sigmoid of the logit over the version's temperature) and a call at the version's
+   operating threshold, each positive call with a Grad-CAM heat map (PNG artefact) and the outline of
+   its hot spot as the SR region (BPD, fracture; a yes/no pneumonia model); several outputs are class
+   probabilities (softmax) and the most probable class (pneumonia by type); a regression task's
+   output is a value in the catalogue's units (bone age in months), reported beside the
+   chronological age.
 4. The SR always goes out; it states the view and its probability, and for each finding outside its
    population that it was not applicable and why.
 
@@ -21,9 +24,9 @@ Missing models (decided so that no clinical statement comes from untrained weigh
 statement is implied for a model that did not run):
 
 - no active, validated view model → :class:`NoActiveModel` ("no active model for view"): without
-  the view gate nothing tells us the image is a chest film at all;
-- no finding task active → ``NoActiveModel`` naming every finding task ("no active model for bpd,
-  pneumonia"): an SR with a view only is no result;
+  the view gate nothing tells us what the film shows;
+- no finding task active → ``NoActiveModel`` naming every finding task: an SR with a view only is no
+  result;
 - some of them active → they run; the SR carries a group only for the finding that ran, each group
   names its own model version (TID 4019 algorithm identification), so a missing finding reads as
   "not assessed", never as negative. The summary lists ``tasks_not_run`` with the reason.
@@ -42,14 +45,15 @@ import torch
 from pydicom import Dataset
 from pydicom.sr.coding import Code
 
-from config.tasks import CodeSpec, TaskCatalogue, TaskDefinition
+from config.tasks import CodeSpec, Population, TaskCatalogue, TaskDefinition
 from config.views import FRONTAL_CHEST, frontal_chest_classes, load_view_taxonomy
 from inference.errors import NoActiveModel, PipelineInputError
 from inference.gradcam import grad_cam, heat_map_png, hot_spot_polygon, upsample
 from inference.pipelines import PipelineContext, PipelineOutput
 from inference.preprocess import Letterbox, letterbox, modality_values, normalise
 from inference.registry import InputSpec, LoadedModel, ModelVersion
-from inference.results import AlgorithmIdentity, Finding, ViewResult
+from inference.results import AlgorithmIdentity, ClassCall, Estimate, Finding, ViewResult
+from inference.sr.radiograph import Result
 from inference.secondary_capture import summary_image
 from inference.sr.radiograph import cxr_report
 from node.routing import age_in_days
@@ -76,8 +80,8 @@ def view_task(catalogue: TaskCatalogue) -> TaskDefinition:
 
 
 def finding_tasks(catalogue: TaskCatalogue) -> list[TaskDefinition]:
-    """The binary findings the catalogue gives this pipeline, in catalogue order (the SR's order)."""
-    return [task for task in catalogue.findings(PIPELINE) if task.kind == "binary"]
+    """The findings the catalogue gives this pipeline, in catalogue order (the SR's order)."""
+    return catalogue.findings(PIPELINE)
 
 
 @dataclass
@@ -111,16 +115,28 @@ class _ViewCall:
     probabilities: dict[str, float]
 
 
-def outside_population(task: TaskDefinition, dataset: Dataset, view: "_ViewCall") -> str:
-    """Why ``task`` does not apply to this film ("" when it does): its catalogue population against the
-    header (modality, body part, age at the study) and the view model's call (7-class view)."""
-    age = age_in_days(_date(dataset.get("PatientBirthDate")), _date(dataset.get("StudyDate")),
-                      str(dataset.get("PatientAge", "") or ""))
-    view_class = FRONTAL_CHEST if view.is_frontal_chest else load_view_taxonomy(None).parents.get(view.label,
-                                                                                                  view.label)
-    return task.population.mismatch(modality=str(dataset.get("Modality", "")),
-                                    body_part=str(dataset.get("BodyPartExamined", "") or ""), view=view_class,
-                                    age_days=age)
+def study_age_days(dataset: Dataset) -> int | None:
+    """The patient's age at the study, in days (birth and study dates, else Patient's Age)."""
+    return age_in_days(_date(dataset.get("PatientBirthDate")), _date(dataset.get("StudyDate")),
+                       str(dataset.get("PatientAge", "") or ""))
+
+
+def view_class(view: "_ViewCall") -> str:
+    """The view model's call as a 7-class view (``chest_frontal`` when the frontal gate says so)."""
+    return FRONTAL_CHEST if view.is_frontal_chest else load_view_taxonomy(None).parents.get(view.label, view.label)
+
+
+def outside_population(task: TaskDefinition, version: ModelVersion, dataset: Dataset, view: "_ViewCall") -> str:
+    """Why ``task`` does not apply to this film ("" when it does): the task's population (the catalogue's,
+    as the site set it), then the population ``version`` was trained and validated on, against the header
+    (modality, body part, age at the study) and the view model's call (7-class view)."""
+    facts = {"modality": str(dataset.get("Modality", "")), "body_part": str(dataset.get("BodyPartExamined", "") or ""),
+             "view": view_class(view), "age_days": study_age_days(dataset)}
+    reason = task.population.mismatch(**facts)
+    if reason or not version.population:
+        return reason
+    validated = Population.model_validate(version.population).mismatch(**facts)
+    return f"outside what {version.version} was validated on: {validated}" if validated else ""
 
 
 def _date(value: object) -> dt.date | None:
@@ -128,6 +144,23 @@ def _date(value: object) -> dt.date | None:
         return dt.datetime.strptime(str(value or "").strip(), "%Y%m%d").date()
     except ValueError:
         return None
+
+
+DAYS_PER_MONTH = 365.25 / 12
+
+
+def _estimate(task: TaskDefinition, output: float, dataset: Dataset, algorithm: AlgorithmIdentity) -> Estimate:
+    """A regression output in the catalogue's units, kept within its range; read beside the chronological
+    age (in the same units, months) when the catalogue says so and the header gives it."""
+    low, high = task.labels.range or (float("-inf"), float("inf"))
+    value = round(float(min(max(task.value_of(output), low), high)), 1)
+    beside = None
+    age = study_age_days(dataset)
+    if task.sr.beside is not None and age is not None:
+        beside = (code_of(task.sr.beside), round(age / DAYS_PER_MONTH, 1))
+    assert task.sr.units is not None  # a regression task has units (the catalogue checks)
+    return Estimate(code_of(task.sr.concept), value, code_of(task.sr.units), beside, label=task.description,
+                    algorithm=algorithm)
 
 
 def algorithm_identity(version: ModelVersion, clinical: bool = True) -> AlgorithmIdentity:
@@ -212,10 +245,10 @@ class CxrPipeline:
         views = self._classify_views(images, view_model, context.device, timer)
         chosen = max(range(len(images)), key=lambda i: views[i].frontal_probability)
         image, view = images[chosen], views[chosen]
-        findings: dict[str, Finding] = {}
+        findings: dict[str, Result] = {}
         artefacts: dict[str, bytes] = {}
         outside = {name: reason for name, model in finding_models.items()
-                   if (reason := outside_population(model.task, image.dataset, view))}
+                   if (reason := outside_population(model.task, model.loaded.version, image.dataset, view))}
         for name, model in finding_models.items():
             if name not in outside:
                 findings[name] = self._finding(model, image, context, timer, artefacts)
@@ -232,6 +265,7 @@ class CxrPipeline:
             algorithm,
             model_version_tag=tag,
             not_applicable=[(finding_models[name].task.description, reason) for name, reason in outside.items()],
+            chest=view_class(view).startswith("chest"),
         )
         datasets = [report]
         if context.settings.inference.summary_image:
@@ -268,11 +302,22 @@ class CxrPipeline:
 
     @staticmethod
     def _finding(model: _FindingModel, image: _Radiograph, context: PipelineContext, timer: _Timer,
-                 artefacts: dict[str, bytes]) -> Finding:
+                 artefacts: dict[str, bytes]) -> Result:
+        """The task's result by its kind and the version's outputs: a probability and a call (one output of
+        a classification task), class probabilities (several outputs), or an estimate (regression)."""
         task, loaded = model.task, model.loaded
         version = loaded.version
         model_input, box = image.model_input(version.input_spec)
         features, logits = timer(task.name, classify, loaded.module, model_input[None], context.device)
+        algorithm = algorithm_identity(version, not context.shadow)
+        if task.kind == "regression":
+            return _estimate(task, float(logits[0, 0]), image.dataset, algorithm)
+        if version.num_outputs > 1:
+            probabilities = torch.softmax(logits[0] / version.temperature, dim=0).tolist()
+            codes = [code_of(task.sr.classes[c]) if c in task.sr.classes else Code(c, "99CRADLE", c)
+                     for c in version.classes or []]
+            return ClassCall(code_of(task.sr.concept), tuple(zip(codes, probabilities)), label=task.description,
+                             algorithm=algorithm)
         probability = float(torch.sigmoid(logits[0, 0] / version.temperature))
         threshold = version.threshold if version.threshold is not None else DEFAULT_THRESHOLD
         positive = probability >= threshold
@@ -282,28 +327,26 @@ class CxrPipeline:
             region = hot_spot_polygon(heat)
             artefacts[f"gradcam-{task.name}.png"] = heat_map_png(model_input, heat)
         return Finding(code_of(task.sr.concept), probability, threshold, positive, region=region,
-                       label=task.description, algorithm=algorithm_identity(version, not context.shadow))
+                       label=task.description, algorithm=algorithm)
 
     @staticmethod
-    def _summary_image(source: Dataset, view: _ViewCall, findings: dict[str, Finding],
+    def _summary_image(source: Dataset, view: _ViewCall, findings: dict[str, Result],
                        algorithm: AlgorithmIdentity) -> Dataset:
         """Secondary Capture for viewers without SR support: the image, the positive findings' hot
         spots (overlay labels 1, 2) and the calls as text."""
         overlay = np.zeros((int(source.Rows), int(source.Columns)), dtype=np.uint8)
         lines = [f"View: {view.label} ({view.probability:.0%})"]
-        if not view.is_frontal_chest:
-            lines.append("Not a frontal chest film: no findings assessed")
+        if not findings:
+            lines.append("No finding applies to this film")
         for number, finding in enumerate(findings.values(), start=1):
-            call = "POSITIVE" if finding.positive else "negative"
-            lines.append(f"{finding.label}: {finding.probability:.0%} "
-                         f"(threshold {finding.threshold:.0%}) {call}")
-            if finding.region is not None:
+            lines.append(_in_words(finding))
+            if isinstance(finding, Finding) and finding.region is not None:
                 cv2.fillPoly(overlay, [np.round(finding.region - 0.5).astype(np.int32)], number)
         return summary_image(source, overlay if overlay.any() else None, lines, algorithm, pipeline=PIPELINE,
                              model_version_tag=algorithm.version)
 
     @staticmethod
-    def _summary(tag: str, image: _Radiograph, view: _ViewCall, views: list[_ViewCall], findings: dict[str, Finding],
+    def _summary(tag: str, image: _Radiograph, view: _ViewCall, views: list[_ViewCall], findings: dict[str, Result],
                  models: dict[str, _FindingModel], not_run: dict[str, str], timer: _Timer,
                  context: PipelineContext) -> dict[str, Any]:
         return {
@@ -314,13 +357,35 @@ class CxrPipeline:
             "view": {"label": view.label, "probability": view.probability,
                      "frontal_chest_probability": view.frontal_probability,
                      "is_frontal_chest": view.is_frontal_chest},
-            "findings": {task: {"probability": f.probability, "threshold": f.threshold, "positive": f.positive,
-                                "model": models[task].loaded.version.version,
-                                "threshold_source": "version" if models[task].loaded.version.threshold is not None
-                                else "default", "region": f.region is not None}
-                         for task, f in findings.items()},
+            "findings": {task: {**_summary_of(finding), "model": models[task].loaded.version.version}
+                         | ({"threshold_source": "version" if models[task].loaded.version.threshold is not None
+                             else "default"} if isinstance(finding, Finding) else {})
+                         for task, finding in findings.items()},
             "tasks_run": [view_task(context.catalogue).name, *findings],
             "tasks_not_run": not_run,
             "forward_seconds": timer.seconds,
             "device": str(context.device),
         }
+
+
+def _in_words(finding: Result) -> str:
+    """One line of the summary image."""
+    if isinstance(finding, ClassCall):
+        classes = ", ".join(f"{code.meaning} {p:.0%}" for code, p in finding.probabilities)
+        return f"{finding.tracking_label}: {finding.call.meaning} ({classes})"
+    if isinstance(finding, Estimate):
+        beside = f"; {finding.beside[0].meaning.lower()} {finding.beside[1]:.1f}" if finding.beside else ""
+        return f"{finding.tracking_label}: {finding.value:.1f} {finding.unit.meaning}s{beside}"
+    call = "POSITIVE" if finding.positive else "negative"
+    return f"{finding.tracking_label}: {finding.probability:.0%} (threshold {finding.threshold:.0%}) {call}"
+
+
+def _summary_of(finding: Result) -> dict[str, Any]:
+    """A finding in the job summary. An estimate's value stays in the SR: a bone age is close to the
+    patient's age, which the summary (job rows, logs) never carries."""
+    if isinstance(finding, ClassCall):
+        return {"probabilities": {code.meaning: p for code, p in finding.probabilities}, "call": finding.call.meaning}
+    if isinstance(finding, Estimate):
+        return {"estimated": True, "units": finding.unit.value, "beside": finding.beside is not None}
+    return {"probability": finding.probability, "threshold": finding.threshold, "positive": finding.positive,
+            "region": finding.region is not None}

@@ -116,7 +116,8 @@ class ModelRegistry:
     def register(self, task: str, arch: str, state_dict: Mapping[str, torch.Tensor] | Path, *,
                  input_spec: InputSpec, threshold: float | None = None, temperature: float = 1.0,
                  classes: list[str] | None = None, provenance: dict | None = None,
-                 metrics: dict | None = None, validated: bool = False) -> ModelVersion:
+                 metrics: dict | None = None, validated: bool = False,
+                 population: dict | None = None) -> ModelVersion:
         """Add a candidate version after checking that the weights load strictly into ``arch``."""
         definition = self._definition(task)
         classes = self._classes(definition, classes)
@@ -137,7 +138,8 @@ class ModelRegistry:
             entry = ModelVersion(task=task, version=version, arch=arch, weights=weights, sha256=_sha256(data),
                                  input_spec=input_spec, threshold=threshold, temperature=float(temperature),
                                  classes=classes, provenance=provenance, metrics=dict(metrics or {}),
-                                 created_at=_now(), state="candidate", validated=bool(validated))
+                                 created_at=_now(), state="candidate", validated=bool(validated),
+                                 population=dict(population or {}))
             index["versions"].append(entry.to_json())
             self._write(task, index)
         log.info("registered model %s (%s)", version, arch)

@@ -88,6 +88,9 @@ class ModelVersion:
     created_at: str = ""
     state: State = "candidate"
     validated: bool = False
+    population: dict = field(default_factory=dict)
+    """What the version was trained and validated on (``config.tasks.Population``'s keys: modalities,
+    body parts, views, age window in days); empty for an import that did not say. It never runs outside."""
 
     @property
     def num_outputs(self) -> int:

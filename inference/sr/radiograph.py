@@ -1,11 +1,17 @@
-"""TID 1500 report on one chest radiograph: the view, and the findings on a frontal film.
+"""TID 1500 report on one radiograph: the view, the findings the pipeline ran, and in words the
+tasks that did not apply to this film and why.
 
 Viewer compatibility (OHIF 3.13, see :mod:`inference.sr.tid1500`):
 
 - a finding with a region is a TID 1410 planar group (the region, probability
   and threshold in %, the call); the view classifier's result and findings
   without a region are TID 1500 "Qualitative Evaluations" (row 12), which OHIF
-  does not try to place.
+  does not try to place. A multiclass finding (pneumonia by type) is a
+  qualitative evaluation too: the called class, with each class's probability
+  (in %, named by the class's code). A numeric estimate (bone age) is a TEXT
+  evaluation stating it in words, with the value (in its UCUM units) and the
+  value it is read beside (the chronological age) as NUMs: a measurement group
+  without image coordinates would make OHIF's SR viewport fail.
 - Probabilities and thresholds are in percent (UCUM ``%``): OHIF draws a NUM as
   "<concept name>: <value with 2 decimals> <UCUM code>", so "Probability: 83.00 %"
   where a fraction would read "0.83 1". OHIF draws NUMs only (no CODE or TEXT),
@@ -28,27 +34,24 @@ from inference.codes import (
     NEGATIVE,
     PERCENT,
     PLAIN_CHEST_XRAY,
+    PLAIN_RADIOGRAPHY,
     POSITIVE,
     PROBABILITY,
     THRESHOLD_VALUE,
 )
 from inference.determinism import ResultUIDs, resolve_datetime, slug
 from inference.geometry import check_source_image, closed_polygon
-from inference.results import PIPELINE_CXR, SHADOW_RUN, AlgorithmIdentity, Finding, ViewResult, WriterInputError
+from inference.results import (PIPELINE_CXR, SHADOW_RUN, AlgorithmIdentity, ClassCall, Estimate, Finding, ViewResult,
+                               WriterInputError)
 from inference.sr.tid1500 import comprehensive_3d_sr, measurement, tracking, with_children
 
-__all__ = [
-    "CXR_SR_SERIES_NUMBER",
-    "FRONTAL_CHEST_TEXT",
-    "NOT_FRONTAL_CHEST_TEXT",
-    "cxr_report",
-]
+__all__ = ["CXR_SR_SERIES_NUMBER", "cxr_report"]
 
 CXR_SR_SERIES_NUMBER = 9001
+Result = Finding | ClassCall | Estimate
+"""What a radiograph's finding task hands the writer, by its kind: binary, multiclass, regression."""
 _UT_LIMIT = 1024
 """A TEXT content item's value is UT; kept short as any comment."""
-FRONTAL_CHEST_TEXT = "Frontal chest radiograph: findings evaluated"
-NOT_FRONTAL_CHEST_TEXT = "Not a frontal chest radiograph: findings not evaluated"
 
 
 def _percent(fraction: float) -> float:
@@ -78,10 +81,9 @@ def _property(name: Code, value: float, unit: Code) -> hd.sr.NumContentItem:
     )
 
 
-def _view_evaluations(view: ViewResult, algorithm: AlgorithmIdentity) -> list[Dataset]:
-    """TID 1500 row 14 TEXT items: the view classifier's label (as text: its
-    classes have no standard codes) with its algorithm and probability, and a
-    comment saying whether findings were evaluated."""
+def _view_evaluation(view: ViewResult, algorithm: AlgorithmIdentity) -> Dataset:
+    """TID 1500 row 14 TEXT item: the view classifier's label (as text: its
+    classes have no standard codes) with its algorithm and probability."""
     view_item = hd.sr.TextContentItem(
         name=IMAGE_VIEW,
         value=view.label,
@@ -94,12 +96,32 @@ def _view_evaluations(view: ViewResult, algorithm: AlgorithmIdentity) -> list[Da
             _property(PROBABILITY, _percent(view.probability), PERCENT),
         ],
     )
-    comment = hd.sr.TextContentItem(
-        name=COMMENT,
-        value=FRONTAL_CHEST_TEXT if view.is_frontal_chest else NOT_FRONTAL_CHEST_TEXT,
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    )
-    return [view_item, comment]
+    return view_item
+
+
+def _class_evaluation(finding: ClassCall, algorithm: AlgorithmIdentity) -> Dataset:
+    """TID 1500 row 13 CODE item of a multiclass finding: the called class, with its algorithm and
+    each class's probability in % (a NUM named by the class's code), in the model's class order."""
+    item = hd.sr.CodeContentItem(name=finding.code, value=finding.call,
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    children: list[Dataset] = [*(finding.algorithm or algorithm).sr_identification()]
+    children += [_property(code, _percent(probability), PERCENT) for code, probability in finding.probabilities]
+    return with_children(item, children)
+
+
+def _estimate_evaluation(estimate: Estimate, algorithm: AlgorithmIdentity) -> Dataset:
+    """TID 1500 row 14 TEXT item of a numeric estimate: in words ("96.5 months; age 90.0 months"),
+    with its algorithm, the estimate as a NUM in its units and the value it is read beside."""
+    words = f"{estimate.value:.1f} {estimate.unit.meaning}s"
+    children: list[Dataset] = [*(estimate.algorithm or algorithm).sr_identification(),
+                               _property(estimate.code, estimate.value, estimate.unit)]
+    if estimate.beside is not None:
+        code, value = estimate.beside
+        words += f"; {code.meaning.lower()} {value:.1f} {estimate.unit.meaning}s"
+        children.append(_property(code, value, estimate.unit))
+    item = hd.sr.TextContentItem(name=estimate.code, value=words,
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    return with_children(item, children)
 
 
 def _finding_evaluation(finding: Finding, algorithm: AlgorithmIdentity) -> Dataset:
@@ -150,12 +172,12 @@ def _finding_group(
     )
 
 
-def _check_cxr_inputs(source: Dataset, view: ViewResult, findings: Sequence[Finding]) -> None:
+def _check_cxr_inputs(source: Dataset, view: ViewResult, findings: Sequence[Result]) -> None:
     check_source_image(source)
     if not isinstance(view, ViewResult):
         raise WriterInputError(f"view must be a ViewResult, got {type(view)}")
-    if not all(isinstance(f, Finding) for f in findings):
-        raise WriterInputError("findings must all be Finding instances")
+    if not all(isinstance(f, (Finding, ClassCall, Estimate)) for f in findings):
+        raise WriterInputError("findings must all be Finding, ClassCall or Estimate instances")
     # Tracking UIDs are derived from the labels, so labels must stay distinct.
     slugs = [slug(f.tracking_label) for f in findings]
     if len(set(slugs)) != len(slugs):
@@ -167,7 +189,7 @@ def _check_cxr_inputs(source: Dataset, view: ViewResult, findings: Sequence[Find
 def cxr_report(
     source: Dataset,
     view: ViewResult,
-    findings: Sequence[Finding],
+    findings: Sequence[Result],
     algorithm: AlgorithmIdentity,
     *,
     model_version_tag: str | None = None,
@@ -176,47 +198,53 @@ def cxr_report(
     series_number: int = CXR_SR_SERIES_NUMBER,
     uid_prefix: str = PYDICOM_ROOT_UID,
     not_applicable: Sequence[tuple[str, str]] = (),
+    chest: bool = True,
 ) -> hd.sr.Comprehensive3DSR:
-    """TID 1500 report on one chest radiograph.
+    """TID 1500 report on one radiograph.
 
-    Always states the view in "Qualitative Evaluations": its label, probability
-    and whether it is a frontal chest film. Findings are reported only for a
-    frontal chest film; otherwise they are left out and the view says why. A
-    finding with a region is a TID 1410 planar ROI group (drawn by viewers); one
-    without is a qualitative evaluation (finding = Positive/Negative, with its
-    probability and threshold). ``model_version_tag`` is what the UIDs are
+    Always states the view in "Qualitative Evaluations": its label and
+    probability. Each finding the pipeline ran is reported (the pipeline decides
+    which apply to the film): a binary finding with a region is a TID 1410
+    planar ROI group (drawn by viewers); one without is a qualitative evaluation
+    (finding = Positive/Negative, with its probability and threshold); a class
+    call and an estimate are qualitative evaluations (see the module docstring).
+    ``model_version_tag`` is what the UIDs are
     derived from (default ``algorithm.version``); pass a tag that covers every
     model behind the report (view, BPD, pneumonia) so that a new version of any
     of them gives a new result series. ``not_applicable`` lists (task description, reason) for the
-    tasks the image is outside the population of: each is stated as a comment, in words.
+    tasks the image is outside the population of: each is stated as a comment, in words. ``chest``:
+    the procedure reported is a plain chest X-ray, else plain radiography (an extremity, a hand).
     """
     findings = list(findings)
     _check_cxr_inputs(source, view, findings)
     version = model_version_tag or algorithm.version
     uids = ResultUIDs(str(source.SeriesInstanceUID), pipeline, version, uid_prefix)
     groups: list[Dataset] = []
-    evaluations: list[Dataset] = _view_evaluations(view, algorithm)
+    evaluations: list[Dataset] = [_view_evaluation(view, algorithm)]
     if not algorithm.clinical:
         evaluations.append(hd.sr.TextContentItem(name=COMMENT, value=f"{SHADOW_RUN} ({version})",
                                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     evaluations += [hd.sr.TextContentItem(name=COMMENT, value=f"{task}: not applicable ({reason})"[:_UT_LIMIT],
                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
                     for task, reason in not_applicable]
-    if view.is_frontal_chest:
-        for finding in findings:
-            if finding.region is None:
-                evaluations.append(_finding_evaluation(finding, algorithm))
-            else:
-                groups.append(_finding_group(source, finding, algorithm, uids))
+    for finding in findings:
+        if isinstance(finding, ClassCall):
+            evaluations.append(_class_evaluation(finding, algorithm))
+        elif isinstance(finding, Estimate):
+            evaluations.append(_estimate_evaluation(finding, algorithm))
+        elif finding.region is None:
+            evaluations.append(_finding_evaluation(finding, algorithm))
+        else:
+            groups.append(_finding_group(source, finding, algorithm, uids))
     return comprehensive_3d_sr(
         evidence=[source],
         library=[source],
         groups=groups,
         evaluations=evaluations,
-        procedure=PLAIN_CHEST_XRAY,
+        procedure=PLAIN_CHEST_XRAY if chest else PLAIN_RADIOGRAPHY,
         algorithm=algorithm,
         uids=uids,
         series_number=series_number,
-        description=f"cradle AI: chest X-ray ({version})",
+        description=f"cradle AI: {'chest X-ray' if chest else 'radiograph'} ({version})",
         when=resolve_datetime(source, content_datetime),
     )

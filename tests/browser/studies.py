@@ -11,6 +11,7 @@ one entry per shape: a new kind of SR content is one more entry.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +25,17 @@ from inference.codes import BRONCHOPULMONARY_DYSPLASIA, LEFT_LUNG, PNEUMONIA, RI
 from inference.geometry import polygon_area, sort_series
 from inference.gradcam import grad_cam, hot_spot_polygons, upsample
 from inference.models import create_model
-from inference.pipelines.cxr import classify
+from config.tasks import load_catalogue
+from inference.pipelines.cxr import DAYS_PER_MONTH, classify, code_of
 from inference.preprocess import letterbox, modality_values, normalise
-from inference.results import AlgorithmIdentity, Finding, ViewResult
+from inference.results import AlgorithmIdentity, ClassCall, Estimate, Finding, ViewResult
 from inference.seg import LEFT_LABEL, RIGHT_LABEL, lung_segmentation
 from inference.sr.lung import lung_report
 from inference.sr.radiograph import cxr_report
 from inference.sr.tid1500 import IMAGE_ASSESSED
 from training import synth
+from training.synth.hand import make_hand
+from training.synth.patients import make_child, make_study
 
 ALGORITHM_LUNG = AlgorithmIdentity(name="cradle-lung-mri", version="browser-test-1")
 ALGORITHM_CXR = AlgorithmIdentity(name="cradle-cxr", version="browser-test-1")
@@ -105,13 +109,13 @@ def mr_study(outdir: Path, seed: int = 11, not_found: tuple[int, ...] = ()) -> S
     )
 
 
-def _cxr_study(outdir: Path, name: str, source: Dataset, findings: list[Finding],
-               view: ViewResult | None = None) -> Study:
+def _cxr_study(outdir: Path, name: str, source: Dataset, findings: list[Finding | ClassCall | Estimate],
+               view: ViewResult | None = None, chest: bool = True) -> Study:
     """The radiograph and its SR, as the cxr pipeline writes it for ``findings``."""
     view = view or ViewResult(label="chest_frontal", probability=0.97, is_frontal_chest=True)
-    sr = cxr_report(source, view, findings, ALGORITHM_CXR)
+    sr = cxr_report(source, view, findings, ALGORITHM_CXR, chest=chest)
     files = [_save(source, outdir / name / "cr.dcm"), _save(sr, outdir / name / "sr.dcm")]
-    placed = [f.tracking_label for f in findings if f.region is not None and view.is_frontal_chest]
+    placed = [f.tracking_label for f in findings if getattr(f, "region", None) is not None]
     return Study(
         study_uid=str(source.StudyInstanceUID),
         files=files,
@@ -219,6 +223,33 @@ def cxr_positive_zero_maps(outdir: Path, seed: int = 22) -> Study:
     return _cxr_study(outdir, "cxr-zero-maps", source, findings)
 
 
+def cxr_class_probabilities(outdir: Path, seed: int = 31) -> Study:
+    """Pneumonia by type on a child's chest film: the called class with each class's probability,
+    coded as the task catalogue codes them."""
+    task = load_catalogue().get("pneumonia")
+    source = synth.make_cxr(np.random.default_rng(seed), modality="CR", size=CXR_SIZE)
+    probabilities = dict(zip(task.classes, (0.15, 0.25, 0.60)))  # normal, bacterial, viral
+    call = ClassCall(code_of(task.sr.concept),
+                     tuple((code_of(task.sr.classes[c]), p) for c, p in probabilities.items()),
+                     label=task.description)
+    return _cxr_study(outdir, "cxr-class-call", source, [call])
+
+
+def hand_bone_age(outdir: Path, seed: int = 32) -> Study:
+    """Bone age on a child's hand film: the estimate in months beside the chronological age, coded
+    as the task catalogue codes them; the view is no frontal chest film."""
+    rng = np.random.default_rng(seed)
+    task = load_catalogue().get("bone-age")
+    when = dt.datetime(2024, 5, 6, 10, 30)
+    study = make_study(make_child(rng, 7, when.date(), (6.0, 9.0)), 7, when, key=("browser", seed))
+    source = make_hand(rng, study=study, modality="CR", size=CXR_SIZE)
+    age_months = round((when.date() - study.patient.birth_date).days / DAYS_PER_MONTH, 1)
+    estimate = Estimate(code_of(task.sr.concept), round(age_months + 6.5, 1), code_of(task.sr.units),
+                        (code_of(task.sr.beside), age_months), label=task.description)
+    view = ViewResult(label="extremity", probability=0.93, is_frontal_chest=False)
+    return _cxr_study(outdir, "hand-bone-age", source, [estimate], view=view, chest=False)
+
+
 @dataclass(frozen=True)
 class SrVariant:
     """One shape of SR for the browser test: its name and how to build its study."""
@@ -232,10 +263,11 @@ SR_VARIANTS = [
     SrVariant("cxr-one-finding", cr_study),
     SrVariant("cxr-gradcam-findings", cxr_gradcam_findings),
     SrVariant("cxr-positive-zero-maps", cxr_positive_zero_maps),
+    SrVariant("cxr-class-probabilities", cxr_class_probabilities),
+    SrVariant("hand-bone-age", hand_bone_age),
     SrVariant("lung-both", lambda outdir: mr_study(outdir, seed=12)),
     SrVariant("lung-right-not-found", lambda outdir: mr_study(outdir, seed=13, not_found=(RIGHT_LABEL,))),
     SrVariant("lung-none-found",
               lambda outdir: mr_study(outdir, seed=14, not_found=(LEFT_LABEL, RIGHT_LABEL))),
 ]
-"""Every shape of report OHIF must open; the lead's multiclass and bone-age reports are two
-more entries."""
+"""Every shape of report OHIF must open; a new kind of SR content is one more entry."""

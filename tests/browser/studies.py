@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from pydicom import Dataset
 
+from config.tasks import load_catalogue
 from inference.codes import BRONCHOPULMONARY_DYSPLASIA, LEFT_LUNG, PNEUMONIA, RIGHT_LUNG
 from inference.geometry import polygon_area, sort_series
 from inference.gradcam import grad_cam, hot_spot_polygons, upsample
 from inference.models import create_model
-from config.tasks import load_catalogue
 from inference.pipelines.cxr import DAYS_PER_MONTH, classify, code_of
 from inference.preprocess import letterbox, modality_values, normalise
 from inference.results import AlgorithmIdentity, ClassCall, Estimate, Finding, ViewResult

@@ -19,7 +19,10 @@ __all__ = [
     "check_source_image",
     "closed_polygon",
     "largest_outline",
+    "mask_parts",
+    "outline_points",
     "pixel_area_mm2",
+    "polygon_area",
     "sort_series",
 ]
 
@@ -103,16 +106,17 @@ def sort_series(sources: Sequence[Dataset]) -> list[Dataset]:
 
 
 def closed_polygon(region: np.ndarray, image: Dataset) -> np.ndarray:
-    """A closed (first point repeated) polygon inside the image, as float32."""
+    """A closed (first point repeated) polygon inside the image, as float32.
+
+    Consecutive repeated points are dropped; a region that is not a polygon (fewer than
+    three distinct points, or no area, once clipped to the image) is refused: viewers
+    cannot draw it as a region.
+    """
     points = np.asarray(region, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 2:
         raise RegionError(f"region must have shape (N, 2), got {points.shape}")
     if not np.all(np.isfinite(points)):
         raise RegionError("region holds non-finite coordinates")
-    if not np.array_equal(points[0], points[-1]):
-        points = np.vstack([points, points[:1]])
-    if len(np.unique(points, axis=0)) < 3:
-        raise RegionError("region needs at least three distinct points")
     columns, rows = int(image.Columns), int(image.Rows)
     tolerance = _REGION_TOLERANCE_PX
     if (
@@ -127,25 +131,62 @@ def closed_polygon(region: np.ndarray, image: Dataset) -> np.ndarray:
     # Rounding in a resampling (e.g. a Grad-CAM hot spot mapped back) may overshoot.
     points[:, 0] = np.clip(points[:, 0], 0, columns)
     points[:, 1] = np.clip(points[:, 1], 0, rows)
-    return points.astype(np.float32)
+    points = _without_repeats(points)
+    if len(np.unique(points, axis=0)) < 3 or polygon_area(points) == 0.0:
+        raise RegionError("region needs at least three distinct points enclosing an area")
+    return np.vstack([points, points[:1]]).astype(np.float32)
 
 
-def largest_outline(mask: np.ndarray) -> np.ndarray | None:
-    """Closed outline of the largest connected part of a 2D mask.
+def _without_repeats(points: np.ndarray) -> np.ndarray:
+    """The ring of ``points`` (closing point dropped) without consecutive repeats."""
+    keep = np.any(points != np.roll(points, 1, axis=0), axis=1)
+    keep[0] = True
+    ring = points[keep]
+    if len(ring) > 1 and np.array_equal(ring[0], ring[-1]):
+        ring = ring[:-1]
+    return ring
 
-    Points are pixel centres in (column, row) order, i.e. shifted by half a pixel
-    because DICOM image coordinates put (0, 0) at the top-left corner of the
-    top-left pixel. None if the mask is too small to outline.
+
+def polygon_area(points: np.ndarray) -> float:
+    """Absolute area of the polygon through ``points`` (shoelace)."""
+    x, y = points[:, 0], points[:, 1]
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2.0
+
+
+def outline_points(contour: np.ndarray) -> np.ndarray:
+    """Outline (N, 2) of one connected part of a mask from its OpenCV contour, in image
+    coordinates ((0, 0) is the top-left corner of the top-left pixel).
+
+    The outline runs through the centres of the part's boundary pixels; for a part whose
+    centres enclose no area (one pixel, or a line one pixel wide) it is the rectangle around
+    its pixels instead, so that every part, however small, has an outline a viewer can draw.
     """
+    points = contour.reshape(-1, 2).astype(np.float64) + 0.5
+    if len(np.unique(points, axis=0)) >= 3 and polygon_area(points) > 0.0:
+        return points
+    x, y, w, h = cv2.boundingRect(contour.reshape(-1, 1, 2).astype(np.int32))
+    return np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], dtype=np.float64)
+
+
+def mask_parts(mask: np.ndarray) -> list[np.ndarray]:
+    """OpenCV contours of every connected part of a 2D mask, the largest first."""
     contours, _ = cv2.findContours(
         mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
     )
-    if not contours:
+    def size(contour: np.ndarray) -> tuple[float, int]:
+        _, _, width, height = cv2.boundingRect(contour)
+        return cv2.contourArea(contour), width * height  # a one-pixel-wide part has no area
+
+    return sorted(contours, key=size, reverse=True)
+
+
+def largest_outline(mask: np.ndarray) -> np.ndarray | None:
+    """Closed outline of the largest connected part of a 2D mask (see :func:`outline_points`),
+    as float32; None for an empty mask."""
+    parts = mask_parts(mask)
+    if not parts:
         return None
-    largest = max(contours, key=cv2.contourArea)
-    points = largest.reshape(-1, 2).astype(np.float64) + 0.5
-    if len(np.unique(points, axis=0)) < 3:
-        return None
+    points = outline_points(parts[0])
     return np.vstack([points, points[:1]]).astype(np.float32)
 
 

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from inference.geometry import mask_parts, outline_points, polygon_area
 from inference.preprocess import Letterbox
 
-__all__ = ["HeatMap", "grad_cam", "heat_map_png", "hot_spot_polygon", "upsample"]
+__all__ = ["HeatMap", "grad_cam", "heat_map_png", "hot_spot_polygon", "hot_spot_polygons", "upsample"]
 
 HOT_SPOT_FRACTION = 0.5
 """The hot spot is where the heat map reaches this fraction of its maximum."""
@@ -55,21 +56,39 @@ def upsample(cam: np.ndarray, box: Letterbox) -> HeatMap:
     return HeatMap(np.clip(values * inside, 0.0, 1.0).astype(np.float32), box)
 
 
+def _part_outline(contour: np.ndarray) -> np.ndarray:
+    """A part's outline simplified to 1 % of its length; unsimplified when that leaves no area."""
+    simplified = cv2.approxPolyDP(contour, 0.01 * cv2.arcLength(contour, True), True)
+    if polygon_area(simplified.reshape(-1, 2).astype(np.float64)) > 0:
+        return outline_points(simplified)
+    return outline_points(contour)
+
+
+def hot_spot_polygons(heat: HeatMap, fraction: float = HOT_SPOT_FRACTION) -> list[np.ndarray]:
+    """Closed outlines (N, 2) of every region above ``fraction`` of the peak, the largest first,
+    in (column, row) coordinates of the source image; empty when the map is zero everywhere.
+
+    An untrained or unsure model gives maps with several parts, parts of one or two cells and
+    parts at the image's edge: each part gets an outline with an area (simplified, or the
+    rectangle around a part too thin to outline, see :func:`inference.geometry.outline_points`),
+    clipped to the image.
+    """
+    peak = float(heat.values.max())
+    if peak <= 0:
+        return []
+    mask = heat.values >= fraction * peak
+    polygons = []
+    for contour in mask_parts(mask):
+        source = heat.letterbox.to_source(_part_outline(contour))
+        polygons.append(np.vstack([source, source[:1]]).astype(np.float32))
+    return polygons
+
+
 def hot_spot_polygon(heat: HeatMap, fraction: float = HOT_SPOT_FRACTION) -> np.ndarray | None:
-    """Closed outline (N, 2) of the largest region above ``fraction`` of the peak, in (column, row)
-    coordinates of the source image; None when there is no such region."""
-    mask = (heat.values >= fraction * max(float(heat.values.max()), 1e-6)).astype(np.uint8)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return None
-    largest = max(contours, key=cv2.contourArea)
-    simplified = cv2.approxPolyDP(largest, 0.01 * cv2.arcLength(largest, True), True).reshape(-1, 2)
-    if len(simplified) < 3:
-        simplified = largest.reshape(-1, 2)
-    points = heat.letterbox.to_source(simplified.astype(np.float64) + 0.5)  # pixel centres
-    if len(np.unique(np.round(points, 3), axis=0)) < 3:
-        return None
-    return np.vstack([points, points[:1]]).astype(np.float32)
+    """Closed outline of the largest region above ``fraction`` of the peak (see
+    :func:`hot_spot_polygons`); None when the map is zero everywhere."""
+    polygons = hot_spot_polygons(heat, fraction)
+    return polygons[0] if polygons else None
 
 
 def heat_map_png(image: np.ndarray, heat: HeatMap) -> bytes:

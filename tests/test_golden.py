@@ -37,18 +37,21 @@ from test_writers import (
 # Recorded from the pre-split writers (inference/writers.py). Change a digest only
 # deliberately, for a change in output bytes that is intended and reviewed. The radiograph SRs
 # changed with issue #14: no "findings (not) evaluated" comment (the pipeline states each task not
-# applicable instead); the class call and bone age variants were added then.
+# applicable instead); the class call and bone age variants were added then. Also with issue #14
+# (OHIF's SR viewport): a report without regions gains the "Image assessed" group (no-finding,
+# non-frontal, class call, bone age), and a lung the model did not find is stated in words
+# instead of a volume group without an outline (right-lung-absent).
 GOLDEN_SHA256 = {
-    "cxr-sr-no-finding": "2f1acfe2f2918cb750e7b1648c43b61d18ca697dc858ce768889b26ca0fbbe4e",
+    "cxr-sr-no-finding": "c8a6aa8e9453b07ea0ebf8ab5c8ff43b3cfec351bf8b7bd37c5ec82e3034415f",
     "cxr-sr-one-finding-with-region": "14a4ffdabc0d8b876d380e53d314cc8cf08a9b5229acd5b99f5c286dde005022",
     "cxr-sr-several-findings": "7db80f5fb5f0e3fee4e4c63747d8a6e3ab1a813d005257b3f3b93509ff4f9397",
-    "cxr-sr-non-frontal": "0d7b78c96ef5b09f184dc8ac5317a5f3203f1e37fa5d49750bc32174d6b44b75",
-    "cxr-sr-class-call": "0492fc860b6a3ba1247166356c4008d9b5577f2ef8f0776e1de7c8d99fdd7642",
-    "cxr-sr-bone-age": "7aaf71d1e3a8c2cf670e676a910104813fcba31251ca520fbc45437aa3c76f53",
+    "cxr-sr-non-frontal": "10fe307e0af896c1ce6eae6354653d0f4a9cf0186b8d7342841b738d2bfcd299",
+    "cxr-sr-class-call": "b159a77d6f93fda8a2890b894a7a02c72ab9085074cf1637879567c5e15fd9e4",
+    "cxr-sr-bone-age": "982a8dd26656fb92d4f74e14149f387ffe01e977db73ca5c08c4df0dc642ac8b",
     "lung-seg": "c41af8d7ef85e1d96b9394757100e8c94936693983ccbe4e615b0a9009d10957",
     "lung-sr": "e6ef451b1fe1af20daf522b86648bd79af5063298fc46c889710ce70bbedd2a4",
     "lung-seg-right-lung-absent": "279a7593c04f5a0357a74eab1f9a64f864deb99800427135dd001aa345a0ca3f",
-    "lung-sr-right-lung-absent": "a4e7b365f7243ce41e7a89c1826dfdafdfda129bfdf492483f36061459f3792e",
+    "lung-sr-right-lung-absent": "a6d336e8877e14eb2ce73a7ec33e52375c2e68f98c13213aa2c320ebdb886e72",
     "cxr-sc": "9d163eb7282c8493465a5cb7b1e2cd1608723c6aa1c2d50564f4c6203ccf8920",
     "cxr-sc-no-overlay": "e67885a2243f16623881ef3f3c3b9fb55bb54abee38c307f0fa72643196e315a",
     "lung-sc": "1da72a7161fdf7b3c2242b212988e02057292bd742384abaa467c87f5afb9bdf",

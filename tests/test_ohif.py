@@ -7,6 +7,12 @@ double-clicks the SEG and the SR thumbnails as a radiologist would, accepts OHIF
 and reads back what OHIF's own services hold. Screenshots and the JSON summary of each
 run are kept in ``test-artifacts/ohif/``.
 
+Every shape of SR cradle writes (``studies.SR_VARIANTS``: no finding, one, several from
+untrained models' Grad-CAM maps, lungs found or not) must open in OHIF's SR viewport with
+each of its regions placed: OHIF 3.13 fails on a TID 1500 report without a region it can
+place ("Something went wrong", or only its console line with a black viewport). One
+Orthanc serves every variant (module-scoped fixture).
+
 Prerequisites: ``tests/browser/setup.sh`` (Debian orthanc, orthanc-dicomweb, chromium;
 ``npm ci`` in tests/browser). Without them the tests skip and say what is missing.
 Run: ``.venv/bin/pytest -m browser tests/test_ohif.py``.
@@ -42,6 +48,7 @@ def _load(name: str):
 
 
 harness = _load("harness")
+SR_VARIANTS = _load("studies").SR_VARIANTS
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +194,19 @@ def test_cr_finding_region_in_ohif(orthanc, studies, tmp_path):
     assert "Probability: 83.00 %" in finding["labels"], finding
     assert "Threshold Value: 50.00 %" in finding["labels"], finding
     assert sr_step["textVisible"]["Probability"], "no probability drawn on the image"
+
+
+@pytest.mark.parametrize("variant", SR_VARIANTS, ids=lambda variant: variant.name)
+def test_sr_variant_opens_in_the_sr_viewport(orthanc, variant, tmp_path):
+    """The SR opens without OHIF's error boundary and OHIF places exactly the report's
+    regions: each finding's hot spot or lung outline, or else the image assessed."""
+    study = variant.build(tmp_path)
+    summary = _open_in_ohif(
+        orthanc,
+        study,
+        f"sr-{variant.name}",
+        [{"kind": "sr", "seriesNumber": study.sr_series_number, "expectText": []}],
+    )
+    (sr_step,) = summary["steps"]
+    measurements = _check_sr_step(sr_step, summary, study.roi_labels)
+    assert sorted(m["TrackingIdentifier"] for m in measurements) == sorted(study.roi_labels)

@@ -27,7 +27,9 @@ from inference.codes import (
     RIGHT_LUNG,
     VOLUME,
 )
-from inference.geometry import sort_series
+from inference.geometry import closed_polygon, largest_outline, polygon_area, sort_series
+from inference.gradcam import HeatMap, hot_spot_polygons
+from inference.preprocess import fit_letterbox
 from inference.results import (
     AlgorithmIdentity,
     ClassCall,
@@ -43,8 +45,9 @@ from inference.results import (
 from inference.secondary_capture import LUNG_SC_SERIES_NUMBER, summary_image
 from inference.seg import lung_segmentation
 from inference.sr import image_library
-from inference.sr.lung import lung_report
+from inference.sr.lung import NOT_FOUND_TEXT, lung_report
 from inference.sr.radiograph import cxr_report
+from inference.sr.tid1500 import IMAGE_ASSESSED, check_viewable
 from inference.uids import result_uid
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -405,9 +408,46 @@ def lung_sc(sorted_mr, labels) -> Dataset:
     )
 
 
+def hot_spot_heat_map(image: Dataset, size: int = 128) -> HeatMap:
+    """A heat map on a ``size`` model grid over ``image`` with the parts untrained models'
+    Grad-CAM maps show: a large part, a part at the image's edge, a part of one model pixel."""
+    box = fit_letterbox(int(image.Rows), int(image.Columns), size)
+    values = np.zeros((size, size), np.float32)
+    yy, xx = np.mgrid[:size, :size]
+    values[((yy - 60) / 14.0) ** 2 + ((xx - 70) / 20.0) ** 2 < 1] = 1.0
+    values[100:128, 0:9] = 0.8  # the edge: bottom-left corner of the image
+    values[20, 30] = 0.9  # one model pixel
+    return HeatMap(values, box)
+
+
+def _negatives() -> list[Finding]:
+    return [
+        Finding(code=BRONCHOPULMONARY_DYSPLASIA, probability=0.2, threshold=0.5, positive=False,
+                label="BPD risk (moderate/severe)"),
+        Finding(code=PNEUMONIA, probability=0.1, threshold=0.35, positive=False),
+    ]
+
+
+def _hot_spot_findings(image: Dataset) -> list[Finding]:
+    """One positive finding per hot-spot part, and a positive finding without a region."""
+    parts = hot_spot_polygons(hot_spot_heat_map(image))
+    return [
+        Finding(code=PNEUMONIA, probability=0.7, threshold=0.5, positive=True, region=part,
+                label=f"Pneumonia hot spot {k}")
+        for k, part in enumerate(parts, start=1)
+    ] + [Finding(code=BRONCHOPULMONARY_DYSPLASIA, probability=0.6, threshold=0.5, positive=True)]
+
+
+def _lung_sr_without(mr: list[Dataset], labels: np.ndarray, *missing: int) -> Dataset:
+    """The lung SR when the model finds no voxel of the lungs labelled ``missing``."""
+    found = np.where(np.isin(labels, missing), 0, labels).astype(np.uint8)
+    volumes = {side: 0.0 if value in missing else 30.0 for side, value in (("left", 1), ("right", 2))}
+    return lung_report(mr, lung_segmentation(mr, found, ALGO_SEG), volumes, ALGO_SEG)
+
+
 @pytest.fixture(scope="module")
-def all_objects(cxr_sr, non_frontal_sr, class_call_sr, bone_age_sr, seg, lung_sr, cxr_sc, lung_sc
-                ) -> dict[str, Dataset]:
+def all_objects(cr, mr, labels, cxr_sr, non_frontal_sr, class_call_sr, bone_age_sr, seg, lung_sr, cxr_sc,
+                lung_sc) -> dict[str, Dataset]:
     bare_cr = make_cr(with_orientation=False)
     view = ViewResult(label="chest AP", probability=0.9, is_frontal_chest=True)
     return {
@@ -416,8 +456,12 @@ def all_objects(cxr_sr, non_frontal_sr, class_call_sr, bone_age_sr, seg, lung_sr
         "cxr-sr-non-frontal": non_frontal_sr,
         "cxr-sr-class-call": class_call_sr,
         "cxr-sr-bone-age": bone_age_sr,
+        "cxr-sr-no-finding": cxr_report(cr, view, _negatives(), ALGO_CXR),
+        "cxr-sr-hot-spots": cxr_report(cr, view, _hot_spot_findings(cr), ALGO_CXR),
         "lung-seg": seg,
         "lung-sr": lung_sr,
+        "lung-sr-right-not-found": _lung_sr_without(mr, labels, 2),
+        "lung-sr-none-found": _lung_sr_without(mr, labels, 1, 2),
         "cxr-sc": cxr_sc,
         "lung-sc": lung_sc,
     }
@@ -425,7 +469,8 @@ def all_objects(cxr_sr, non_frontal_sr, class_call_sr, bone_age_sr, seg, lung_sr
 
 OBJECT_NAMES = [
     "cxr-sr", "cxr-sr-no-orientation", "cxr-sr-non-frontal", "cxr-sr-class-call", "cxr-sr-bone-age",
-    "lung-seg", "lung-sr",
+    "cxr-sr-no-finding", "cxr-sr-hot-spots", "lung-seg", "lung-sr", "lung-sr-right-not-found",
+    "lung-sr-none-found",
     "cxr-sc", "lung-sc",
 ]
 SR_NAMES = [name for name in OBJECT_NAMES if name.endswith("sr") or "-sr-" in name]
@@ -487,8 +532,15 @@ def test_report_containers_follow_tid_1500(name, all_objects):
 @pytest.mark.parametrize("name", SR_NAMES)
 def test_no_num_item_has_nested_content(name, all_objects):
     nums = _num_items(all_objects[name])
-    assert nums
+    assert nums or name == "lung-sr-none-found"  # no lung, no measurement
     assert all("ContentSequence" not in item for item in nums)
+
+
+@pytest.mark.parametrize("name", SR_NAMES)
+def test_ohif_has_a_measurement_to_open_the_report_on(name, all_objects):
+    """OHIF 3.13 opens a TID 1500 report on the image of its first measurement and fails
+    ("Cannot destructure property 'displaySetInstanceUID'") on a report without one."""
+    assert _ohif_measurements(all_objects[name])
 
 
 @pytest.mark.parametrize("name", OBJECT_NAMES)
@@ -865,10 +917,23 @@ def test_cxr_finding_without_region_is_a_qualitative_evaluation(cxr_sr, cr):
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == cr.SOPInstanceUID
 
 
+def _assert_only_the_image_assessed(sr: Dataset, image: Dataset) -> None:
+    """The report's one measurement group is the image assessed: its whole outline, no finding,
+    nothing measured (OHIF opens a TID 1500 report only with a group it can place)."""
+    (group,) = _measurement_groups(sr)
+    assert _text(group, "112039") == [IMAGE_ASSESSED]
+    (scoord,) = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
+    columns, rows = float(image.Columns), float(image.Rows)
+    assert list(scoord.GraphicData) == [0, 0, columns, 0, columns, rows, 0, rows, 0, 0]
+    (source,) = scoord.ContentSequence
+    assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == image.SOPInstanceUID
+    assert not [i for i in group.ContentSequence if i.ValueType == "NUM" or _code(i)[0] == "121071"]
+    assert _document_containers(sr)[1:] == [("126010", "DCM"), ("C0034375", "UMLS")]
+
+
 def test_region_less_finding_keeps_its_label_as_a_comment(all_objects):
     sr = all_objects["cxr-sr-no-orientation"]  # both findings without a region
-    assert _measurement_groups(sr) == []
-    assert _document_containers(sr)[1:] == [("C0034375", "UMLS")]
+    _assert_only_the_image_assessed(sr, make_cr(with_orientation=False))
     (bpd,) = _evaluation(sr, "67569000")
     assert bpd.ConceptCodeSequence[0].CodeValue == "10828004"  # Positive
     (label,) = _children(bpd, "HAS PROPERTIES", "TEXT")
@@ -909,9 +974,8 @@ def test_probability_in_percent_keeps_the_model_output(cr):
     assert _properties(view_item)["122157"] == (57.0, "%")  # not 56.99999999999999
 
 
-def test_non_frontal_view_states_the_view_and_reports_no_findings(non_frontal_sr):
-    assert _measurement_groups(non_frontal_sr) == []
-    assert _document_containers(non_frontal_sr)[1:] == [("C0034375", "UMLS")]
+def test_non_frontal_view_states_the_view_and_reports_no_findings(non_frontal_sr, cr):
+    _assert_only_the_image_assessed(non_frontal_sr, cr)
     (view,) = _evaluation(non_frontal_sr, "111031")
     assert view.TextValue == "abdomen AP"
     assert _properties(view) == {"122157": (pytest.approx(88.0), "%")}
@@ -922,7 +986,7 @@ def test_non_frontal_view_states_the_view_and_reports_no_findings(non_frontal_sr
     names = {i.ConceptNameCodeSequence[0].CodeValue for i in _walk(non_frontal_sr.ContentSequence)}
     assert "122411" not in names  # no threshold, so no finding measurement
     assert "121071" not in names  # no Finding
-    assert "SCOORD" not in {i.ValueType for i in _walk(non_frontal_sr.ContentSequence)}
+    assert [i.ValueType for i in _walk(non_frontal_sr.ContentSequence)].count("SCOORD") == 1
 
 
 def test_view_model_is_identified_when_it_differs(cr):
@@ -1187,13 +1251,13 @@ def test_writers_accept_synthetic_radiographs(modality, photometric, tmp_path):
         assert _dciodvfy(_write(ds, tmp_path / f"{name}.dcm")) == ([], [])
 
 
-def test_a_class_call_states_the_called_class_with_each_classs_probability(class_call_sr):
+def test_a_class_call_states_the_called_class_with_each_classs_probability(class_call_sr, cr):
     (call,) = _evaluation(class_call_sr, "233604007")
     assert call.ValueType == "CODE" and _value_code(call) == ("53084003", "SCT")
     assert _properties(call) == {"17621005": (pytest.approx(20.0), "%"), "53084003": (pytest.approx(70.0), "%"),
                                  "75570004": (pytest.approx(10.0), "%")}
     assert _algorithm_names(call) == [ALGO_CXR.name]
-    assert _measurement_groups(class_call_sr) == []  # nothing OHIF would try to place
+    _assert_only_the_image_assessed(class_call_sr, cr)  # no region: OHIF opens it on the image
 
 
 def test_bone_age_is_a_number_in_months_beside_the_chronological_age(bone_age_sr):
@@ -1215,3 +1279,98 @@ def test_results_of_each_kind_refuse_what_a_writer_cannot_state():
         ClassCall(PNEUMONIA, ((PNEUMONIA, 1.2), (PNEUMONIA, 0.1)))
     with pytest.raises(WriterInputError, match="finite number"):
         Estimate(BONE_AGE.code, float("nan"), BONE_AGE.unit)
+
+
+# --------------------------------------------------------------------------
+# Reports whose regions come from untrained models, and lungs not found
+# --------------------------------------------------------------------------
+
+
+def test_every_hot_spot_part_gets_an_outline_with_an_area(cr):
+    """Several parts, one at the image's edge and one of a single model pixel: each a closed
+    polygon inside the image, enclosing an area, the largest first."""
+    heat = hot_spot_heat_map(cr)
+    parts = hot_spot_polygons(heat)
+    assert len(parts) == 3
+    areas = [polygon_area(p[:-1].astype(float)) for p in parts]
+    assert areas == sorted(areas, reverse=True) and min(areas) > 0
+    cell = 512 / 128
+    assert areas[-1] == pytest.approx(cell**2)  # the one-pixel part: the square around it
+    for part in parts:
+        assert np.array_equal(part[0], part[-1])
+        assert part.min() >= 0 and part.max() <= 512
+        np.testing.assert_array_equal(closed_polygon(part, cr), part)
+    edge = parts[1]
+    assert edge[:, 0].min() <= cell and edge[:, 1].max() >= 512 - cell
+    assert hot_spot_polygons(HeatMap(np.zeros_like(heat.values), heat.letterbox)) == []
+
+
+def test_cxr_sr_draws_every_hot_spot_and_states_the_finding_without_one(all_objects):
+    sr = all_objects["cxr-sr-hot-spots"]
+    placed = {m["tracking_identifier"] for m in _ohif_measurements(sr).values()}
+    assert placed == {"Pneumonia hot spot 1", "Pneumonia hot spot 2", "Pneumonia hot spot 3"}
+    (bpd,) = _evaluation(sr, "67569000")
+    assert bpd.ConceptCodeSequence[0].CodeValue == "10828004"  # Positive, in words
+
+
+def test_cxr_sr_without_a_region_opens_on_the_image_assessed(all_objects, cr):
+    sr = all_objects["cxr-sr-no-finding"]
+    _assert_only_the_image_assessed(sr, cr)
+    calls = {_code(i)[0]: i.ConceptCodeSequence[0].CodeValue
+             for i in _qualitative_evaluations(sr) if i.ValueType == "CODE"}
+    assert calls == {"67569000": "260385009", "233604007": "260385009"}  # both Negative
+
+
+def test_a_lung_not_found_is_stated_in_words_without_a_volume(all_objects, tmp_path):
+    sr = all_objects["lung-sr-right-not-found"]
+    read = hd.sr.srread(_write(sr, tmp_path / "lung.dcm"))
+    volumes = {
+        str(g.tracking_identifier): g.get_measurements(name=VOLUME)[0].value
+        for g in read.content.get_volumetric_roi_measurement_groups()
+    }
+    assert volumes == {"Left lung": 30.0}
+    assert {m["tracking_identifier"] for m in _ohif_measurements(sr).values()} == {"Left lung"}
+    (comment,) = _evaluation(sr, "121106")
+    assert comment.TextValue == NOT_FOUND_TEXT.format(lung="Right lung")
+
+
+def test_no_lung_found_opens_on_the_middle_slice(all_objects, sorted_mr):
+    sr = all_objects["lung-sr-none-found"]
+    _assert_only_the_image_assessed(sr, sorted_mr[len(sorted_mr) // 2])
+    texts = sorted(i.TextValue for i in _evaluation(sr, "121106"))
+    assert texts == [NOT_FOUND_TEXT.format(lung="Left lung"), NOT_FOUND_TEXT.format(lung="Right lung")]
+
+
+def test_a_volume_for_an_empty_segment_is_refused(mr, labels):
+    left_only = np.where(labels == 2, 0, labels).astype(np.uint8)
+    seg = lung_segmentation(mr, left_only, ALGO_SEG)
+    with pytest.raises(WriterInputError, match="Right lung: volume 12.5 mL"):
+        lung_report(mr, seg, LungVolumes(left_ml=30.0, right_ml=12.5), ALGO_SEG)
+
+
+def test_a_lung_of_one_voxel_is_outlined_around_its_pixel():
+    mask = np.zeros((8, 8), np.uint8)
+    mask[3, 5] = 1
+    np.testing.assert_array_equal(
+        largest_outline(mask), [[5, 3], [6, 3], [6, 4], [5, 4], [5, 3]]
+    )
+    mask[3, 2:7] = 1  # a line one pixel high
+    assert polygon_area(largest_outline(mask)[:-1].astype(float)) == 5.0
+
+
+def test_groups_without_image_coordinates_are_refused():
+    """A group OHIF would merge into a measurement without a SCOORD (TID 1501 here)."""
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="Bone age"),
+    )
+    with pytest.raises(WriterInputError, match="Bone age"):
+        check_viewable([group])
+
+
+def test_region_repeats_are_dropped_and_a_flat_region_refused(cr):
+    square = np.array([[10, 10], [10, 10], [50, 10], [50, 50], [50, 50], [10, 50], [10, 10]])
+    np.testing.assert_array_equal(
+        closed_polygon(square, cr), [[10, 10], [50, 10], [50, 50], [10, 50], [10, 10]]
+    )
+    with pytest.raises(RegionError, match="area"):
+        closed_polygon(np.array([[0, 0], [10, 10], [20, 20]]), cr)

@@ -4,7 +4,9 @@ Viewer compatibility (OHIF 3.13, see :mod:`inference.sr.tid1500`): per lung, the
 TID 1411 volumetric group (SEG segment, volume) and the TID 1410 planar group
 (outline on the lung's largest slice, area on that slice) carry the same
 tracking identifier and UID as the SEG segment: one tracked entity, drawn as one
-outline labelled "Volume: 44.36 mL".
+outline labelled "Volume: 44.36 mL". A lung the model did not find (its segment
+is empty on every slice) has neither group: the report says so in words, in
+"Qualitative Evaluations", and gives it no volume.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydicom.uid import PYDICOM_ROOT_UID
 from inference.codes import (
     ANATOMICAL_STRUCTURE,
     AREA,
+    COMMENT,
     LEFT_LUNG,
     MILLILITER,
     MRI_OF_CHEST,
@@ -33,9 +36,11 @@ from inference.geometry import largest_outline, pixel_area_mm2, sort_series
 from inference.results import PIPELINE_LUNG_MRI, AlgorithmIdentity, LungVolumes, WriterInputError
 from inference.sr.tid1500 import comprehensive_3d_sr, measurement, tracking
 
-__all__ = ["LUNG_SR_SERIES_NUMBER", "lung_report"]
+__all__ = ["LUNG_SR_SERIES_NUMBER", "NOT_FOUND_TEXT", "lung_report"]
 
 LUNG_SR_SERIES_NUMBER = 9012
+NOT_FOUND_TEXT = "{lung}: not found by the segmentation model (empty segment); no outline or volume"
+"""What the report says of a lung the model did not find."""
 
 
 def _segment_number(segmentation: hd.seg.Segmentation, code: Code) -> int:
@@ -103,18 +108,15 @@ def _outline_group(
     masks: np.ndarray,
     ordered: Sequence[Dataset],
     algorithm: AlgorithmIdentity,
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
-    """TID 1410 group of a lung: its outline and area on the slice where it is largest.
-    None for a lung absent from every slice (or too small to outline)."""
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group of a lung found by the model: its outline and area on the slice where
+    it is largest (however small, it has an outline: :func:`largest_outline`)."""
     areas = masks.reshape(len(masks), -1).sum(axis=1)
     index = int(np.argmax(areas))
-    outline = largest_outline(masks[index]) if areas[index] > 0 else None
-    if outline is None:
-        return None
     image = ordered[index]
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=outline,
+        graphic_data=largest_outline(masks[index]),
         source_image=hd.sr.SourceImageForRegion.from_source_image(image),
     )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -130,6 +132,19 @@ def _outline_group(
     )
 
 
+def _not_found(code: Code, volume_ml: float) -> Dataset:
+    """The statement, in words, that the model did not find a lung."""
+    if volume_ml > 0:
+        raise WriterInputError(
+            f"{code.meaning}: volume {volume_ml} mL, but its segment is empty on every slice"
+        )
+    return hd.sr.TextContentItem(
+        name=COMMENT,
+        value=NOT_FOUND_TEXT.format(lung=code.meaning),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+
+
 def _lung_groups(
     number: int,
     code: Code,
@@ -140,18 +155,21 @@ def _lung_groups(
     algorithm: AlgorithmIdentity,
     uids: ResultUIDs,
 ) -> list[Dataset]:
-    """TID 1411 volume group for a lung, plus its outline as a TID 1410 group.
+    """TID 1411 volume group for a lung the model found, plus its outline as a TID 1410 group;
+    none for a lung it did not find.
 
     Both groups carry the tracking identifier and UID of the SEG segment: they
     describe one tracked entity, and a viewer that merges groups by tracking UID
     (OHIF) draws the outline labelled with the volume. The outline is on the
-    slice where the lung's area is largest, with that slice's area; a lung absent
-    from every slice gets the volume group only.
+    slice where the lung's area is largest, with that slice's area.
     """
+    if not masks.any():
+        return []
     identifier = tracking(uids, code.meaning, _segment_tracking_uid(segmentation, number))
-    volume = _volume_group(identifier, number, code, volume_ml, ordered, segmentation, algorithm)
-    outline = _outline_group(identifier, code, masks, ordered, algorithm)
-    return [volume] if outline is None else [volume, outline]
+    return [
+        _volume_group(identifier, number, code, volume_ml, ordered, segmentation, algorithm),
+        _outline_group(identifier, code, masks, ordered, algorithm),
+    ]
 
 
 def lung_report(
@@ -171,7 +189,11 @@ def lung_report(
     and, for viewers that need image coordinates, a TID 1410 planar group with
     the lung's outline on the slice where it is largest (NUM area on that
     slice), both with the segment's tracking identifier and UID. The outlines
-    are taken from ``segmentation`` itself.
+    are taken from ``segmentation`` itself. A lung whose segment is empty gets
+    no group and no volume (its volume must be 0), and the sentence
+    :data:`NOT_FOUND_TEXT` in "Qualitative Evaluations"; with neither lung
+    found, the report's one group is the image assessed
+    (:func:`inference.sr.tid1500.image_assessed_group`).
     """
     ordered = sort_series(sources)
     _check_segmentation_matches(segmentation, ordered)
@@ -186,15 +208,15 @@ def lung_report(
         segment_numbers=[left, right],
         dtype=np.uint8,
     )  # (slices, rows, columns, 2)
-    groups = _lung_groups(
-        left, LEFT_LUNG, volumes.left_ml, masks[..., 0], ordered, segmentation, algorithm, uids
-    ) + _lung_groups(
-        right, RIGHT_LUNG, volumes.right_ml, masks[..., 1], ordered, segmentation, algorithm, uids
-    )
+    lungs = ((left, LEFT_LUNG, volumes.left_ml, masks[..., 0]),
+             (right, RIGHT_LUNG, volumes.right_ml, masks[..., 1]))
+    groups = [group for number, code, volume, mask in lungs
+              for group in _lung_groups(number, code, volume, mask, ordered, segmentation, algorithm, uids)]
     return comprehensive_3d_sr(
         evidence=[*ordered, segmentation],
         library=ordered,
         groups=groups,
+        evaluations=[_not_found(code, volume) for _, code, volume, mask in lungs if not mask.any()],
         procedure=MRI_OF_CHEST,
         algorithm=algorithm,
         uids=uids,

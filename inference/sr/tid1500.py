@@ -8,9 +8,17 @@ Viewer compatibility shapes the SR content (checked against OHIF 3.13, see
 - Every measurement group in "Imaging Measurements" has image coordinates, or
   shares its Tracking Unique Identifier with a group that has them. OHIF merges
   groups by that UID and then reads the first SCOORD of each merged measurement;
-  a measurement without one makes it fail ("Something went wrong"). How each
-  report keeps to this is described in :mod:`inference.sr.lung` and
+  a measurement without one makes it fail ("Something went wrong": "reading
+  'ReferencedSOPSequence'"). :func:`comprehensive_3d_sr` refuses such groups; how
+  each report keeps to this is described in :mod:`inference.sr.lung` and
   :mod:`inference.sr.radiograph`.
+- Every report has at least one such group. OHIF opens any TID 1500 report in its
+  measurement viewport, which shows the image of the first measurement and fails
+  on a report with none ("Cannot destructure property 'displaySetInstanceUID' of
+  'measurement'"), e.g. a radiograph with no finding, or whose findings have no
+  region. A report whose results are all image-level statements (qualitative
+  evaluations) therefore gets one TID 1410 group for the image it assessed: the
+  outline of the whole image, tracked as "Image assessed", naming the algorithm.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import datetime as dt
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -29,7 +38,18 @@ from inference.results import AlgorithmIdentity, WriterInputError
 from inference.sr.image_library import image_library
 from inference.uids import device_uid
 
-__all__ = ["comprehensive_3d_sr", "measurement", "tracking", "with_children"]
+__all__ = [
+    "IMAGE_ASSESSED",
+    "check_viewable",
+    "comprehensive_3d_sr",
+    "image_assessed_group",
+    "measurement",
+    "tracking",
+    "with_children",
+]
+
+IMAGE_ASSESSED = "Image assessed"
+"""Tracking identifier of the whole-image group of a report without regions."""
 
 
 def tracking(uids: ResultUIDs, label: str, uid: str | None = None) -> hd.sr.TrackingIdentifier:
@@ -65,33 +85,18 @@ def _observation_context(algorithm: AlgorithmIdentity, prefix: str) -> hd.sr.Obs
     )
 
 
-def _is_container(item: Dataset, code: Code) -> bool:
-    return item.ValueType == "CONTAINER" and (
-        item.ConceptNameCodeSequence[0].CodeValue == code.value
-        and item.ConceptNameCodeSequence[0].CodingSchemeDesignator == code.scheme_designator
-    )
-
-
 def _complete_content(
     content: hd.sr.ContentSequence,
     library: Sequence[Dataset],
-    has_groups: bool,
     evaluations: Sequence[Dataset],
 ) -> None:
-    """Add the image library and "Qualitative Evaluations" to highdicom's report content,
-    and drop its "Imaging Measurements" when it holds only a placeholder."""
+    """Add the image library and "Qualitative Evaluations" to highdicom's report content."""
     # Row 4, after the procedure reported (row 3), as highdicom would place it.
     procedure_rows = [
         i for i, item in enumerate(content)
         if concept_key(item) == code_key(codes.DCM.ProcedureReported)
     ]
     content.insert(procedure_rows[-1] + 1, image_library(library))
-    if not has_groups:
-        (index,) = [
-            i for i, item in enumerate(content)
-            if _is_container(item, codes.DCM.ImagingMeasurements)
-        ]
-        del content[index]
     if evaluations:
         container = hd.sr.ContainerContentItem(
             name=QUALITATIVE_EVALUATIONS,
@@ -109,26 +114,64 @@ def _measurement_report(
     groups: Sequence[Dataset],
     evaluations: Sequence[Dataset],
 ) -> hd.sr.MeasurementReport:
-    """TID 1500 with "Imaging Measurements" (row 6) holding ``groups`` and a
-    "Qualitative Evaluations" container (row 12) holding ``evaluations``.
-
-    highdicom 0.28 builds neither row 12 nor a report without measurement groups
-    (TID 1500 needs row 6 or row 12, not both), so both are done here.
-    """
-    if not groups and not evaluations:
-        raise WriterInputError("a report needs measurement groups or qualitative evaluations")
-    placeholder = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=uids("tracking-placeholder"), identifier="placeholder"
-        )
-    )
+    """TID 1500 with "Imaging Measurements" (row 6) holding ``groups`` and, when there are
+    ``evaluations``, a "Qualitative Evaluations" container (row 12) holding them
+    (highdicom 0.28 does not build row 12)."""
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm, uids.prefix),
         procedure_reported=procedure,
-        imaging_measurements=list(groups) or [placeholder],
+        imaging_measurements=list(groups),
     )
-    _complete_content(report[0].ContentSequence, library, bool(groups), evaluations)
+    _complete_content(report[0].ContentSequence, library, evaluations)
     return report
+
+
+def _group_items(group: Sequence[Dataset]) -> Sequence[Dataset]:
+    """The content items of a measurement group (a highdicom template: one CONTAINER)."""
+    (container,) = group
+    return container.get("ContentSequence", [])
+
+
+def _has_image_coordinates(group: Sequence[Dataset]) -> bool:
+    return any(item.ValueType in ("SCOORD", "SCOORD3D") for item in _group_items(group))
+
+
+def _tracking(group: Sequence[Dataset]) -> tuple[str, str]:
+    """(Tracking Unique Identifier, Tracking Identifier) of a measurement group."""
+    items = _group_items(group)
+    uid = next((str(i.UID) for i in items if i.ValueType == "UIDREF"), "")
+    label = next((str(i.TextValue) for i in items if i.ValueType == "TEXT"
+                  and concept_key(i) == code_key(codes.DCM.TrackingIdentifier)), "")
+    return uid, label
+
+
+def check_viewable(groups: Sequence[Sequence[Dataset]]) -> None:
+    """Every tracked entity has image coordinates in one of its groups (module docstring)."""
+    placed = {_tracking(g)[0] for g in groups if _has_image_coordinates(g)}
+    unplaced = sorted({_tracking(g)[1] for g in groups if _tracking(g)[0] not in placed})
+    if unplaced:
+        raise WriterInputError(
+            f"measurement groups without image coordinates (shared by no group with them): {unplaced}"
+        )
+
+
+def image_assessed_group(
+    image: Dataset, algorithm: AlgorithmIdentity, uids: ResultUIDs
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group whose region is the whole of ``image``: the image the algorithm assessed."""
+    columns, rows = float(image.Columns), float(image.Rows)
+    outline = np.array(
+        [[0.0, 0.0], [columns, 0.0], [columns, rows], [0.0, rows], [0.0, 0.0]], dtype=np.float32
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking(uids, IMAGE_ASSESSED),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=outline,
+            source_image=hd.sr.SourceImageForRegion.from_source_image(image),
+        ),
+        algorithm_id=algorithm.sr_identification(),
+    )
 
 
 def comprehensive_3d_sr(
@@ -145,7 +188,16 @@ def comprehensive_3d_sr(
     when: dt.datetime,
 ) -> hd.sr.Comprehensive3DSR:
     """A Comprehensive 3D SR holding a TID 1500 report of ``groups`` (measurement groups)
-    and ``evaluations`` (qualitative evaluations), its image library listing ``library``."""
+    and ``evaluations`` (qualitative evaluations), its image library listing ``library``.
+
+    Without ``groups``, the report's one group is :func:`image_assessed_group` on the middle
+    image of ``library`` (see the module docstring).
+    """
+    if not groups and not evaluations:
+        raise WriterInputError("a report needs measurement groups or qualitative evaluations")
+    check_viewable(groups)
+    if not groups:
+        groups = [image_assessed_group(library[len(library) // 2], algorithm, uids)]
     report = _measurement_report(
         algorithm=algorithm,
         uids=uids,

@@ -26,7 +26,7 @@
 //     prompt, else OHIF draws the regions read-only in the SR viewport; waits until
 //     regions are placed on images (SR display set) or measurementService tracks them.
 // Screenshots go to screenshotDir; progress goes to stderr; the last stdout line is a
-// JSON summary: { ok, error, webgl, steps: [{..., reached, prompt, errorBoundary,
+// JSON summary: { ok, error, webgl, steps: [{..., reached, prompt, errorBoundary, labelled, drawn,
 // textVisible, state: {segmentations, measurements, displaySets, srDisplaySets,
 // annotations, overlayText, viewports, buttons}}], console, pageErrors, httpErrors,
 // screenshots, ...final state }. The caller (tests/test_ohif.py) asserts on it.
@@ -61,6 +61,15 @@ const INTERESTING = /rehydrat|measurement|segment|\bSR\b|\bSEG\b|SCOORD|dicom-sr
 
 const userDataDir = mkdtempSync(join(tmpdir(), 'cradle-chromium-'));
 let browser;
+// Resolved by the console handler when OHIF logs its error boundary: a wait for an SR's
+// regions stops there rather than at its timeout.
+let boundaryLogged = null;
+const errorBoundaryLogged = fromLine => new Promise(resolve => {
+  boundaryLogged = resolve;
+  if (summary.console.slice(fromLine).some(line => /Error Boundary/.test(line))) {
+    resolve();
+  }
+});
 
 async function shot(page, label) {
   mkdirSync(spec.screenshotDir, { recursive: true });
@@ -270,15 +279,30 @@ function alignSlicesWithActiveViewport() {
   return moved;
 }
 
-async function errorBoundaryText(page) {
+// OHIF's error boundary: "Something went wrong" on the page, or (when the failing component
+// is the viewport, which then stays black) only its console line "... Error Boundary <error>",
+// logged since console line `fromLine`.
+async function errorBoundaryText(page, fromLine = 0) {
   const text = await page.locator('body').innerText().catch(() => '');
-  const match = text.match(/Something went wrong[^\n]*/);
-  return match ? match[0] : null;
+  if (/Something went wrong/.test(text)) {
+    return 'Something went wrong';
+  }
+  const logged = summary.console.slice(fromLine).find(line => /Error Boundary/.test(line));
+  return logged ? logged.split('\n')[0] : null;
+}
+
+// Whether OHIF placed an SR measurement with a label (a NUM or finding site) to draw.
+function placedWithLabels(seriesNumber) {
+  const ds = (window.services?.displaySetService?.getActiveDisplaySets() ?? []).find(
+    d => Number(d.SeriesNumber) === Number(seriesNumber)
+  );
+  return (ds?.measurements ?? []).some(m => m.loaded === true && (m.labels ?? []).length > 0);
 }
 
 async function openSeries(page, step, index) {
   const record = { ...step, thumbnail: false, prompt: false, trackingPrompt: false, reached: false, ms: 0 };
   summary.steps.push(record);
+  const firstConsoleLine = summary.console.length;
   const started = Date.now();
   const thumb = page.locator(`[data-cy^="study-browser-thumbnail"][data-series="${step.seriesNumber}"]`).first();
   await thumb.waitFor({ state: 'visible', timeout });
@@ -330,23 +354,21 @@ async function openSeries(page, step, index) {
       record.prompt = await clickIfVisible(page, '[data-cy="yes-hydrate-btn"]', timeout);
       record.trackingPrompt = await clickIfVisible(page, '[data-cy="prompt-begin-tracking-yes-btn"]', 5000);
     }
-    try {
-      await page.waitForFunction(
-        sn => {
-          const tracked = (window.services?.measurementService?.getMeasurements() ?? []).length;
-          const ds = (window.services?.displaySetService?.getActiveDisplaySets() ?? []).find(
-            d => Number(d.SeriesNumber) === Number(sn)
-          );
-          const placed = (ds?.measurements ?? []).filter(m => m.loaded === true).length;
-          return tracked > 0 || placed > 0;
-        },
-        step.seriesNumber,
-        { timeout }
-      );
-      record.reached = true;
-    } catch {
-      record.reached = false;
-    }
+    // Placed (or tracked), OHIF's error boundary, or the timeout: whichever comes first.
+    const boundary = errorBoundaryLogged(firstConsoleLine).then(() => 'error boundary');
+    const placed = page.waitForFunction(
+      sn => {
+        const tracked = (window.services?.measurementService?.getMeasurements() ?? []).length;
+        const ds = (window.services?.displaySetService?.getActiveDisplaySets() ?? []).find(
+          d => Number(d.SeriesNumber) === Number(sn)
+        );
+        const placed = (ds?.measurements ?? []).filter(m => m.loaded === true).length;
+        return tracked > 0 || placed > 0;
+      },
+      step.seriesNumber,
+      { timeout }
+    ).then(() => 'placed', () => 'timeout');
+    record.reached = (await Promise.race([placed, boundary])) === 'placed';
     info = await page.evaluate(displaySetInfo, step.seriesNumber);
     record.displaySet = info;
     // Placing a region (above) precedes drawing it: cornerstone draws the SR's regions
@@ -356,7 +378,9 @@ async function openSeries(page, step, index) {
     // reader interacts (window/level, zoom, ...). So: wait for a drawn label; if none
     // comes within a few seconds, render the viewports once, as any interaction would
     // (recorded as renderRequested), and wait again.
-    if (record.reached) {
+    // A report whose only region is the image assessed has no label to wait for.
+    record.labelled = record.reached && (await page.evaluate(placedWithLabels, step.seriesNumber));
+    if (record.labelled) {
       const labelDrawn = ms => page
         .waitForFunction(
           () => Array.from(document.querySelectorAll(
@@ -382,7 +406,7 @@ async function openSeries(page, step, index) {
     await clickIfVisible(page, `[data-cy="side-panel-header-${side}"]`, 3000);
   }
   await waitForSettled(page);
-  record.errorBoundary = await errorBoundaryText(page);
+  record.errorBoundary = await errorBoundaryText(page, firstConsoleLine);
   // Which of the expected labels a person can read on the page (panel or image overlay).
   record.textVisible = {};
   for (const text of step.expectText ?? []) {
@@ -434,6 +458,9 @@ async function main() {
     const line = msg.text();
     if (INTERESTING.test(line) && summary.console.length < 400) {
       summary.console.push(`${msg.type()}: ${line.slice(0, 500)}`);
+    }
+    if (/Error Boundary/.test(line) && boundaryLogged) {
+      boundaryLogged();
     }
   });
   page.on('pageerror', err => summary.pageErrors.push(String(err).slice(0, 500)));

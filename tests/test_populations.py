@@ -176,3 +176,26 @@ def test_a_site_moves_a_tasks_age_window(tmp_path: Path) -> None:
     shipped = _context(tmp_path / "shipped", "chest_frontal")
     assert get_pipeline("cxr").run([film], shipped).summary["tasks_not_run"]["bpd"] == (
         "not applicable: older than 3 days")
+
+
+def test_a_yes_no_pneumonia_version_reports_a_probability_and_a_call(tmp_path: Path) -> None:
+    """A site with pneumonia yes/no only keeps a binary model (``binary: true`` in its recipe): one output,
+    registered with one class; the pipeline reports it as a binary finding with its region."""
+    import torch
+
+    from inference.models import create_model
+
+    context = _context(tmp_path, "chest_frontal")
+    torch.manual_seed(0)
+    state = create_model("resnet18", "pneumonia", num_classes=1).state_dict()
+    state["fc.weight"] = state["fc.weight"] * 0.01
+    state["fc.bias"][0] = 4.0
+    version = context.registry.register("pneumonia", "resnet18", state, input_spec=CXR_SPEC, classes=["Pneumonia"],
+                                        threshold=0.5)
+    context.registry.activate("pneumonia", version.version, accept_unvalidated=True, reason="test weights")
+    output = get_pipeline("cxr").run([child_film("chest", 2.5, 8)], context)
+    pneumonia = output.summary["findings"]["pneumonia"]
+    assert pneumonia["positive"] and pneumonia["threshold"] == 0.5 and pneumonia["model"] == version.version
+    report = _read_back(output.datasets[0], tmp_path / "sr.dcm")
+    groups = report.content.get_planar_roi_measurement_groups()
+    assert [g.finding_type.value for g in groups if g.finding_type is not None] == ["233604007"]

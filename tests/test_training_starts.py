@@ -23,6 +23,7 @@ from cradle.cli import main
 from inference.models import create_model
 from inference.registry import ModelRegistry
 from test_pipelines import CXR_SPEC, VIEWS, register_active
+from training.augment import Augment
 from training.engine import FoldPaths, Trainer, seed_everything
 from training.kinds import BinaryObjective
 from training.recipe import RecipeError, load_recipe
@@ -118,6 +119,9 @@ def test_the_shipped_bpd_recipe_probes_then_unfreezes_from_the_top_at_discrimina
         assert stage.trainable == tuple(sorted(stage.trainable))  # always a top block: frozen below, trained above
         assert stage.lr_scale == (0.5 ** 5, 0.5 ** 4, 0.5 ** 3, 0.25, 0.5, 1.0)
     assert recipe.cutmix_prob == 0.5 and recipe.cutmix_alpha == 1.0
+    # the paper's augmentation is CutMix: per-image augmentation leaves the texture (the signal) as it is
+    image = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(Augment(recipe.augment)(image), image)
 
 
 class _Counting(BinaryObjective):

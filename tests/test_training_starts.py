@@ -23,11 +23,12 @@ from cradle.cli import main
 from inference.models import create_model
 from inference.registry import ModelRegistry
 from test_pipelines import CXR_SPEC, VIEWS, register_active
+from training.augment import Augment
 from training.engine import FoldPaths, Trainer, seed_everything
 from training.kinds import BinaryObjective
 from training.recipe import RecipeError, load_recipe
 from training import datasets as ds
-from training.run import collect, initial_state, open_context
+from training.run import collect, for_random_start, initial_state, open_context
 from training.strategies import layer_groups, stage_at
 from training_archive import Node, _settings
 
@@ -78,6 +79,31 @@ def test_init_auto_takes_the_view_model_then_the_site_checkpoint_then_random(tmp
     assert first.source == "view-1" and first.transfer["loaded"] == first.transfer["wanted"]
 
 
+def test_a_random_start_trains_every_layer_at_lr_and_refuses_freezing(tmp_path: Path) -> None:
+    """The BPD recipe's discriminative rates (layer_decay 0.5) are for a pretrained start: from random
+    weights they would leave ResNet's stem at lr/32. They are dropped, with a warning; freezing is refused."""
+    settings = load_settings(None, **_settings(tmp_path, free_port()))
+    said: list[str] = []
+    recipe = load_recipe("bpd", overrides=["arch=resnet18", "init=auto", "strategy=full"])
+    assert recipe.layer_decay == 0.5
+    ctx = open_context(settings, recipe, progress=False, say=said.append)
+    start = initial_state(ctx)  # nothing of resnet18: random
+    assert start.random and len(start.warnings) == 1
+    random_ctx = for_random_start(ctx, start)
+    assert random_ctx.recipe.layer_decay == 1.0 and random_ctx.recipe.kind == "binary"
+    assert ctx.recipe.layer_decay == 0.5  # the caller's recipe is left as it was
+    assert len(start.warnings) == 2 and "layer_decay 0.5" in start.warnings[1]
+    assert said[-1].startswith("warning: layer_decay 0.5")
+    n = len(layer_groups(create_model("resnet18", "bpd")))
+    assert stage_at(random_ctx.recipe.strategy_config(), 0, n).lr_scale == (1.0,) * n
+    flat = load_recipe("bpd", overrides=["arch=resnet18", "init=auto", "strategy=full", "layer_decay=1"])
+    flat_ctx = open_context(settings, flat, progress=False)
+    assert for_random_start(flat_ctx, initial_state(flat_ctx)) is flat_ctx  # nothing to drop, nothing said
+    frozen = open_context(settings, load_recipe("bpd", overrides=["arch=resnet18", "init=auto"]), progress=False)
+    with pytest.raises(RecipeError, match="strategy progressive freezes the backbone"):
+        for_random_start(frozen, initial_state(frozen))
+
+
 # --- the BPD recipe: linear probing, then progressive unfreezing, CutMix throughout --------------------
 
 
@@ -93,6 +119,9 @@ def test_the_shipped_bpd_recipe_probes_then_unfreezes_from_the_top_at_discrimina
         assert stage.trainable == tuple(sorted(stage.trainable))  # always a top block: frozen below, trained above
         assert stage.lr_scale == (0.5 ** 5, 0.5 ** 4, 0.5 ** 3, 0.25, 0.5, 1.0)
     assert recipe.cutmix_prob == 0.5 and recipe.cutmix_alpha == 1.0
+    # the paper's augmentation is CutMix: per-image augmentation leaves the texture (the signal) as it is
+    image = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(Augment(recipe.augment)(image), image)
 
 
 class _Counting(BinaryObjective):

@@ -195,6 +195,23 @@ def random_start(ctx: Context) -> Start:
     return start
 
 
+def for_random_start(ctx: Context, start: Start) -> Context:
+    """The run's context with every layer group at ``lr`` (``layer_decay`` 1) when it starts from random
+    weights: discriminative rates keep what a pretrained network's lower layers learnt, and from random
+    weights would leave them barely trained (ResNet's stem at lr/32 with the BPD recipe's 0.5). A freezing
+    strategy is refused (:func:`training.initialise.refuse_frozen_random`); a decay is dropped with a warning
+    in the log, the summary and the report, and the recipe saved with the run says ``layer_decay: 1``."""
+    refuse_frozen_random(ctx.recipe.strategy, f"init={ctx.recipe.init}")
+    if ctx.recipe.layer_decay == 1:
+        return ctx
+    message = (f"layer_decay {ctx.recipe.layer_decay:g} (discriminative learning rates) is for a pretrained "
+               "start; from random weights every layer trains at lr (layer_decay 1)")
+    log.warning(message)
+    ctx.say(f"warning: {message}")
+    start.warnings.append(message)
+    return dataclasses.replace(ctx, recipe=ctx.recipe.model_copy(update={"layer_decay": 1.0}))
+
+
 def initial_state(ctx: Context) -> Start:
     """Where this run starts (the recipe's ``init``), its tensors named as the run's network names them.
     ``auto``: the view model of the same architecture, else the site checkpoint of that architecture
@@ -409,7 +426,8 @@ def run_training(settings: Settings, recipe: Recipe, *, progress: bool = True,
     ctx = open_context(settings, recipe, progress=progress, say=say)
     start = initial_state(ctx)
     if start.random:
-        refuse_frozen_random(recipe.strategy, f"init={recipe.init}")
+        ctx = for_random_start(ctx, start)
+        recipe = ctx.recipe
     collection, split, manifest, run_dir = prepare_run(ctx, start)
     if (run_dir / "summary.json").is_file():
         say(f"this run already finished: {run_dir}")

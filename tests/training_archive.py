@@ -59,3 +59,26 @@ def build_archive(root: Path) -> Node:
         push(settings, files)
     assert main(["labels", "import", str(summary.labels_csv), "--config", str(config)]) == 0
     return Node(settings, config, summary, root)
+
+
+CHILDREN = {"n_pediatric_cxr": 240, "n_extremity": 120, "n_hand": 120}
+"""The children's films of :func:`build_children_archive`: pediatric chests (30 normal, 30 bacterial, 30
+viral), limb films (40 with a fracture, 40 without) and hand/wrist films (bone age)."""
+
+
+def build_children_archive(root: Path) -> Node:
+    """Children's films (:data:`CHILDREN`, 128 px) beside 40 neonatal-feed radiographs (day-1 chests whose
+    pneumonia column says 0/1, adults, other views), received by the listener over C-STORE; labels
+    imported from the generator's CSV."""
+    from cradle.cli import main
+    from node.server import Listener
+
+    values = _settings(root, free_port())
+    config = root / "cradle.yaml"
+    config.write_text(yaml.safe_dump(values))
+    settings = load_settings(config)
+    summary = synth.generate(root / "synth", n_cxr=40, n_mri=0, seed=2, cxr_size=128, **CHILDREN)
+    with Listener(settings, enqueue=lambda _job: None):
+        push(settings, [*summary.cxr_paths, *summary.pediatric_paths])
+    assert main(["labels", "import", str(summary.labels_csv), "--config", str(config)]) == 0
+    return Node(settings, config, summary, root)

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
+from config.tasks import YES_NO_POSITIVE
 from config.views import ViewHeader, load_view_taxonomy
 from cradle.cli import main
 from storage.archive import Archive
@@ -154,7 +155,9 @@ def test_import_by_study_accession_and_patient(tmp_path: Path, node: tuple, stud
     assert labels[(studies["S1"]["uid"], "gestational_age_weeks")] == pytest.approx(26.571, abs=1e-3)
     assert labels[(studies["S2"]["uid"], "bpd")] == 0.0
     assert (studies["S2"]["uid"], "pneumonia") not in labels  # empty = unknown
-    assert labels[(studies["S3"]["uid"], "pneumonia")] == labels[(studies["S4"]["uid"], "pneumonia")] == 1.0
+    # pneumonia is by type; "true" says only "some pneumonia": stored as such (a binary recipe learns it)
+    assert labels[(studies["S3"]["uid"], "pneumonia")] == labels[(studies["S4"]["uid"], "pneumonia")] == YES_NO_POSITIVE
+    assert labels[(studies["S1"]["uid"], "pneumonia")] == 0.0  # "0": normal, the first class
     with sessions() as session:
         sources = set(session.scalars(select(StudyLabel.source)))
     assert sources == {"labels.csv:2", "labels.csv:3", "labels.csv:4"}
@@ -183,7 +186,7 @@ def test_any_rejected_row_applies_nothing_and_names_every_line(tmp_path: Path, n
     assert not report.applied
     lines = {r.line: r.reason for r in report.rejections}
     assert sorted(lines) == [3, 4, 5, 6, 7, 8, 9]
-    assert "pneumonia: 'maybe' is not 0/1, yes/no or true/false" in lines[3]
+    assert "pneumonia: 'maybe' is not one of normal, bacterial, viral (or 0/1)" in lines[3]
     assert "no archived study has this StudyInstanceUID" in lines[4]
     assert "matches 2 archived studies" in lines[5]
     assert "contradicts line 2" in lines[6]

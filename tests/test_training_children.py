@@ -83,8 +83,8 @@ def _own_index(node: Node, tmp_path: Path, **values: object) -> Path:
 
 def _yes_no_labels(node: Node, path: Path) -> Path:
     """The children's chests relabelled as a yes/no site knows them: the viral ones "1", the rest by name."""
-    rows = [(f["StudyInstanceUID"], "1" if f["patient"]["pneumonia_type"] == "viral" else f["patient"]["pneumonia_type"])
-            for f in _films(node, {"chest"})]
+    types = [(f["StudyInstanceUID"], f["patient"]["pneumonia_type"]) for f in _films(node, {"chest"})]
+    rows = [(uid, "1" if kind == "viral" else kind) for uid, kind in types]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["StudyInstanceUID", "pneumonia"])

@@ -1,6 +1,6 @@
 """The run report: ``report.json``, a readable ``report.md`` and ``report.html``, and PNG plots
-(ROC, reliability diagram, confusion matrix, loss curves, Dice box plot, Bland-Altman plots of regression values and lung
-volumes, regression scatter), saved in the run directory and with the
+(ROC, reliability diagram, confusion matrix, loss curves, Dice box plot, Bland-Altman plots of regression
+values and lung volumes, regression scatter), saved in the run directory and with the
 model version. Plots use matplotlib's Agg backend (no display needed)."""
 
 from __future__ import annotations

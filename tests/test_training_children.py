@@ -35,7 +35,8 @@ SMALL = ["arch=resnet10t", "image_size=128", "epochs=15", "min_epochs=10", "earl
          "augment={hflip: 0.5, affine_prob: 0, brightness: 0, contrast: 0, gamma: 0, noise_std: 0, blur_prob: 0, "
          "sharpen_prob: 0}"]
 LONGER = ["epochs=20", "min_epochs=12", "early_stopping_patience=5"]
-"""Pneumonia by type learns more slowly (held-out macro AUROC 0.76 after 18-20 epochs in a trial run)."""
+"""Pneumonia learns more slowly (by type: held-out macro AUROC 0.76 and 0.80 in two runs of 20 epochs; the
+yes/no binary recipe reached 0.720 in 15 epochs, at the gate's floor)."""
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +224,7 @@ def test_pneumonia_yes_no_binary_recipe_learns_one_output(node: Node, tmp_path: 
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     config = _own_index(node, tmp_path)
     assert main(["labels", "import", str(_yes_no_labels(node, tmp_path / "yes-no.csv")), "--config", str(config)]) == 0
-    summary = train(config, "pneumonia", [*SMALL, "binary=true"], capsys)
+    summary = train(config, "pneumonia", [*SMALL, *LONGER, "binary=true"], capsys)  # 15 epochs: 0.720
     metrics = summary["metrics"]
     assert metrics["test_auroc"] >= 0.7 and "test_ppv" in metrics and "threshold" in metrics
     assert summary["promoted"] is True

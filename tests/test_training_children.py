@@ -99,7 +99,7 @@ def _yes_no_labels(node: Node, path: Path) -> Path:
 def test_each_task_takes_only_its_population_and_counts_the_rest(node: Node) -> None:
     chests, limbs = _films(node, {"chest"}), _films(node, {"forearm", "lower_leg", "humerus", "femur"})
     hands = _films(node, {"hand"})
-    assert (len(chests), len(limbs), len(hands)) == tuple(CHILDREN.values()) == (240, 300, 120)
+    assert (len(chests), len(limbs), len(hands)) == tuple(CHILDREN.values()) == (240, 300, 240)
     neonatal = [s for s in _truth(node) if s["patient"]["neonate"] and s["view_class"] == "chest_frontal"
                 and s["patient"]["pneumonia"] is not None]
     assert len(neonatal) == 30  # day-1 frontal chests whose pneumonia column says 0/1
@@ -116,7 +116,7 @@ def test_each_task_takes_only_its_population_and_counts_the_rest(node: Node) -> 
     assert fracture.seen.as_population()["body_parts"] == ["FEMUR", "FOREARM", "HUMERUS", "TIBIA"]
 
     bone_age = _collected(node.settings, "bone-age")
-    assert (len(bone_age.samples), dict(bone_age.skipped)) == (120, {})
+    assert (len(bone_age.samples), dict(bone_age.skipped)) == (240, {})
     assert bone_age.seen.as_population() == _seen(hands, ["extremity"])
 
     # The view model learns from every child's radiograph, the new views among them; adults are left out.
@@ -124,7 +124,7 @@ def test_each_task_takes_only_its_population_and_counts_the_rest(node: Node) -> 
               and not s["patient"].get("child")]
     view = _collected(node.settings, "view")
     assert dict(view.skipped) == {"outside the population: older than 18 years": len(adults)} and len(adults) == 4
-    assert len(view.samples) == 40 - 4 + 660
+    assert len(view.samples) == 40 - 4 + 780
     assert view.seen.as_population()["views"] == ["abdomen", "chest_abdomen", "chest_frontal", "chest_lateral",
                                                   "extremity", "head"]
 
@@ -257,7 +257,7 @@ def test_fracture_learns_with_clahe_and_reports_ppv_npv(node: Node, tmp_path: Pa
 def test_bone_age_learns_in_months_and_is_promoted(node: Node, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     config = _own_index(node, tmp_path)
-    summary = train(config, "bone-age", [*SMALL, "folds=2"], capsys)
+    summary = train(config, "bone-age", [*SMALL, *LONGER, "folds=2"], capsys)
     metrics = summary["metrics"]
     report = json.loads((_report(config, "bone-age", summary["version"]) / "report.json").read_text())
     assert metrics["test_mae"] <= 0.8 * report["test"]["baseline_mae"] and metrics["mae_mean"] < 60

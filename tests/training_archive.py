@@ -61,11 +61,11 @@ def build_archive(root: Path) -> Node:
     return Node(settings, config, summary, root)
 
 
-CHILDREN = {"n_pediatric_cxr": 240, "n_extremity": 300, "n_hand": 120}
+CHILDREN = {"n_pediatric_cxr": 240, "n_extremity": 300, "n_hand": 240}
 """The children's films of :func:`build_children_archive`: pediatric chests (80 normal, 80 bacterial, 80
-viral), limb films (150 with a fracture, 150 without) and hand/wrist films (bone age). Measured: with 120
-limb films even a bare loop at 96 px stayed below AUROC 0.65; at 128 px (the films' own size) and 300
-films `cradle train fracture` reached 0.9."""
+viral), limb films (150 with a fracture, 150 without) and 240 hand/wrist films (bone age). Measured: with
+120 limb films even a bare loop at 96 px stayed below AUROC 0.65; at 128 px (the films' own size) and 300
+films `cradle train fracture` reached 0.93. With 120 hands bone age stayed near predicting the mean."""
 
 
 def build_children_archive(root: Path) -> Node:

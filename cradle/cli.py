@@ -142,14 +142,16 @@ def _add_training_commands(sub: Any, tasks: list[str]) -> None:
     train.add_argument("--json", action="store_true", help="print the run summary as JSON")
     train.add_argument("--queue", action="store_true", help="send the run to the training queue")
 
-    synth = _add(sub, "synth", "training.commands:synth", "write synthetic neonatal studies (not clinical)")
+    synth = _add(sub, "synth", "training.commands:synth",
+                 "write synthetic neonatal and children's studies (not clinical)")
     synth.add_argument("outdir")
     synth.add_argument("--cxr", type=int, default=20)
     synth.add_argument("--mri", type=int, default=4)
-    synth.add_argument("--pediatric-cxr", type=int, default=0,
-                       help="frontal chests of 1-5 year olds (pneumonia by type)")
-    synth.add_argument("--extremity", type=int, default=0, help="children's limb films, with and without a fracture")
-    synth.add_argument("--hand", type=int, default=0, help="children's hand/wrist films (bone age)")
+    synth.add_argument("--pediatric-cxr", type=int, default=6,
+                       help="frontal chests of 1-5 year olds, normal/bacterial/viral in turn (pneumonia by type)")
+    synth.add_argument("--extremity", type=int, default=6,
+                       help="children's limb films, with and without a fracture in turn")
+    synth.add_argument("--hand", type=int, default=6, help="children's hand/wrist films (bone age)")
     synth.add_argument("--seed", type=int, default=0)
 
 

@@ -66,6 +66,14 @@ def training_archive(tmp_path_factory: pytest.TempPathFactory):
     return build_archive(tmp_path_factory.mktemp("node"))
 
 
+@pytest.fixture(scope="session")
+def children_archive(tmp_path_factory: pytest.TempPathFactory):
+    """Children's films for pneumonia by type, fracture and bone age (tests/training_archive.py), built once."""
+    from training_archive import build_children_archive
+
+    return build_children_archive(tmp_path_factory.mktemp("children"))
+
+
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A new, empty PostgreSQL database on the local server, dropped afterwards."""

@@ -115,3 +115,17 @@ def test_cradle_synth_writes_children_films(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert "4 children's films" in run.stdout
     assert sorted(p.parent.name for p in out.rglob("*.dcm")) == ["cxr", "extremity", "extremity", "hand"]
+
+
+def test_cradle_synth_writes_six_of_each_children_film_by_default(tmp_path: Path) -> None:
+    out = tmp_path / "defaults"
+    run = subprocess.run([sys.executable, "-m", "cradle.cli", "synth", str(out), "--cxr", "0", "--mri", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "18 children's films" in run.stdout
+    assert Counter(p.parent.name for p in out.rglob("*.dcm")) == {"cxr": 6, "extremity": 6, "hand": 6}
+    with (out / "labels.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert Counter(r["pneumonia"] for r in rows if r["pneumonia"]) == {"normal": 2, "bacterial": 2, "viral": 2}
+    assert Counter(r["fracture"] for r in rows if r["fracture"]) == {"0": 3, "1": 3}
+    assert sum(1 for r in rows if r["bone_age_months"]) == 6

@@ -59,3 +59,28 @@ def build_archive(root: Path) -> Node:
         push(settings, files)
     assert main(["labels", "import", str(summary.labels_csv), "--config", str(config)]) == 0
     return Node(settings, config, summary, root)
+
+
+CHILDREN = {"n_pediatric_cxr": 240, "n_extremity": 300, "n_hand": 240}
+"""The children's films of :func:`build_children_archive`: pediatric chests (80 normal, 80 bacterial, 80
+viral), limb films (150 with a fracture, 150 without) and 240 hand/wrist films (bone age). Measured: with
+120 limb films even a bare loop at 96 px stayed below AUROC 0.65; at 128 px (the films' own size) and 300
+films `cradle train fracture` reached 0.93. With 120 hands bone age stayed near predicting the mean."""
+
+
+def build_children_archive(root: Path) -> Node:
+    """Children's films (:data:`CHILDREN`, 128 px) beside 40 neonatal-feed radiographs (day-1 chests whose
+    pneumonia column says 0/1, adults, other views), received by the listener over C-STORE; labels
+    imported from the generator's CSV."""
+    from cradle.cli import main
+    from node.server import Listener
+
+    values = _settings(root, free_port())
+    config = root / "cradle.yaml"
+    config.write_text(yaml.safe_dump(values))
+    settings = load_settings(config)
+    summary = synth.generate(root / "synth", n_cxr=40, n_mri=0, seed=2, cxr_size=128, **CHILDREN)
+    with Listener(settings, enqueue=lambda _job: None):
+        push(settings, [*summary.cxr_paths, *summary.pediatric_paths])
+    assert main(["labels", "import", str(summary.labels_csv), "--config", str(config)]) == 0
+    return Node(settings, config, summary, root)

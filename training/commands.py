@@ -42,17 +42,24 @@ def labels_import(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+HEADLINES = (("dice", "Dice", 3), ("mae", "MAE", 2), ("auroc", "AUROC", 3))
+"""The metric a summary line leads with, by the first the run reports: segmentation, regression, classification."""
 
 
 def _summary_line(summary: dict[str, Any]) -> str:
     metrics = summary["metrics"]
-    name = "dice" if "dice_mean" in metrics else "auroc"
-    scores = (f"{'Dice' if name == 'dice' else 'AUROC'} {_number(metrics.get(f'{name}_mean'))} ± "
-              f"{_number(metrics.get(f'{name}_std'))} (folds), {_number(metrics.get(f'test_{name}'))} held-out")
+    name, label, digits = next((h for h in HEADLINES if f"{h[0]}_mean" in metrics), HEADLINES[-1])
+
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    scores = (f"{label} {number(metrics.get(f'{name}_mean'))} ± {number(metrics.get(f'{name}_std'))} (folds), "
+              f"{number(metrics.get(f'test_{name}'))} held-out")
     state = "promoted to active" if summary["promoted"] else "kept as candidate"
-    return f"{summary['version']}: {scores}; {state}: {summary['reason']}\nreport: {summary['report']}"
+    left = (summary.get("left_out") or {}).get("outside_population")
+    outside = f"; {left} film(s) outside the population left out" if left else ""
+    return (f"{summary['version']}: {scores}; {state}: {summary['reason']}{outside}\n"
+            f"report: {summary['report']}")
 
 
 def train(args: argparse.Namespace, settings: Settings) -> int:

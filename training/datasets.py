@@ -29,11 +29,13 @@ from sqlalchemy.orm import Session
 from torch.utils.data import Dataset
 
 from common.files import atomic_file
+from config.tasks import Population
 from config.views import ViewHeader, ViewTaxonomy
 from inference.preprocess import letterbox, modality_values, normalise, prepare_radiograph
 from inference.registry import InputSpec
 from storage.models import Instance, Patient, Series, Study, StudyLabel
 from training.labels import ReferenceSegmentation
+from training.population import Seen, age_days, outside
 
 RADIOGRAPH_MODALITIES = ("CR", "DX")
 
@@ -74,6 +76,8 @@ class Collection:
     classes: list[str] | None = None
     volumes: dict[str, Volume] = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
+    seen: Seen = field(default_factory=Seen)
+    """The modalities, body parts, views and ages of the samples: the population the version is registered with."""
 
 
 def pseudonym(patient_key: str, salt: str) -> str:
@@ -86,9 +90,10 @@ def _radiograph_rows(session: Session, labelled_for: str | None = None) -> Itera
     the query starts from the labels (index on ``study_label.task``), so a small labelled subset of a
     large archive is read without reading the rest."""
     query = select(Instance.sop_uid, Instance.file_path, Instance.sha256, Instance.view_position,
-                   Instance.number_of_frames, Series.series_uid, Series.modality, Series.body_part,
-                   Series.series_description, Series.protocol_name, Study.id.label("study_pk"), Study.study_uid,
-                   Study.study_description, Patient.patient_key)
+                   Instance.number_of_frames, Instance.acquisition_datetime, Series.series_uid, Series.modality,
+                   Series.body_part, Series.series_description, Series.protocol_name, Study.id.label("study_pk"),
+                   Study.study_uid, Study.study_description, Study.study_date, Study.patient_age,
+                   Patient.patient_key, Patient.birth_date)
     if labelled_for is not None:
         query = (query.select_from(StudyLabel).join(Study, StudyLabel.study_pk == Study.id)
                  .join(Series, Series.study_pk == Study.id).join(Instance, Instance.series_pk == Series.id)
@@ -111,58 +116,95 @@ def _labels(session: Session, task: str) -> dict[int, float]:
                                 .where(StudyLabel.task == task)).all())
 
 
-def collect_labelled(session: Session, task: str, taxonomy: ViewTaxonomy, views: Sequence[str], salt: str, *,
-                     classes: list[str] | None = None) -> Collection:
-    """Radiographs of studies labelled for ``task`` (restricted to header-derived ``views``); the label
-    is the imported value (a class's index for a multiclass task)."""
+def _age(row) -> int | None:  # noqa: ANN001 - a result row
+    return age_days(row.birth_date, row.study_date, row.acquisition_datetime, row.patient_age)
+
+
+def _admit(collection: Collection, population: Population, row, view: str | None) -> bool:  # noqa: ANN001
+    """Whether the film of ``row`` is inside ``population`` (counted under its reason when not)."""
+    if (row.number_of_frames or 1) > 1:
+        collection.skipped["multi-frame"] += 1
+        return False
+    age = _age(row)
+    reason = outside(population, modality=row.modality, body_part=row.body_part, view=view, age=age)
+    if reason:
+        collection.skipped[reason] += 1
+        return False
+    return True
+
+
+def _accept(collection: Collection, row, view: str | None, sample: Sample) -> None:  # noqa: ANN001
+    collection.samples.append(sample)
+    collection.seen.add(modality=row.modality, body_part=row.body_part, view=view, age=_age(row))
+
+
+def collect_labelled(session: Session, task: str, taxonomy: ViewTaxonomy, population: Population, salt: str, *,
+                     classes: list[str] | None = None,
+                     relabel: Callable[[float], float | None] | None = None, unusable: str = "") -> Collection:
+    """Radiographs of studies labelled for ``task`` inside ``population`` (its views derived from the
+    headers); the label is the imported value (a class's index for a multiclass task), or what
+    ``relabel`` makes of it (None: left out, counted under ``unusable``)."""
     labels, irds = _labels(session, task), _labels(session, "irds_grade")
-    wanted = set(views)
     collection = Collection(task, [], classes=classes)
     for row in _radiograph_rows(session, labelled_for=task):
-        if (row.number_of_frames or 1) > 1:
-            collection.skipped["multi-frame"] += 1
+        view = taxonomy.label_of(_header(row))
+        if not _admit(collection, population, row, view):
             continue
-        if wanted and taxonomy.label_of(_header(row)) not in wanted:
-            collection.skipped["other view"] += 1
+        label = float(labels[row.study_pk]) if relabel is None else relabel(float(labels[row.study_pk]))
+        if label is None:
+            collection.skipped[unusable] += 1
             continue
-        collection.samples.append(Sample(row.sop_uid, row.file_path, row.sha256,
-                                         pseudonym(row.patient_key, salt), row.study_uid, row.series_uid,
-                                         float(labels[row.study_pk]), irds.get(row.study_pk)))
+        _accept(collection, row, view, Sample(row.sop_uid, row.file_path, row.sha256,
+                                              pseudonym(row.patient_key, salt), row.study_uid, row.series_uid,
+                                              label, irds.get(row.study_pk)))
     return collection
 
 
-def collect_views(session: Session, task: str, taxonomy: ViewTaxonomy, salt: str,
+def collect_views(session: Session, task: str, taxonomy: ViewTaxonomy, population: Population, salt: str,
                   max_per_class: int | None = None) -> Collection:
-    """Radiographs labelled by their own headers through the taxonomy's rules."""
+    """Radiographs inside ``population`` labelled by their own headers through the taxonomy's rules."""
     index = {name: i for i, name in enumerate(taxonomy.classes)}
     collection = Collection(task, [], classes=list(taxonomy.classes))
     counts: Counter = Counter()
     for row in _radiograph_rows(session):
         view = taxonomy.label_of(_header(row))
-        if view is None or (row.number_of_frames or 1) > 1:
-            collection.skipped["no view rule matches" if view is None else "multi-frame"] += 1
+        if view is None:
+            collection.skipped["no view rule matches"] += 1
+            continue
+        if not _admit(collection, population, row, view):
             continue
         if max_per_class and counts[view] >= max_per_class:
             collection.skipped["class cap"] += 1
             continue
         counts[view] += 1
-        collection.samples.append(Sample(row.sop_uid, row.file_path, row.sha256,
-                                         pseudonym(row.patient_key, salt), row.study_uid, row.series_uid,
-                                         float(index[view])))
+        _accept(collection, row, view, Sample(row.sop_uid, row.file_path, row.sha256,
+                                              pseudonym(row.patient_key, salt), row.study_uid, row.series_uid,
+                                              float(index[view])))
     return collection
 
 
 def collect_segmentation(session: Session, task: str, references: Sequence[ReferenceSegmentation],
-                         salt: str) -> Collection:
-    """Every slice of every MR series that a person-made SEG labels."""
+                         population: Population, salt: str) -> Collection:
+    """Every slice of every MR series inside ``population`` that a person-made SEG labels (a series left
+    out counts once)."""
     collection = Collection(task, [])
     for reference in references:
         rows = session.execute(
             select(Instance.sop_uid, Instance.file_path, Instance.sha256, Instance.instance_number,
-                   Study.study_uid, Patient.patient_key)
+                   Instance.acquisition_datetime, Series.modality, Series.body_part, Study.study_uid,
+                   Study.study_date, Study.patient_age, Patient.patient_key, Patient.birth_date)
             .join(Series, Instance.series_pk == Series.id).join(Study, Series.study_pk == Study.id)
             .join(Patient, Study.patient_pk == Patient.id)
             .where(Series.series_uid == reference.mr_series_uid)).all()
+        if not rows:
+            continue
+        first = rows[0]
+        reason = outside(population, modality=first.modality, body_part=first.body_part, view=None,
+                         age=_age(first))
+        if reason:
+            collection.skipped[reason] += 1
+            continue
+        collection.seen.add(modality=first.modality, body_part=first.body_part, view=None, age=_age(first))
         rows = sorted(rows, key=lambda r: (r.instance_number is None, r.instance_number or 0, r.sop_uid))
         seg_sha = session.scalar(select(Instance.sha256).where(Instance.sop_uid == reference.seg_sop_uid))
         collection.volumes[reference.mr_series_uid] = Volume(
@@ -266,7 +308,8 @@ def manifest(collection: Collection, where: dict[str, str], spec: InputSpec) -> 
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     counts = Counter(e["split"] for e in entries)
     return {**body, "hash": digest, "counts": dict(sorted(counts.items())),
-            "patients": len({e["patient"] for e in entries}), "skipped": dict(collection.skipped)}
+            "patients": len({e["patient"] for e in entries}), "skipped": dict(collection.skipped),
+            "population": collection.seen.as_population()}
 
 
 # --- the preprocessing cache ------------------------------------------------------------------

@@ -344,12 +344,31 @@ def _balanced_accuracy_of(probabilities: Array) -> Callable[[Array, Array], floa
     return statistic
 
 
+def per_class_metrics(y_true: Array, probabilities: Array, classes: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Each class against the rest at the model's call (the most probable class): sensitivity,
+    specificity, one-vs-rest AUROC and the number of cases of the class."""
+    y = np.asarray(y_true).astype(int)
+    probs = np.asarray(probabilities)
+    matrix = metrics.confusion_matrix(y, probs.argmax(axis=1), labels=list(range(len(classes))))
+    total = int(matrix.sum())
+    result = {}
+    for k, name in enumerate(classes):
+        tp, cases, called = int(matrix[k, k]), int(matrix[k].sum()), int(matrix[:, k].sum())
+        tn = total - cases - called + tp
+        result[name] = {"sensitivity": _safe_ratio(tp, cases), "specificity": _safe_ratio(tn, total - cases),
+                        "auroc": auroc(y == k, probs[:, k]), "n": cases}
+    return result
+
+
 def assess_multiclass(y_test: Array, logits_test: Array, y_val: Array, logits_val: Array, *,
                       temperature_scaling: bool, resamples: int, seed: int,
-                      groups: Array | None = None) -> dict[str, object]:
+                      groups: Array | None = None, classes: Sequence[str] | None = None) -> dict[str, object]:
+    """Held-out macro AUROC and balanced accuracy (with a bootstrap CI), each class's sensitivity and
+    specificity, the confusion matrix; the temperature fitted on the validation outputs."""
     temperature = fit_temperature_multiclass(y_val, logits_val) if temperature_scaling else 1.0
     probabilities = softmax(np.asarray(logits_test) / temperature)
     y = np.asarray(y_test).astype(int)
+    classes = list(classes) if classes else [str(k) for k in range(probabilities.shape[1])]
     confidence = probabilities.max(axis=1)
     correct = (probabilities.argmax(axis=1) == y).astype(float)
     index = np.arange(len(y), dtype=float)
@@ -362,6 +381,8 @@ def assess_multiclass(y_test: Array, logits_test: Array, y_val: Array, logits_va
         "reliability_after": reliability_table(correct, confidence),
         "confusion": metrics.confusion_matrix(y, probabilities.argmax(axis=1),
                                               labels=list(range(probabilities.shape[1]))).tolist(),
+        "classes": classes,
+        "per_class": per_class_metrics(y, probabilities, classes),
     }
 
 

@@ -131,6 +131,9 @@ class Recipe(Strict):
     pos_weight: Literal["none", "balanced"] = "none"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
+    binary: bool = Field(False, description="a multiclass task with yes/no labels (labels.yes_no): train its "
+                                            "first class against the rest, one output (a site that only "
+                                            "knows yes/no)")
     seed: int = 0
     init: str = Field("random", description="random; auto (the view model of the same architecture, else the site "
                                             "checkpoint of it in training.checkpoints, else random); "
@@ -158,7 +161,12 @@ class Recipe(Strict):
         catalogue = (info.context or {}).get("catalogue") or load_catalogue()
         if self.task not in catalogue:
             raise ValueError(f"unknown task {self.task!r}; known: {', '.join(catalogue.names())}")
-        self._kind = catalogue.get(self.task).kind
+        definition = catalogue.get(self.task)
+        if self.binary and not (definition.kind == "multiclass" and definition.labels.yes_no):
+            raise ValueError(f"binary: true is for a multiclass task whose labels take yes/no (labels.yes_no); "
+                             f"{self.task} is {definition.kind}"
+                             + ("" if definition.kind != "multiclass" else " without yes/no labels"))
+        self._kind = "binary" if self.binary else definition.kind
         if self._kind == "segmentation" and self.image_size % 32:
             raise ValueError(f"{self.task} needs image_size divisible by 32, got {self.image_size}")
         self._check_dims()
@@ -184,7 +192,8 @@ class Recipe(Strict):
 
     @property
     def kind(self) -> Kind:
-        """The task's kind in the catalogue the recipe was validated against."""
+        """How this run trains: the task's kind in the catalogue the recipe was validated against, or
+        ``binary`` for a multiclass task's ``binary: true`` recipe."""
         return self._kind
 
     @property

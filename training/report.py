@@ -1,6 +1,6 @@
 """The run report: ``report.json``, a readable ``report.md`` and ``report.html``, and PNG plots
-(ROC, reliability diagram, loss curves, Dice box plot, Bland-Altman plots of regression values and lung
-volumes, regression scatter), saved in the run directory and with the
+(ROC, reliability diagram, confusion matrix, loss curves, Dice box plot, Bland-Altman plots of regression
+values and lung volumes, regression scatter), saved in the run directory and with the
 model version. Plots use matplotlib's Agg backend (no display needed)."""
 
 from __future__ import annotations
@@ -106,6 +106,22 @@ def plot_bland_altman(panels: dict[str, dict[str, Any]], units: str, path: Path)
     return _save(fig, path)
 
 
+def plot_confusion(curve: dict[str, Any], path: Path) -> Path:
+    """The held-out confusion matrix (rows: the label, columns: the model's call), counts in the cells."""
+    matrix, classes = curve["matrix"], curve["classes"]
+    size = 2.5 + 0.6 * len(classes)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    top = max((max(row) for row in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="model's call", ylabel="label", title="Held-out confusion matrix")
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -143,6 +159,12 @@ def _facts(report: dict[str, Any]) -> list[tuple[str, str]]:
                       + (f", {transfer['adapted']} adapted to 1 input channel" if transfer["adapted"] else "")
                       + f", {transfer['missing']} kept new, {transfer['unused']} of the source unused"))
     facts += [("warning", warning) for warning in report.get("warnings", [])]
+    left = report.get("left_out")
+    if left:
+        facts.append(("left out", f"{left['outside_population']} film(s) outside the population"
+                      + "".join(f"; {reason}: {n}" for reason, n in left["by_reason"].items())))
+    if report.get("population"):
+        facts.append(("trained and validated on", _population_words(report["population"])))
     for key, label in (("auroc_ci", "test AUROC 95% CI"), ("dice_ci", "test Dice 95% CI"),
                        ("balanced_accuracy_ci", "test balanced accuracy 95% CI"), ("mae_ci", "test MAE 95% CI")):
         if test.get(key):
@@ -159,6 +181,23 @@ def _facts(report: dict[str, Any]) -> list[tuple[str, str]]:
         facts.append(("peak resident memory", ", ".join(f"{v:.0f} MB {k}" for k, v in report["peak_rss_mb"].items())))
     return facts
 
+
+def _population_words(population: dict[str, Any]) -> str:
+    """The population a version saw, as the report states it."""
+    parts = [f"{key.replace('_', ' ')}: {', '.join(v or '(not given)' for v in population[key]) or 'any'}"
+             for key in ("modalities", "body_parts", "views") if key in population]
+    if population.get("min_age_days") is not None:
+        parts.append(f"age {population['min_age_days']}–{population['max_age_days']} days")
+    return "; ".join(parts)
+
+
+def _class_rows(report: dict[str, Any]) -> list[list[str]]:
+    """A multiclass task's classes on the held-out test: sensitivity, specificity, AUROC, cases."""
+    return [[name, _fmt(v["sensitivity"]), _fmt(v["specificity"]), _fmt(v["auroc"]), str(v["n"])]
+            for name, v in (report["test"].get("per_class") or {}).items()]
+
+
+CLASS_COLUMNS = ("class", "sensitivity", "specificity", "AUROC (one vs rest)", "cases")
 
 VOLUME_COLUMNS = ("series", "Dice raw", "Dice", "IoU raw", "IoU", "left mL (ref)", "right mL (ref)",
                   "left/right Dice", "s")
@@ -187,6 +226,10 @@ def markdown(report: dict[str, Any], images: list[str]) -> str:
     for fold in report["folds"]:
         values = " | ".join(_fmt(fold["metrics"].get(c, float("nan"))) for c in _fold_columns(report))
         lines.append(f"| {fold['fold']} | {fold['best_epoch'] + 1} | {values} |")
+    if _class_rows(report):
+        lines += ["", "## Held-out test by class", "", "| " + " | ".join(CLASS_COLUMNS) + " |",
+                  "|" + "---|" * len(CLASS_COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in _class_rows(report)]
     if _volume_rows(report):
         lines += ["", "## Held-out volumes as shipped (post-processed) and raw", "",
                   "| " + " | ".join(VOLUME_COLUMNS) + " |", "|" + "---|" * len(VOLUME_COLUMNS)]
@@ -213,6 +256,10 @@ def html_page(report: dict[str, Any], images: list[str]) -> str:
     if volumes:
         volumes = ("<h2>Held-out volumes as shipped (post-processed) and raw</h2><table><tr>"
                    + "".join(f"<th>{esc(c)}</th>" for c in VOLUME_COLUMNS) + f"</tr>{volumes}</table>")
+    classes = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in _class_rows(report))
+    if classes:
+        classes = ("<h2>Held-out test by class</h2><table><tr>"
+                   + "".join(f"<th>{esc(c)}</th>" for c in CLASS_COLUMNS) + f"</tr>{classes}</table>")
     pictures = "".join(f'<figure><img src="{esc(i)}" alt="{esc(Path(i).stem)}"></figure>' for i in images)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(report['task'])} training report</title>
@@ -223,6 +270,7 @@ img{{max-width:28em}}</style></head><body>
 <table>{facts}</table>
 <h2>Metrics</h2><table><tr><th>metric</th><th>cross-validation (mean ± std)</th><th>held-out test</th></tr>{metrics}</table>
 <h2>Per fold</h2><table><tr><th>fold</th><th>best epoch</th>{''.join(f'<th>{esc(c)}</th>' for c in columns)}</tr>{folds}</table>
+{classes}
 {volumes}
 <h2>Plots</h2>{pictures}
 <p><small>Synthetic or clinical, these numbers describe this archive's held-out patients only.</small></p>
@@ -240,6 +288,8 @@ def write_report(directory: Path, report: dict[str, Any], curves: dict[str, Any]
         images.append(plot_reliability(curves["reliability"], directory / "reliability.png"))
     if report["folds"]:
         images.append(plot_losses(report["folds"], directory / "loss.png"))
+    if curves.get("confusion"):
+        images.append(plot_confusion(curves["confusion"], directory / "confusion.png"))
     if curves.get("dice"):
         images.append(plot_dice(curves["dice"], directory / "dice_box.png"))
     if curves.get("regression"):

@@ -34,7 +34,7 @@ from storage.archive import Archive
 from storage.db import open_index
 from training import datasets as ds
 from training import evaluate as ev
-from training import manifests, promote, report
+from training import manifests, population, promote, report
 from training.engine import FoldPaths, FoldResult, Trainer, atomic_json, monitor_mode, plain, seed_everything
 from training.kinds import Context, kind_of
 from training.kinds import make_loader as _make_loader
@@ -52,7 +52,8 @@ def open_context(settings: Settings, recipe: Recipe, *, progress: bool = True,
     workers = recipe.num_workers if recipe.num_workers is not None else settings.training.num_workers
     catalogue = settings.catalogue()
     task = catalogue.get(recipe.task)
-    return Context(settings, recipe, catalogue, task, kind_of(task), Archive(settings.storage.archive_dir),
+    return Context(settings, recipe, catalogue, task, kind_of(task, recipe.kind),
+                   Archive(settings.storage.archive_dir),
                    ModelRegistry(settings.models_dir, catalogue), device, Path(settings.training.cache_dir), workers,
                    progress, say)
 
@@ -333,6 +334,12 @@ def compare_active(ctx: Context, collection: ds.Collection, split: ds.Split, can
     active = ctx.registry.active(ctx.recipe.task)
     if active is None or not active.validated:
         return None
+    outputs = ctx.kind.num_outputs(collection.classes)
+    if active.num_outputs != outputs:  # e.g. a binary pneumonia version beside one by type
+        return {"version": active.version, "n": 0,
+                "summary": f"{active.version} has {active.num_outputs} output(s) and the candidate {outputs}: "
+                           "they answer different questions, so no comparison on the same images; promote "
+                           "by hand (cradle models promote) to switch"}
     samples = unseen_by(ctx, active, split.test)
     if not samples:
         return {"version": active.version, "n": 0, "summary": f"{active.version}: every test patient was in its "
@@ -391,6 +398,9 @@ def headline_metrics(ctx: Context, cv: dict[str, float], test: dict[str, Any]) -
     for name in ("threshold", "temperature", "ece_before", "ece_after"):
         if name in test:
             keep[name] = test[name]
+    for name, values in (test.get("per_class") or {}).items():  # multiclass: each class against the rest
+        for metric in ("sensitivity", "specificity", "auroc"):
+            keep[f"test_{metric}_{name}"] = values[metric]
     return keep
 
 
@@ -405,7 +415,8 @@ def register(ctx: Context, collection: ds.Collection, model: nn.Module, test: di
     return ctx.registry.register(recipe.task, recipe.arch, state, input_spec=ctx.spec,
                                  threshold=ctx.kind.threshold(test),
                                  temperature=test.get("temperature", 1.0), classes=collection.classes,
-                                 provenance=provenance, metrics=metrics, validated=True)
+                                 provenance=provenance, metrics=metrics, validated=True,
+                                 population=collection.seen.as_population())
 
 
 def publish(ctx: Context, run_dir: Path, version: str) -> Path:
@@ -432,8 +443,12 @@ def run_training(settings: Settings, recipe: Recipe, *, progress: bool = True,
     if (run_dir / "summary.json").is_file():
         say(f"this run already finished: {run_dir}")
         return json.loads((run_dir / "summary.json").read_text())
+    left = population.left_out(collection.skipped)
     say(f"{recipe.task}: {len(split.dev)} development and {len(split.test)} held-out samples from "
         f"{manifest['patients']} patients, {recipe.folds} folds, {recipe.arch} on {ctx.device}; run {run_dir.name}")
+    if left["by_reason"]:
+        say(f"left out: {left['outside_population']} outside the population; "
+            + ", ".join(f"{reason}: {n}" for reason, n in left["by_reason"].items()))
     folds, models = cross_validate(ctx, collection, split, run_dir, start)
     model, chosen = final_model(ctx, collection, split, folds, models, run_dir, start)
     memory = {"training": peak_rss_mb()}
@@ -458,13 +473,16 @@ def run_training(settings: Settings, recipe: Recipe, *, progress: bool = True,
             "warnings": start.warnings, "device": str(ctx.device), "code_version": promote.code_version(),
             "seconds": time.monotonic() - started, "peak_rss_mb": memory, "folds": [_fold_json(f) for f in reported],
             "chosen_fold": chosen, "cv": cv_summary(reported), "test": _test_json(test),
-            "comparisons": comparisons, "decision": decision.as_dict(), "promoted": promoted, "metrics": metrics}
+            "comparisons": comparisons, "decision": decision.as_dict(), "promoted": promoted, "metrics": metrics,
+            "left_out": left, "population": collection.seen.as_population(),
+            "classes": collection.classes}
     report.write_report(run_dir / "report", plain(body), plain(ctx.kind.curves(folds, test)))
     publish(ctx, run_dir, version.version)
     if promoted:
         ctx.registry.activate(recipe.task, version.version, reason=f"cradle train: {decision.reason}")
     summary = plain({"version": version.version, "init": start.source, "init_transfer": start.transfer,
                      "warnings": start.warnings, "metrics": metrics, "promoted": promoted, "reason": reason,
+                     "left_out": left,
                      "peak_rss_mb": memory,
                      "report": str(_reports_dir(ctx, version.version) / "report.html"), "run_dir": str(run_dir),
                      "seconds": round(time.monotonic() - started, 1)})

@@ -19,9 +19,11 @@ __all__ = ["KINDS", "BinaryKind", "BinaryObjective", "ClassifierKind", "Context"
            "make_loader"]
 
 
-def kind_of(task: TaskDefinition) -> TrainingKind:
-    """The training kind of ``task`` (a ValueError for a kind cradle cannot train yet)."""
-    if task.kind not in KINDS:
-        raise ValueError(f"{task.name}: cradle cannot train {task.kind} tasks yet "
+def kind_of(task: TaskDefinition, kind: str | None = None) -> TrainingKind:
+    """The training kind of ``task``, or ``kind`` when a recipe trains it another way (a multiclass task's
+    ``binary: true``); a ValueError for a kind cradle cannot train yet."""
+    kind = kind or task.kind
+    if kind not in KINDS:
+        raise ValueError(f"{task.name}: cradle cannot train {kind} tasks yet "
                          f"(it trains {', '.join(KINDS)})")
-    return KINDS[task.kind](task)
+    return KINDS[kind](task)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from config.settings import Settings
-from config.tasks import TaskCatalogue, TaskDefinition
+from config.tasks import Population, TaskCatalogue, TaskDefinition
 from config.views import load_view_taxonomy
 from inference.models import output_count
 from inference.registry import InputSpec, ModelRegistry, ModelVersion
@@ -29,6 +29,7 @@ from training import datasets as ds
 from training import promote
 from training.augment import Augment
 from training.engine import FoldResult, Objective, memory_format_of, predict, seed_worker
+from training.population import training_population
 from training.recipe import GateConfig, Recipe
 
 
@@ -48,6 +49,13 @@ class Context:
     num_workers: int
     progress: bool
     say: Callable[[str], None]
+
+    @property
+    def population(self) -> Population:
+        """The films this run may take: the task's population (as the site's settings narrow it), a
+        csv-labelled task's views narrowed to the recipe's ``views``."""
+        return training_population(self.task.population, self.recipe.views,
+                                   csv_labelled=self.task.labels.source == "csv")
 
     @property
     def spec(self) -> InputSpec:
@@ -153,12 +161,18 @@ class ClassifierKind(TrainingKind):
     """Radiograph tasks with one output head (binary, multiclass, regression)."""
 
     def collect(self, ctx: Context, session: Session) -> ds.Collection:
-        """Radiographs of the studies labelled for the task (its csv column), of the recipe's views."""
+        """Radiographs of the studies labelled for the task (its csv column), inside the run's population."""
         if self.task.labels.source != "csv":
             raise ValueError(f"{self.task.name}: a {self.name} task learns from a csv label column, "
                              f"not from {self.task.labels.source}")
-        return ds.collect_labelled(session, self.task.name, load_view_taxonomy(None), ctx.recipe.views,
-                                   ctx.recipe.split_salt)
+        relabel, unusable = self.relabel()
+        return ds.collect_labelled(session, self.task.name, load_view_taxonomy(None), ctx.population,
+                                   ctx.recipe.split_salt, classes=self.classes(ctx.recipe), relabel=relabel,
+                                   unusable=unusable)
+
+    def relabel(self) -> tuple[Callable[[float], float | None] | None, str]:
+        """What this kind makes of a stored label (None: leave it out), and the reason counted then."""
+        return None, ""
 
     def dataset(self, ctx: Context, collection: ds.Collection, samples: list[ds.Sample], *, train: bool,
                 spec: InputSpec | None = None) -> Dataset:

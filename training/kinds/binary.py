@@ -3,10 +3,12 @@ for a target sensitivity; compared with the active version by DeLong's test on t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+from sqlalchemy.orm import Session
 from torch import nn
 
 from inference.registry import ModelVersion
@@ -84,7 +86,24 @@ def compare_irds(split: ds.Split, test: dict[str, Any]) -> dict[str, Any] | None
 
 
 class BinaryKind(ClassifierKind):
+    """A binary task, or a multiclass task with yes/no labels trained as its first class against the
+    rest (the recipe's ``binary: true``): one output, registered under the task's description."""
+
     name = "binary"
+
+    def num_outputs(self, classes: list[str] | None) -> int:
+        return 1
+
+    def relabel(self) -> tuple[Callable[[float], float | None] | None, str]:
+        if self.task.kind != "multiclass":
+            return None, ""
+        return (lambda stored: 0.0 if stored == 0 else 1.0), ""  # the first class (0), or any other / "yes"
+
+    def collect(self, ctx: Context, session: Session) -> ds.Collection:
+        collection = super().collect(ctx, session)
+        if self.task.kind == "multiclass":
+            collection.classes = [self.task.description]  # the version's one output
+        return collection
 
     def objective(self, ctx: Context, samples: list[ds.Sample], num_outputs: int) -> BinaryObjective:
         positives = sum(1 for s in samples if s.label >= 0.5)

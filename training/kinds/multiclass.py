@@ -5,6 +5,7 @@ taxonomy``: the recipe's view taxonomy, config/views.yaml), labels from the arch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from sqlalchemy.orm import Session
 from torch import nn
 
+from config.tasks import YES_NO_POSITIVE
 from config.views import load_view_taxonomy
 from inference.registry import ModelVersion
 from training import datasets as ds
@@ -20,6 +22,10 @@ from training.engine import predict
 from training.kinds.base import ClassifierKind, Context
 from training.recipe import Recipe
 from training.strategies import Mixer, cutmix
+
+
+UNTYPED = "yes/no label without the class (a recipe with binary: true learns it)"
+"""Why a multiclass run leaves out a study labelled only 1 (yes) in a ``yes_no`` column."""
 
 
 class MulticlassObjective:
@@ -61,12 +67,18 @@ class MulticlassKind(ClassifierKind):
         recipe = ctx.recipe
         if self.task.labels.source == "headers":
             taxonomy = load_view_taxonomy(recipe.taxonomy)
-            return ds.collect_views(session, self.task.name, taxonomy, recipe.split_salt, recipe.max_per_class)
+            return ds.collect_views(session, self.task.name, taxonomy, ctx.population, recipe.split_salt,
+                                    recipe.max_per_class)
         if self.task.labels.source == "csv":  # labels import stores each class's index
-            return ds.collect_labelled(session, self.task.name, load_view_taxonomy(None), recipe.views,
-                                       recipe.split_salt, classes=self.classes(recipe))
+            return super().collect(ctx, session)
         raise ValueError(f"{self.task.name}: a multiclass task learns from headers or a csv column, "
                          f"not from {self.task.labels.source}")
+
+    def relabel(self) -> tuple[Callable[[float], float | None] | None, str]:
+        """A yes/no label ("1": some class other than the first, not said which) is left out."""
+        if not self.task.labels.yes_no:
+            return None, ""
+        return (lambda stored: None if stored == YES_NO_POSITIVE else stored), UNTYPED
 
     def objective(self, ctx: Context, samples: list[ds.Sample], num_outputs: int) -> MulticlassObjective:
         return MulticlassObjective(num_outputs)
@@ -76,7 +88,7 @@ class MulticlassKind(ClassifierKind):
         recipe, held = ctx.recipe, self.held_out(ctx, collection, split, model, folds, chosen)
         return ev.assess_multiclass(held.y, held.outputs, held.y_val, held.out_val,
                                     temperature_scaling=recipe.temperature_scaling, resamples=recipe.bootstrap,
-                                    seed=recipe.seed, groups=held.groups)
+                                    seed=recipe.seed, groups=held.groups, classes=collection.classes)
 
     def compare(self, ctx: Context, collection: ds.Collection, samples: list[ds.Sample], candidate: nn.Module,
                 active: ModelVersion, module: nn.Module) -> dict[str, Any] | None:
@@ -86,4 +98,5 @@ class MulticlassKind(ClassifierKind):
                 "summary": f"{active.version}: macro AUROC {a['auroc']:.3f}, candidate {c['auroc']:.3f}"}
 
     def curves(self, folds: list, test: dict[str, Any]) -> dict[str, Any]:
-        return {"reliability": {"test (scaled)": test["reliability_after"]}}
+        return {"reliability": {"test (scaled)": test["reliability_after"]},
+                "confusion": {"matrix": test["confusion"], "classes": test["classes"]}}

@@ -131,7 +131,8 @@ class SegmentationKind(TrainingKind):
             raise ValueError(f"{self.task.name}: a segmentation task learns from reference SEGs, "
                              f"not from {self.task.labels.source}")
         references = lb.reference_segmentations(session, ctx.archive, ctx.settings.training.reviewer_aets)
-        return ds.collect_segmentation(session, self.task.name, references, ctx.recipe.split_salt)
+        return ds.collect_segmentation(session, self.task.name, references, ctx.population,
+                                       ctx.recipe.split_salt)
 
     def dataset(self, ctx: Context, collection: ds.Collection, samples: list[ds.Sample], *, train: bool,
                 spec: InputSpec | None = None) -> Dataset:

@@ -1,0 +1,271 @@
+"""The children's tasks trained from a pushed synthetic archive (tests/training_archive.py's children's
+archive): pneumonia by type and its yes/no binary recipe, fracture, bone age. Each run takes only the
+films inside its task's population (as the node's settings narrow it), counts the rest, and registers
+the version with the population it actually saw."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config.settings import Settings, load_settings
+from cradle.cli import main
+from inference.registry import ModelRegistry
+from training.kinds.multiclass import UNTYPED
+from training.recipe import RecipeError, load_recipe
+from training.run import collect, open_context
+from training_archive import CHILDREN, Node
+
+TRAINING_TIMEOUT = 2400
+# Small settings: ResNet-10t at 128 px (the films' own size: at 96 px the fracture line and the viral
+# pattern are lost), 3 folds, plain augmentation (flips), AdamW 1e-3, at most 15 epochs.
+SMALL = ["arch=resnet10t", "image_size=128", "epochs=15", "min_epochs=10", "early_stopping_patience=4", "folds=3",
+         "strategy=full", "init=random", "batch_size=16", "lr=1e-3", "optimizer=adamw", "weight_decay=1e-4",
+         "schedule=constant", "warmup_epochs=0", "cutmix_prob=0", "bootstrap=200",
+         "augment={hflip: 0.5, affine_prob: 0, brightness: 0, contrast: 0, gamma: 0, noise_std: 0, blur_prob: 0, "
+         "sharpen_prob: 0}"]
+LONGER = ["epochs=20", "min_epochs=12", "early_stopping_patience=5"]
+"""Pneumonia by type learns more slowly (held-out macro AUROC 0.76 and 0.80 in two runs of 20 epochs)."""
+
+
+@pytest.fixture(scope="module")
+def node(children_archive: Node) -> Node:
+    return children_archive
+
+
+def _truth(node: Node) -> list[dict]:
+    """Every radiograph study of the archive with its patient's truth (synthetic: no real person)."""
+    truth = json.loads(node.synth.truth_json.read_text())
+    patients = {p["PatientID"]: p for p in truth["patients"]}
+    return [{**s, "patient": patients[s["PatientID"]]} for s in truth["studies"]]
+
+
+def _films(node: Node, anatomy: set[str]) -> list[dict]:
+    return [s for s in _truth(node) if s.get("anatomy") in anatomy]
+
+
+def _collected(settings: Settings, task: str, *sets: str):
+    recipe = load_recipe(task, overrides=list(sets), catalogue=settings.catalogue())
+    return collect(open_context(settings, recipe, progress=False))
+
+
+def _seen(films: list[dict], views: list[str]) -> dict:
+    ages = [f["age_days"] for f in films]
+    return {"modalities": sorted({f["Modality"] for f in films}), "body_parts": sorted({f["BodyPartExamined"]
+                                                                                       for f in films}),
+            "views": views, "min_age_days": min(ages), "max_age_days": max(ages)}
+
+
+def _own_index(node: Node, tmp_path: Path, **values: object) -> Path:
+    """A config on a copy of the children's index (its labels may change) with its own models and runs;
+    the archive and the preprocessing cache are shared."""
+    config = yaml.safe_load(node.config.read_text())
+    index = tmp_path / "cradle.db"
+    shutil.copy2(node.root / "cradle.db", index)
+    config["storage"]["database_url"] = f"sqlite:///{index}"
+    config["models_dir"] = str(tmp_path / "models")
+    config["training"]["runs_dir"] = str(tmp_path / "runs")
+    config.update(values)
+    path = tmp_path / "cradle.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _yes_no_labels(node: Node, path: Path) -> Path:
+    """The children's chests relabelled as a yes/no site knows them: the viral ones "1", the rest by name."""
+    types = [(f["StudyInstanceUID"], f["patient"]["pneumonia_type"]) for f in _films(node, {"chest"})]
+    rows = [(uid, "1" if kind == "viral" else kind) for uid, kind in types]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["StudyInstanceUID", "pneumonia"])
+        writer.writerows(rows)
+    return path
+
+
+# --- populations (no training) -----------------------------------------------------------------
+
+
+def test_each_task_takes_only_its_population_and_counts_the_rest(node: Node) -> None:
+    chests, limbs = _films(node, {"chest"}), _films(node, {"forearm", "lower_leg", "humerus", "femur"})
+    hands = _films(node, {"hand"})
+    assert (len(chests), len(limbs), len(hands)) == tuple(CHILDREN.values()) == (240, 300, 240)
+    neonatal = [s for s in _truth(node) if s["patient"]["neonate"] and s["view_class"] == "chest_frontal"
+                and s["patient"]["pneumonia"] is not None]
+    assert len(neonatal) == 30  # day-1 frontal chests whose pneumonia column says 0/1
+
+    pneumonia = _collected(node.settings, "pneumonia")
+    assert len(pneumonia.samples) == 240
+    assert dict(pneumonia.skipped) == {"outside the population: younger than 1 year": 30}
+    assert Counter(s.label for s in pneumonia.samples) == {0.0: 80, 1.0: 80, 2.0: 80}
+    assert pneumonia.seen.as_population() == _seen(chests, ["chest_frontal"])
+
+    fracture = _collected(node.settings, "fracture")
+    assert (len(fracture.samples), dict(fracture.skipped)) == (300, {})
+    assert fracture.seen.as_population() == _seen(limbs, ["extremity"])
+    assert fracture.seen.as_population()["body_parts"] == ["FEMUR", "FOREARM", "HUMERUS", "TIBIA"]
+
+    bone_age = _collected(node.settings, "bone-age")
+    assert (len(bone_age.samples), dict(bone_age.skipped)) == (240, {})
+    assert bone_age.seen.as_population() == _seen(hands, ["extremity"])
+
+    # The view model learns from every child's radiograph, the new views among them; adults are left out.
+    adults = [s for s in _truth(node) if s["kind"] == "radiograph" and not s["patient"]["neonate"]
+              and not s["patient"].get("child")]
+    view = _collected(node.settings, "view")
+    assert dict(view.skipped) == {"outside the population: older than 18 years": len(adults)} and len(adults) == 4
+    assert len(view.samples) == 40 - 4 + 780
+    assert view.seen.as_population()["views"] == ["abdomen", "chest_abdomen", "chest_frontal", "chest_lateral",
+                                                  "extremity", "head"]
+
+
+def test_a_site_narrows_the_population_and_the_rest_is_counted_by_reason(node: Node) -> None:
+    values = yaml.safe_load(node.config.read_text())
+    values["populations"] = {"pneumonia": {"min_age_days": 730, "max_age_days": 1460}}
+    settings = load_settings(None, **values)
+    chests = _films(node, {"chest"})
+    younger = sum(1 for f in chests if f["age_days"] < 730)
+    older = sum(1 for f in chests if f["age_days"] > 1460)
+    inside = [f for f in chests if 730 <= f["age_days"] <= 1460]
+    assert younger and older and inside
+
+    collection = _collected(settings, "pneumonia")
+    assert len(collection.samples) == len(inside)
+    assert dict(collection.skipped) == {"outside the population: younger than 2 years": younger + 30,  # + neonates
+                                        "outside the population: older than 4 years": older}
+    assert collection.seen.as_population() == _seen(inside, ["chest_frontal"])
+    # A recipe cannot widen the population's views, only narrow them.
+    with pytest.raises(ValueError, match=r"views \['extremity'\] are outside the task's population"):
+        _collected(settings, "pneumonia", "views=[extremity]")
+
+
+def test_yes_no_labels_are_left_out_by_type_and_learned_by_the_binary_recipe(node: Node, tmp_path: Path) -> None:
+    config = _own_index(node, tmp_path)
+    assert main(["labels", "import", str(_yes_no_labels(node, tmp_path / "yes-no.csv")), "--config", str(config)]) == 0
+    settings = load_settings(config)
+
+    by_type = _collected(settings, "pneumonia")
+    assert Counter(s.label for s in by_type.samples) == {0.0: 80, 1.0: 80}
+    assert by_type.skipped[UNTYPED] == 80 and by_type.classes == ["normal", "bacterial", "viral"]
+
+    binary = _collected(settings, "pneumonia", "binary=true")
+    assert Counter(s.label for s in binary.samples) == {0.0: 80, 1.0: 160}
+    assert UNTYPED not in binary.skipped and binary.classes == ["Pneumonia"]
+
+
+def test_binary_is_only_for_a_multiclass_task_with_yes_no_labels() -> None:
+    assert load_recipe("pneumonia", overrides=["binary=true"]).kind == "binary"
+    assert load_recipe("pneumonia").kind == "multiclass"
+    for task in ("fracture", "view"):
+        with pytest.raises(RecipeError, match="binary: true is for a multiclass task whose labels take yes/no"):
+            load_recipe(task, overrides=["binary=true"])
+
+
+# --- training, end to end ------------------------------------------------------------------------
+
+
+def train(config: Path, task: str, sets: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    """``cradle train TASK --set ... --json``; the figures go to the terminal."""
+    output = io.StringIO()
+    started = time.monotonic()
+    with capsys.disabled(), contextlib.redirect_stdout(output):
+        assert main(["train", task, "--config", str(config), *[a for s in sets for a in ("--set", s)], "--json"]) == 0
+    summary = json.loads(output.getvalue())
+    shown = {k: round(v, 3) for k, v in summary["metrics"].items() if isinstance(v, float) and not k.endswith("_std")}
+    print(f"{task} {summary['version']}: {shown}; promoted {summary['promoted']} ({summary['reason']}) in "
+          f"{time.monotonic() - started:.0f} s", file=sys.__stderr__)
+    return summary
+
+
+def _version(config: Path, task: str, version: str):
+    return ModelRegistry(load_settings(config).models_dir).get(task, version)
+
+
+def _report(config: Path, task: str, version: str) -> Path:
+    return Path(load_settings(config).models_dir) / task / "reports" / version
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_pneumonia_by_type_learns_is_promoted_and_keeps_its_population(node: Node, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    config = _own_index(node, tmp_path)
+    summary = train(config, "pneumonia", [*SMALL, *LONGER], capsys)
+    metrics = summary["metrics"]
+    assert metrics["test_auroc"] >= 0.7 and metrics["auroc_mean"] >= 0.65  # macro, three classes
+    for name in ("normal", "bacterial", "viral"):
+        assert 0 <= metrics[f"test_sensitivity_{name}"] <= 1 and 0 <= metrics[f"test_specificity_{name}"] <= 1
+    assert summary["promoted"] is True and "reaches the floor" in summary["reason"]
+    assert summary["left_out"] == {"outside_population": 30,
+                                   "by_reason": {"outside the population: younger than 1 year": 30}}
+    version = _version(config, "pneumonia", summary["version"])
+    assert version.classes == ["normal", "bacterial", "viral"] and version.num_outputs == 3
+    assert version.population == _seen(_films(node, {"chest"}), ["chest_frontal"])
+    reports = _report(config, "pneumonia", summary["version"])
+    assert (reports / "confusion.png").is_file()
+    report = json.loads((reports / "report.json").read_text())
+    assert sum(map(sum, report["test"]["confusion"])) == report["manifest"]["counts"]["test"]
+    assert "## Held-out test by class" in (reports / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_pneumonia_yes_no_binary_recipe_learns_one_output(node: Node, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    config = _own_index(node, tmp_path)
+    assert main(["labels", "import", str(_yes_no_labels(node, tmp_path / "yes-no.csv")), "--config", str(config)]) == 0
+    summary = train(config, "pneumonia", [*SMALL, "binary=true"], capsys)
+    metrics = summary["metrics"]
+    # It learns, but at this size its held-out AUROC sits around the gate's floor (0.720 and, with 20 epochs,
+    # 0.636 on 57 held-out children, 13 of them normal; folds 0.653 and 0.744): the gate decides, as it says.
+    assert metrics["auroc_mean"] >= 0.6 and metrics["test_auroc"] >= 0.6
+    assert "test_ppv" in metrics and "test_npv" in metrics and "threshold" in metrics
+    assert summary["promoted"] is (metrics["test_auroc"] >= 0.7)
+    assert summary["left_out"]["outside_population"] == 30 and UNTYPED not in summary["left_out"]["by_reason"]
+    version = _version(config, "pneumonia", summary["version"])
+    assert (version.classes, version.num_outputs) == (["Pneumonia"], 1)
+    assert version.threshold == pytest.approx(metrics["threshold"])
+    assert version.population == _seen(_films(node, {"chest"}), ["chest_frontal"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_fracture_learns_with_clahe_and_reports_ppv_npv(node: Node, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    config = _own_index(node, tmp_path)
+    summary = train(config, "fracture", SMALL, capsys)
+    metrics = summary["metrics"]
+    assert metrics["test_auroc"] >= 0.8 and metrics["auroc_mean"] >= 0.75
+    for key in ("f1_mean", "sensitivity_mean", "specificity_mean", "ppv_mean", "npv_mean", "test_f1",
+                "test_sensitivity", "test_specificity", "test_ppv", "test_npv"):
+        assert 0 <= metrics[key] <= 1, key
+    assert summary["promoted"] is True and summary["left_out"] == {"outside_population": 0, "by_reason": {}}
+    version = _version(config, "fracture", summary["version"])
+    assert version.input_spec.clahe is True and version.num_outputs == 1
+    assert version.population == _seen(_films(node, {"forearm", "lower_leg", "humerus", "femur"}), ["extremity"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_TIMEOUT)
+def test_bone_age_learns_in_months_and_is_promoted(node: Node, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    config = _own_index(node, tmp_path)
+    summary = train(config, "bone-age", [*SMALL, *LONGER, "folds=2"], capsys)
+    metrics = summary["metrics"]
+    report = json.loads((_report(config, "bone-age", summary["version"]) / "report.json").read_text())
+    assert metrics["test_mae"] <= 0.8 * report["test"]["baseline_mae"] and metrics["mae_mean"] < 60
+    assert {"test_rmse", "test_r2", "mae_std"} <= set(metrics)
+    assert summary["promoted"] is True and "months" in summary["reason"]
+    version = _version(config, "bone-age", summary["version"])
+    assert version.population == _seen(_films(node, {"hand"}), ["extremity"])
+    for name in ("scatter.png", "bland_altman.png"):
+        assert (_report(config, "bone-age", summary["version"]) / name).is_file()

@@ -28,7 +28,7 @@ from conftest import free_port, require
 from cradle.cli import main
 from cradle.demo import PACS_AE, Pacs
 from inference.registry import ModelRegistry
-from test_end_to_end import dciodvfy_errors
+from test_end_to_end import dciodvfy_errors, wait_for
 from training import synth
 from training.kinds.multiclass import UNTYPED
 from training.recipe import RecipeError, load_recipe
@@ -303,10 +303,10 @@ def test_new_childrens_films_end_to_end(node: Node, trained: Trained, tmp_path: 
                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"))
     try:
         push = [require("storescu"), "-aet", "MODALITY", "-aec", "CRADLE", "127.0.0.1", str(node_port)]
-        assert _wait(lambda: subprocess.run(push + [str(new.pediatric_paths[0])], capture_output=True).returncode
+        assert wait_for(lambda: subprocess.run(push + [str(new.pediatric_paths[0])], capture_output=True).returncode
                      == 0, 90)
         assert subprocess.run(push + [str(p) for p in new.pediatric_paths[1:]], capture_output=True).returncode == 0
-        assert _wait(lambda: len(pacs.received) >= len(new.pediatric_paths), 300), \
+        assert wait_for(lambda: len(pacs.received) >= len(new.pediatric_paths), 300), \
             (tmp_path / "serve.log").read_text()[-3000:]
     finally:
         server.terminate()
@@ -367,11 +367,3 @@ def _walk(items):  # noqa: ANN001, ANN202
         yield item
         yield from _walk(item.get("ContentSequence", []))
 
-
-def _wait(predicate, timeout: float) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False

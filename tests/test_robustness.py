@@ -57,7 +57,7 @@ from test_storage import make_image
 CR = "1.2.840.10008.5.1.4.1.1.1"
 SENTINELS = ("Sentinelname^Quokka", "SENT-PID-4242", "SENT-ACC-7777", "19770707")
 ECHO_LIMIT = 2.0
-RANDOM_CASES = 1000
+RANDOM_CASES = 400
 FIGURES: dict[str, object] = {"cases": {}}
 
 

@@ -126,12 +126,16 @@ def view_class(view: "_ViewCall") -> str:
     return FRONTAL_CHEST if view.is_frontal_chest else load_view_taxonomy(None).parents.get(view.label, view.label)
 
 
-def outside_population(task: TaskDefinition, version: ModelVersion, dataset: Dataset, view: "_ViewCall") -> str:
-    """Why ``task`` does not apply to this film ("" when it does): the task's population (the catalogue's,
-    as the site set it), then the population ``version`` was trained and validated on, against the header
-    (modality, body part, age at the study) and the view model's call (7-class view)."""
-    facts = {"modality": str(dataset.get("Modality", "")), "body_part": str(dataset.get("BodyPartExamined", "") or ""),
-             "view": view_class(view), "age_days": study_age_days(dataset)}
+def film_facts(dataset: Dataset, view: "_ViewCall") -> dict[str, Any]:
+    """What a population is checked against, read once per film: modality, body part, the 7-class view and
+    the age at the study."""
+    return {"modality": str(dataset.get("Modality", "")), "body_part": str(dataset.get("BodyPartExamined", "") or ""),
+            "view": view_class(view), "age_days": study_age_days(dataset)}
+
+
+def outside_population(task: TaskDefinition, version: ModelVersion, facts: dict[str, Any]) -> str:
+    """Why ``task`` does not apply to the film of ``facts`` ("" when it does): the task's population (the
+    catalogue's, as the site set it), then the population ``version`` was trained and validated on."""
     reason = task.population.mismatch(**facts)
     if reason or not version.population:
         return reason
@@ -247,8 +251,9 @@ class CxrPipeline:
         image, view = images[chosen], views[chosen]
         findings: dict[str, Result] = {}
         artefacts: dict[str, bytes] = {}
+        facts = film_facts(image.dataset, view)
         outside = {name: reason for name, model in finding_models.items()
-                   if (reason := outside_population(model.task, model.loaded.version, image.dataset, view))}
+                   if (reason := outside_population(model.task, model.loaded.version, facts))}
         for name, model in finding_models.items():
             if name not in outside:
                 findings[name] = self._finding(model, image, context, timer, artefacts)
@@ -265,7 +270,7 @@ class CxrPipeline:
             algorithm,
             model_version_tag=tag,
             not_applicable=[(finding_models[name].task.description, reason) for name, reason in outside.items()],
-            chest=view_class(view).startswith("chest"),
+            chest=facts["view"].startswith("chest"),
         )
         datasets = [report]
         if context.settings.inference.summary_image:

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
@@ -121,13 +122,15 @@ def preprocessed(ctx, collection: ds.Collection, samples: list[ds.Sample]) -> tu
 
 
 def bare_fit(arch: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None,
-             epochs: int, lr: float, seed: int, *, task: str = "bpd") -> tuple[float, torch.nn.Module]:
-    """The 30-line loop of a binary task: AdamW, BCE, shuffled batches of 16; the best validation AUROC
-    over the epochs (NaN without validation data) and the model after the last epoch."""
+             epochs: int, lr: float, seed: int, *, task: str = "bpd",
+             num_classes: int = 1) -> tuple[float, torch.nn.Module]:
+    """The 30-line loop: AdamW, shuffled batches of 16, BCE on one output (a binary task) or cross-entropy
+    over ``num_classes`` (a multiclass task, targets the class indices); the best validation AUROC over
+    the epochs (one-vs-rest macro for several classes; NaN without validation data) and the model after
+    the last epoch."""
     seed_everything(seed)
-    model = create_model(arch, task, num_classes=1, in_chans=1)
+    model = create_model(arch, task, num_classes=num_classes, in_chans=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     generator = torch.Generator().manual_seed(seed)
     best = float("nan")
     for _ in range(epochs):
@@ -136,14 +139,23 @@ def bare_fit(arch: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[tor
             if len(index) < 2:
                 continue  # batch norm needs two
             optimizer.zero_grad()
-            loss_fn(model(train[0][index])[:, 0], train[1][index]).backward()
+            logits, targets = model(train[0][index]), train[1][index]
+            loss = (F.binary_cross_entropy_with_logits(logits[:, 0], targets) if num_classes == 1
+                    else F.cross_entropy(logits, targets.long()))
+            loss.backward()
             optimizer.step()
         if val is not None:
-            model.eval()
-            with torch.no_grad():
-                scores = torch.cat([model(chunk)[:, 0] for chunk in val[0].split(64)]).numpy()
-            best = np.nanmax([best, roc_auc_score(val[1].numpy(), scores)])
+            best = np.nanmax([best, _auroc(model, val, num_classes)])
     return best, model
+
+
+def _auroc(model: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor], num_classes: int) -> float:
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(chunk) for chunk in val[0].split(64)])
+    if num_classes == 1:
+        return roc_auc_score(val[1].numpy(), logits[:, 0].numpy())
+    return roc_auc_score(val[1].long().numpy(), logits.softmax(dim=1).numpy(), multi_class="ovr")
 
 
 def bare_cross_validate(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:

@@ -255,12 +255,12 @@ def train_fold(ctx: Context, collection: ds.Collection, train: list[ds.Sample], 
     """Fit one model, or load it when this fold already finished in an earlier attempt."""
     recipe = ctx.recipe
     paths = FoldPaths.in_dir(run_dir, fold)
+    seed = recipe.seed + (fold if isinstance(fold, int) else 1000)
+    seed_everything(seed, recipe.deterministic)  # before the model: its new layers' weights are drawn here
     model = new_model(ctx, collection, init)
     if paths.result.is_file() and paths.best.is_file():
         model.load_state_dict(torch.load(paths.best, map_location="cpu", weights_only=True))
         return FoldResult.from_json(json.loads(paths.result.read_text())), model.to(ctx.device)
-    seed = recipe.seed + (fold if isinstance(fold, int) else 1000)
-    seed_everything(seed, recipe.deterministic)
     generator = torch.Generator().manual_seed(seed)
     train_loader = make_loader(ctx, make_dataset(ctx, collection, train, train=True), train=True,
                                generator=generator, samples=train)

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from config.settings import ConfigError, Settings, load_settings
@@ -107,6 +108,12 @@ def _add_model_commands(sub: Any) -> None:
     models_import.add_argument("--image-size", type=int, default=None)
     models_import.add_argument("--patch", type=lambda text: tuple(int(v) for v in text.split(",")), default=None,
                                help="3D networks: sliding-window patch SLICES,ROWS,COLUMNS (default 16,SIZE,SIZE)")
+    models_import.add_argument("--classes", type=lambda text: [v.strip() for v in text.split(",")], default=None,
+                               help="the outputs in order: a multiclass task's classes (default the catalogue's), "
+                                    "or one name for a one-output model (pneumonia: yes/no)")
+    models_import.add_argument("--population", type=Path, default=None,
+                               help="YAML of the population the weights were validated on (modalities, body_parts, "
+                                    "views, min_age_days, max_age_days); the pipeline runs them only there")
     promote = _add(models, "promote", "cradle.shadow:models_promote", "make VERSION the active one")
     promote.add_argument("task")
     promote.add_argument("version")

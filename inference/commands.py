@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from config.settings import Settings
 
 EXIT_FAILURE = 1
@@ -98,11 +100,15 @@ def models_import(args: argparse.Namespace, settings: Settings) -> int:
         spec = InputSpec(image_size=size, patch=patch)
     except ValueError as exc:
         return _fail(str(exc))
+    try:
+        population = _population(args.population)
+    except ValueError as exc:
+        return _fail(f"--population {args.population}: {exc}")
     registry = _registry(settings)
     provenance = {"source": "import", "source_file": weights.name, "source_sha256": sha256_of_file(weights)}
     try:
         version = registry.register(args.task, args.arch, weights, input_spec=spec, threshold=args.threshold,
-                                    provenance=provenance)
+                                    classes=args.classes, provenance=provenance, population=population)
         print(f"registered {version.version} ({version.arch}, {spec.image_size} px, sha256 {version.sha256[:12]})")
         if args.activate:
             registry.activate(args.task, version.version, accept_unvalidated=True,
@@ -113,6 +119,25 @@ def models_import(args: argparse.Namespace, settings: Settings) -> int:
     if version.threshold is None and task.kind == "binary":
         print(f"note: no --threshold given; {args.task} calls will use 0.5 until a calibrated threshold is set")
     return 0
+
+
+def _population(path: Path | None) -> dict | None:
+    """The population of an import's ``--population`` YAML, checked as the catalogue's are."""
+    from pydantic import ValidationError
+
+    from config.tasks import Population
+
+    if path is None:
+        return None
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read it: {exc}") from exc
+    try:
+        return Population.model_validate(values).model_dump(exclude_defaults=True)
+    except ValidationError as exc:
+        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'the file'}: {e['msg']}"
+                                   for e in exc.errors())) from exc
 
 
 def models_promote(args: argparse.Namespace, settings: Settings) -> int:

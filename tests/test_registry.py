@@ -255,3 +255,38 @@ def test_promote_unknown_version_fails_cleanly(tmp_path: Path, capsys: pytest.Ca
     assert cli(tmp_path, "models", "promote", "bpd", "bpd-9") == 1
     assert "bpd has no version 'bpd-9'" in capsys.readouterr().err
     assert cli(tmp_path, "models", "rollback", "bpd") == 1
+
+
+def test_import_names_the_outputs_and_the_population_it_was_validated_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A yes/no pneumonia checkpoint (one output) from elsewhere, validated there on 2 to 4 year olds: the
+    pipeline runs it as one output and only on that population (inside the catalogue's)."""
+    from config.tasks import load_catalogue
+    from inference.pipelines.cxr import outside_population
+
+    weights = tmp_path / "pneumonia-yes-no.safetensors"
+    save_file(create_model("resnet18", "pneumonia", num_classes=1).state_dict(), weights)
+    population = tmp_path / "validated-on.yaml"
+    population.write_text("modalities: [CR, DX]\nviews: [chest_frontal]\nmin_age_days: 730\nmax_age_days: 1460\n")
+    assert cli(tmp_path, "models", "import", "pneumonia", str(weights), "--arch", "resnet18", "--classes",
+               "pneumonia", "--population", str(population), "--threshold", "0.3", "--activate") == 0
+    version = ModelRegistry(tmp_path / "models").active("pneumonia")
+    assert (version.num_outputs, version.classes, version.threshold) == (1, ["pneumonia"], 0.3)
+    assert version.population == {"modalities": ["CR", "DX"], "views": ["chest_frontal"], "min_age_days": 730,
+                                  "max_age_days": 1460}
+    task = load_catalogue().get("pneumonia")
+    film = {"modality": "DX", "body_part": "CHEST", "view": "chest_frontal"}
+    assert outside_population(task, version, {**film, "age_days": 1000}) == ""
+    assert outside_population(task, version, {**film, "age_days": 400}) == \
+        "outside what pneumonia-1 was validated on: younger than 2 years"
+    assert outside_population(task, version, {**film, "age_days": 3000}) == "older than 6 years"  # the catalogue's
+
+    capsys.readouterr()
+    population.write_text("min_age_days: -3\nages: 2\n")
+    assert cli(tmp_path, "models", "import", "pneumonia", str(weights), "--arch", "resnet18", "--classes",
+               "pneumonia", "--population", str(population)) == 1
+    error = capsys.readouterr().err
+    assert "min_age_days: Input should be greater than or equal to 0" in error and "ages: Extra inputs" in error
+    assert cli(tmp_path, "models", "import", "pneumonia", str(weights), "--arch", "resnet18") == 1  # 3 classes
+    assert "shape mismatch" in capsys.readouterr().err
+    assert [v.version for v in ModelRegistry(tmp_path / "models").versions("pneumonia")] == ["pneumonia-1"]

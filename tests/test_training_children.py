@@ -190,11 +190,13 @@ PLAN: dict[str, list[str]] = {
 by type, held-out macro AUROC 0.801 and 0.758 with 3 folds, 0.709 and 0.627 with 2 (so 3 folds, and this small
 run's floor is 0.6, the shipped recipe's 0.7); fracture 0.912 with 2 folds of 15 epochs (0.857, folds 0.667,
 with 10); bone age MAE 22.9 months with 20 epochs, 24.6 with 14, against 42.7 for predicting the mean."""
-VIEW = ["arch=resnet10t", "image_size=64", "folds=2", "epochs=5", "max_per_class=60", "strategy=full",
+VIEW = ["arch=resnet10t", "image_size=64", "folds=2", "epochs=5", "max_per_class=200", "strategy=full",
         "init=random", "batch_size=16", "optimizer=adamw", "lr=1e-3", "schedule=constant", "warmup_epochs=0",
         "cutmix_prob=0", "bootstrap=200", "augment={hflip: 0, affine_prob: 0, brightness: 0, contrast: 0, gamma: 0, "
         "noise_std: 0, blur_prob: 0, sharpen_prob: 0}"]
-"""The view model the radiograph pipeline needs, learned from the archive's own headers (end-to-end test)."""
+"""The view model the radiograph pipeline needs, learned from the archive's own headers (end-to-end test).
+At most 200 films a view (406 in all): held-out macro AUROC 0.972 in 25 s; with 60 a view (126) 0.738, below
+the view recipe's floor (0.80), with 5 or 8 epochs alike."""
 
 
 def train(config: Path, task: str, sets: list[str]) -> dict:

@@ -24,8 +24,9 @@ dev: $(VENV)/.dev-installed
 serve: install
 	$(VENV)/bin/cradle serve $(if $(CONFIG),--config $(CONFIG))
 
+# two xdist workers, a module (the training modules together) per unit of work: tests/conftest.py
 test: dev
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n 2 --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-quick: dev
 	$(VENV)/bin/pytest -m "not slow and not browser" $(PYTEST_ARGS)

@@ -16,6 +16,26 @@ from config.settings import Settings, load_settings
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
+TRAINING_MODULES = ("test_training.py", "test_training_starts.py", "test_training_children.py")
+"""The modules that share the synthetic archives (session fixtures): one xdist worker runs them all."""
+FIRST = ("training", "test_demo.py")
+"""The longest work first (``make test`` runs two xdist workers, ``--dist loadgroup``): the other worker
+takes the short modules meanwhile."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each module is one unit of work for xdist (its module fixtures are built once), the training
+    modules together; the longest units first. Before xdist's own hook, which reads the group."""
+    def group(item: pytest.Item) -> str:
+        name = item.path.name
+        return "training" if name in TRAINING_MODULES else name
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: FIRST.index(group(item)) if group(item) in FIRST else len(FIRST))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -33,7 +33,7 @@ from training import synth
 from training.kinds.multiclass import UNTYPED
 from training.recipe import RecipeError, load_recipe
 from training.run import collect, open_context
-from training_archive import CHILDREN, Node
+from training_archive import CHILDREN, Node, site_checkpoint
 
 TRAINING_TIMEOUT = 2400
 # Small settings: ResNet-10t at 128 px (the films' own size: at 96 px the fracture line and the viral
@@ -43,8 +43,6 @@ SMALL = ["arch=resnet10t", "image_size=128", "epochs=15", "min_epochs=10", "earl
          "schedule=constant", "warmup_epochs=0", "cutmix_prob=0", "bootstrap=200",
          "augment={hflip: 0.5, affine_prob: 0, brightness: 0, contrast: 0, gamma: 0, noise_std: 0, blur_prob: 0, "
          "sharpen_prob: 0}"]
-LONGER = ["epochs=20", "min_epochs=12", "early_stopping_patience=5"]
-"""Pneumonia by type learns more slowly (held-out macro AUROC 0.76 and 0.80 in two runs of 20 epochs)."""
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +180,22 @@ def test_binary_is_only_for_a_multiclass_task_with_yes_no_labels() -> None:
 # --- training, end to end ------------------------------------------------------------------------
 
 PLAN: dict[str, list[str]] = {
-    "pneumonia": [*SMALL, *LONGER, "gate.min_auroc=0.6"],
+    "pneumonia": ["image_size=64", "epochs=3", "batch_size=8", "folds=2", "bootstrap=200"],
     "fracture": [*SMALL, "folds=2"],
     "bone-age": [*SMALL, "folds=2", "epochs=14", "min_epochs=10"],
 }
-"""Each children's task trained once into one node's registry, small enough for the suite. Measured: pneumonia
-by type, held-out macro AUROC 0.801 and 0.758 with 3 folds, 0.709 and 0.627 with 2 (so 3 folds, and this small
-run's floor is 0.6, the shipped recipe's 0.7); fracture 0.912 with 2 folds of 15 epochs (0.857, folds 0.667,
-with 10); bone age MAE 22.9 months with 20 epochs, 24.6 with 14, against 42.7 for predicting the mean."""
+"""Each children's task trained once into one node's registry, small enough for the suite. Pneumonia by type
+is the shipped recipe (RegNetY-064, full fine-tuning, Adam 1e-4) from the site checkpoint ``init: auto``
+finds (:data:`PNEUMONIA_START`), with only size and length made small: 64 px, 3 epochs, 2 folds, batches of
+8 (the recipe's 32 leaves 3 steps an epoch on these 90 films a fold). Measured: held-out macro AUROC 0.794
+(from a checkpoint that only knows normal against pneumonia 0.67; at batch 32 0.55; ResNet-10t from random
+at 128 px, 20 epochs, 3 folds: 0.80 and 0.76, 0.71 and 0.63 with 2 folds); fracture 0.912 with 2 folds of 15
+epochs (0.857, folds 0.667, with 10); bone age MAE 22.9 months with 20 epochs, 24.6 with 14, against 42.7
+for predicting the mean."""
+PNEUMONIA_START = ("regnety_064", 64, 8)
+"""The site's RegNetY-064 checkpoint: a bare loop over normal / bacterial / viral on the development patients
+(the held-out ones unseen), 8 epochs at 64 px, saved as timm saves a model: as a site brings weights
+pretrained on children's chest films elsewhere (65 s)."""
 VIEW = ["arch=resnet10t", "image_size=64", "folds=2", "epochs=5", "max_per_class=200", "strategy=full",
         "init=random", "batch_size=16", "optimizer=adamw", "lr=1e-3", "schedule=constant", "warmup_epochs=0",
         "cutmix_prob=0", "bootstrap=200", "augment={hflip: 0, affine_prob: 0, brightness: 0, contrast: 0, gamma: 0, "
@@ -221,7 +227,14 @@ class Trained:
 @pytest.fixture(scope="module")
 def trained(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Trained:
     """pneumonia, fracture and bone-age trained with ``cradle train`` on a copy of the children's index, once."""
-    config = _own_index(node, tmp_path_factory.mktemp("children-trained"))
+    directory = tmp_path_factory.mktemp("children-trained")
+    arch, size, epochs = PNEUMONIA_START
+    checkpoint = site_checkpoint(node, "pneumonia", arch, size, epochs, directory / f"{arch}.safetensors",
+                                 num_classes=3)
+    config = _own_index(node, directory)
+    values = yaml.safe_load(config.read_text())
+    values["training"]["checkpoints"] = {arch: str(checkpoint)}
+    config.write_text(yaml.safe_dump(values))
     return Trained(config, {task: train(config, task, sets) for task, sets in PLAN.items()})
 
 
@@ -238,14 +251,16 @@ def _report(config: Path, task: str, version: str) -> Path:
 def test_pneumonia_by_type_learns_is_promoted_and_keeps_its_population(node: Node, trained: Trained) -> None:
     config, summary = trained.config, trained.summaries["pneumonia"]
     metrics = summary["metrics"]
-    assert metrics["test_auroc"] >= 0.6 and metrics["auroc_mean"] >= 0.6  # macro, three classes
+    assert summary["init"]["file"] == "regnety_064.safetensors" and summary["init"]["from"].endswith("regnety_064")
+    assert summary["init_transfer"]["adapted"] == 1 and summary["init_transfer"]["missing"] == 0
+    assert metrics["test_auroc"] >= 0.7  # macro over the three classes, held-out patients: the recipe's floor
     for name in ("normal", "bacterial", "viral"):
         assert 0 <= metrics[f"test_sensitivity_{name}"] <= 1 and 0 <= metrics[f"test_specificity_{name}"] <= 1
     assert summary["promoted"] is True and "reaches the floor" in summary["reason"]
     assert summary["left_out"] == {"outside_population": 30,
                                    "by_reason": {"outside the population: younger than 1 year": 30}}
     version = _version(config, "pneumonia", summary["version"])
-    assert version.classes == ["normal", "bacterial", "viral"] and version.num_outputs == 3
+    assert (version.arch, version.classes, version.num_outputs) == ("regnety_064", ["normal", "bacterial", "viral"], 3)
     assert version.population == _seen(_films(node, {"chest"}), ["chest_frontal"])
     reports = _report(config, "pneumonia", summary["version"])
     assert (reports / "confusion.png").is_file()

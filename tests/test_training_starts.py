@@ -27,10 +27,9 @@ from training.augment import Augment
 from training.engine import FoldPaths, Trainer, seed_everything
 from training.kinds import BinaryObjective
 from training.recipe import RecipeError, load_recipe
-from training import datasets as ds
-from training.run import collect, for_random_start, initial_state, open_context
+from training.run import for_random_start, initial_state, open_context
 from training.strategies import layer_groups, stage_at
-from training_archive import Node, _settings
+from training_archive import Node, _settings, site_checkpoint
 
 TRAINING_TIMEOUT = 2400
 BARE_EPOCHS = 6
@@ -165,7 +164,8 @@ def test_the_bpd_recipe_trains_the_head_alone_first_then_more_with_cutmix_in_eve
 
 # --- every shipped recipe at its real architecture, from the start it is meant for ---------------------
 # Small inputs, two folds, two or three epochs: the shipped recipes with only size and length made small.
-# Measured on 2 loaded CPU cores: see each test's docstring.
+# Measured on 2 loaded CPU cores: see each test's docstring. The pneumonia recipe (RegNetY-064 from a site
+# checkpoint) is trained once for all the children's tests: tests/test_training_children.py (PLAN).
 
 
 def _config(node: Node, tmp_path: Path, **training: object) -> Path:
@@ -192,26 +192,6 @@ def _train(config: Path, task: str, sets: list[str], capsys: pytest.CaptureFixtu
     return summary
 
 
-def _site_checkpoint(node: Node, task: str, arch: str, size: int, epochs: int, path: Path, num_classes: int = 1) -> Path:
-    """A checkpoint "pretrained on chest films" for ``arch``: the bare loop of benchmarks/train_quality.py
-    on the task's development patients only (the held-out test patients stay unseen), saved as timm saves
-    a model (safetensors, 3-channel stem, as an ImageNet checkpoint has it)."""
-    from benchmarks.train_quality import bare_fit, preprocessed
-
-    recipe = load_recipe(task, overrides=[f"arch={arch}", f"image_size={size}", "strategy=full", "init=random"])
-    ctx = open_context(node.settings, recipe, progress=False)
-    collection = collect(ctx)
-    split = ds.split(collection.samples, recipe.kind, folds=2, test_fraction=recipe.test_fraction,
-                     salt=recipe.split_salt, seed=recipe.seed)
-    _, model = bare_fit(arch, preprocessed(ctx, collection, split.dev), None, epochs, 1e-3, 0, task=task,
-                        num_classes=num_classes)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    stem = next(k for k, v in state.items() if v.ndim == 4)
-    state[stem] = state[stem].repeat(1, 3, 1, 1) / 3  # an RGB stem, summed back to 1 channel on loading
-    save_file(state, path)
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(TRAINING_TIMEOUT)
 def test_view_recipe_inception_v3_learns_the_views_from_random(training_archive: Node, tmp_path: Path,
@@ -235,7 +215,7 @@ def test_bpd_recipe_resnet50_learns_from_a_site_checkpoint_through_init_auto(
         training_archive: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """ResNet-50 as shipped: init: auto finds the site's chest-film checkpoint (no view model of resnet50),
     linear probing, then progressive unfreezing with discriminative rates, CutMix."""
-    checkpoint = _site_checkpoint(training_archive, "bpd", "resnet50", 64, BARE_EPOCHS, tmp_path / "resnet50.safetensors")
+    checkpoint = site_checkpoint(training_archive, "bpd", "resnet50", 64, BARE_EPOCHS, tmp_path / "resnet50.safetensors")
     config = _config(training_archive, tmp_path, checkpoints={"resnet50": str(checkpoint)})
     summary = _train(config, "bpd", ["image_size=64", "epochs=3", "lp_epochs=1", "unfreeze_every=1", "folds=2",
                                      "warmup_epochs=0", "bootstrap=0"], capsys)
@@ -244,30 +224,6 @@ def test_bpd_recipe_resnet50_learns_from_a_site_checkpoint_through_init_auto(
     version = ModelRegistry(load_settings(config).models_dir).get("bpd", summary["version"])
     assert (version.arch, version.provenance["recipe"]["strategy"]) == ("resnet50", "progressive")
     assert summary["metrics"]["test_auroc"] >= 0.75  # held-out patients: unseen by the checkpoint too
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(TRAINING_TIMEOUT)
-def test_pneumonia_recipe_regnety_064_learns_from_a_site_checkpoint(
-        children_archive: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """RegNetY-064 as shipped (full fine-tuning, Adam 1e-4, softmax over normal / bacterial / viral) on the
-    children's frontal chests, from the site's checkpoint found by ``init: auto`` (a bare loop over the three
-    classes on the development patients, 8 epochs: as a site brings weights pretrained on children's chest
-    films elsewhere). 64 px and batches of 8: the recipe's batch of 32 leaves 3 steps an epoch on these 90
-    films a fold. Measured (quiet, 2 cores): checkpoint 65 s, ``cradle train`` 56 s, held-out macro AUROC
-    0.801 (bacterial 0.72, viral 0.96); from a normal-against-pneumonia checkpoint 0.672, at batch 32 0.55."""
-    checkpoint = _site_checkpoint(children_archive, "pneumonia", "regnety_064", 64, 8,
-                                  tmp_path / "regnety_064.safetensors", num_classes=3)
-    config = _config(children_archive, tmp_path, checkpoints={"regnety_064": str(checkpoint)})
-    summary = _train(config, "pneumonia", ["image_size=64", "epochs=3", "batch_size=8", "folds=2", "bootstrap=0"],
-                     capsys)
-    assert summary["init"]["file"] == checkpoint.name and summary["init_transfer"]["adapted"] == 1
-    assert summary["init_transfer"]["missing"] == 0  # everything but the task's new head came from the checkpoint
-    version = ModelRegistry(load_settings(config).models_dir).get("pneumonia", summary["version"])
-    assert (version.arch, version.classes) == ("regnety_064", ["normal", "bacterial", "viral"])
-    assert summary["left_out"]["outside_population"] == 30  # the day-1 films labelled 0/1
-    assert summary["metrics"]["test_auroc"] >= 0.7  # macro over the three classes: the shipped recipe's floor
-    assert summary["promoted"] is True
 
 
 @pytest.mark.slow

@@ -84,3 +84,29 @@ def build_children_archive(root: Path) -> Node:
         push(settings, [*summary.cxr_paths, *summary.pediatric_paths])
     assert main(["labels", "import", str(summary.labels_csv), "--config", str(config)]) == 0
     return Node(settings, config, summary, root)
+
+
+def site_checkpoint(node: Node, task: str, arch: str, size: int, epochs: int, path: Path,
+                    num_classes: int = 1) -> Path:
+    """A checkpoint "pretrained on chest films" for ``arch``: the bare loop of benchmarks/train_quality.py
+    on the task's development patients only (the held-out test patients stay unseen), saved as timm saves
+    a model (safetensors, 3-channel stem, as an ImageNet checkpoint has it)."""
+    from safetensors.torch import save_file
+
+    from benchmarks.train_quality import bare_fit, preprocessed
+    from training import datasets as ds
+    from training.recipe import load_recipe
+    from training.run import collect, open_context
+
+    recipe = load_recipe(task, overrides=[f"arch={arch}", f"image_size={size}", "strategy=full", "init=random"])
+    ctx = open_context(node.settings, recipe, progress=False)
+    collection = collect(ctx)
+    split = ds.split(collection.samples, recipe.kind, folds=2, test_fraction=recipe.test_fraction,
+                     salt=recipe.split_salt, seed=recipe.seed)
+    _, model = bare_fit(arch, preprocessed(ctx, collection, split.dev), None, epochs, 1e-3, 0, task=task,
+                        num_classes=num_classes)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    stem = next(k for k, v in state.items() if v.ndim == 4)
+    state[stem] = state[stem].repeat(1, 3, 1, 1) / 3  # an RGB stem, summed back to 1 channel on loading
+    save_file(state, path)
+    return path

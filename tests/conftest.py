@@ -16,24 +16,17 @@ from config.settings import Settings, load_settings
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
-TRAINING_MODULES = ("test_training.py", "test_training_starts.py", "test_training_children.py")
-"""The modules that share the synthetic archives (session fixtures): one xdist worker runs them all."""
-FIRST = ("training", "test_demo.py")
-"""The longest work first (``make test`` runs two xdist workers, ``--dist loadgroup``): the other worker
-takes the short modules meanwhile."""
+LONGEST_FIRST = ("test_training_children.py", "test_training.py", "test_demo.py", "test_training_starts.py")
+"""``make test`` runs two xdist workers with ``--dist loadfile`` (a module per unit of work: its module
+fixtures built once): the longest modules go first, two to a worker, and the short ones fill in after."""
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Each module is one unit of work for xdist (its module fixtures are built once), the training
-    modules together; the longest units first. Before xdist's own hook, which reads the group."""
-    def group(item: pytest.Item) -> str:
+    def rank(item: pytest.Item) -> int:
         name = item.path.name
-        return "training" if name in TRAINING_MODULES else name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-    items.sort(key=lambda item: FIRST.index(group(item)) if group(item) in FIRST else len(FIRST))
+    items.sort(key=rank)
 
 
 def free_port() -> int:
@@ -108,3 +101,4 @@ def pg_url() -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
